@@ -1,0 +1,67 @@
+"""Scale SAE: Multiple Expert Activation + Feature Scaling (METHOD.md §3; Xu et al. 2025)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import (
+    EncoderOutput,
+    SparseAutoencoder,
+    geometric_median,
+    grouped_expert_encode,
+    route_topk,
+)
+
+
+class ScaleSAE(SparseAutoencoder):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        N, d = cfg.experts, cfg.d_in
+        self.W_g = nn.Parameter(torch.randn(N, d) / d**0.5 * 0.1)  # gate, [N, d]
+        self.b_g = nn.Parameter(torch.zeros(N))
+        self.b_gate = nn.Parameter(torch.zeros(d))
+        if cfg.feature_scaling:
+            self.T = nn.Parameter(torch.eye(d))  # shared by all experts, initialised to I
+            self.omega = nn.Parameter(torch.zeros(N))  # ω per expert, initialised to 0
+
+    def init_biases(self, x: Tensor) -> None:
+        centre = geometric_median(x)
+        with torch.no_grad():
+            self.b_dec.copy_(centre)
+            self.b_gate.copy_(centre)
+
+    def scaled_encoder(self) -> Tensor:
+        """Feature Scaling → Ŵ [N, m, d]; the plain encoder when it is switched off."""
+        N, m = self.cfg.experts, self.cfg.expert_width
+        W = self.W_enc.view(N, m, -1)  # W_i: expert i's encoder rows
+        if not self.cfg.feature_scaling:
+            return W
+        mean = W.mean(dim=1, keepdim=True)  # mean_j W_i[j,:]          [N, 1, d]
+        A = mean @ self.T.T  # Ā_i = T · mean_j W_i[j,:]               [N, 1, d]
+        H = W - mean  # H_i = W_i − mean (high-frequency part)        [N, m, d]
+        return A + (1 + self.omega)[:, None, None] * H  # Ŵ_i = Ā_i + (1 + ω_i) · H_i
+
+    def encoder_weight(self) -> Tensor:
+        return self.scaled_encoder().reshape(self.cfg.width, -1)
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        N, m, e, k = self.cfg.experts, self.cfg.expert_width, self.cfg.active, self.cfg.k
+        B = x.shape[0]
+        # g = softmax( W_g (x − b_gate) + b_g )
+        g = torch.softmax((x - self.b_gate) @ self.W_g.T + self.b_g, dim=-1)
+        # S = the e experts with the largest g; w_i = softmax over {g_j : j ∈ S}
+        S, w = route_topk(g, e, self.cfg.expert_weighting)  # [B, e], [B, e]
+        # z_i = ReLU( Ŵ_i (x − b_dec) + b_enc,i ) for i ∈ S only (tokens grouped by expert)
+        tokens = torch.arange(B, device=x.device).repeat_interleave(e)
+        z = grouped_expert_encode(
+            x - self.b_dec, tokens, S.reshape(-1), self.scaled_encoder(), self.b_enc.view(N, m)
+        )
+        # f = concat_i ( w_i · z_i ), zero outside S: kept as the e selected blocks [B, e·m]
+        f = (z.view(B, e, m) * w[:, :, None]).reshape(B, e * m)
+        # z = TopK_k( f ): one global TopK across the e experts
+        top_acts, pos = f.topk(k, dim=-1, sorted=False)
+        slot, local = pos // m, pos % m
+        top_indices = S.gather(1, slot) * m + local
+        cand_idx = (S[:, :, None] * m + torch.arange(m, device=x.device)).reshape(B, e * m)
+        return EncoderOutput(top_acts, top_indices, S, w, g, f, cand_idx)

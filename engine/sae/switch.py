@@ -1,0 +1,43 @@
+"""Switch SAE: one expert per token (METHOD.md §2; Mudide et al. 2024)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import EncoderOutput, SparseAutoencoder, geometric_median, grouped_expert_encode
+
+
+class SwitchSAE(SparseAutoencoder):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        N, d = cfg.experts, cfg.d_in
+        self.W_r = nn.Parameter(torch.randn(N, d) / d**0.5 * 0.1)  # router, [N, d]
+        self.b_router = nn.Parameter(torch.zeros(d))
+
+    def init_biases(self, x: Tensor) -> None:
+        centre = geometric_median(x)
+        with torch.no_grad():
+            self.b_dec.copy_(centre)
+            self.b_router.copy_(centre)
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        N, m, k = self.cfg.experts, self.cfg.expert_width, self.cfg.k
+        B = x.shape[0]
+        # p(x) = softmax( W_r (x − b_router) );  i* = argmax p
+        p = torch.softmax((x - self.b_router) @ self.W_r.T, dim=-1)
+        p_star, i_star = p.max(dim=-1)
+        # p_{i*} · ReLU( W_enc[i*] (x − b_dec) + b_enc[i*] ), only expert i*'s m features.
+        # The factor p_{i*} is what gives the router a reconstruction gradient (METHOD §2).
+        tokens = torch.arange(B, device=x.device)
+        acts = grouped_expert_encode(
+            x - self.b_dec, tokens, i_star, self.W_enc.view(N, m, -1), self.b_enc.view(N, m)
+        )
+        acts = acts * p_star[:, None]
+        # z = TopK_k over that expert's features; indices back to the global [0, M) range.
+        top_acts, local = acts.topk(k, dim=-1, sorted=False)
+        top_indices = i_star[:, None] * m + local
+        cand_idx = i_star[:, None] * m + torch.arange(m, device=x.device)
+        return EncoderOutput(
+            top_acts, top_indices, i_star[:, None], p_star[:, None], p, acts, cand_idx
+        )
