@@ -285,13 +285,16 @@ def grouped_expert_encode(
     order = torch.argsort(expert_idx, stable=True)
     counts = torch.bincount(expert_idx, minlength=N).tolist()
     sorted_tokens = token_idx[order]
+    # unbind: one autograd node for all experts, rather than a full-size zero gradient per
+    # expert slice (which would cost N × M·d writes per backward pass).
+    W_i, b_i = W.unbind(0), b.unbind(0)
     blocks = []
     start = 0
     for i, c in enumerate(counts):
         if c == 0:
             continue
         xs = x_c[sorted_tokens[start : start + c]]
-        blocks.append(F.relu(F.linear(xs, W[i], b[i])))
+        blocks.append(F.relu(F.linear(xs, W_i[i], b_i[i])))
         start += c
     if not blocks:
         return x_c.new_zeros(0, m)

@@ -1,0 +1,167 @@
+"""Training throughput: tokens/s of one full training step (forward, backward, Adam, decoder
+renormalisation) for dense TopK, Switch and Scale e=1,2,4 at the same width, on the same
+activation batches, in one run; reported as ratios to dense TopK. The same dense TopK is also
+trained with the sae-lens package's TopK training SAE (its `training_forward_pass` + the
+steps of `SAETrainer._train_step`) on the same batches, for comparison.
+
+    python benchmarks/bench_train.py [--acts DIR] [--width 4608] [--experts 16] [--k 32]
+                                     [--batch 4096] [--steps 12] [--repeats 5]
+
+Without --acts it uses Gaussian activations of the default model's width (d = 576): the step
+cost does not depend on the data. Prints a table and writes benchmarks/results/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.sae import SAEConfig, build_sae
+from engine.sae.base import lr_for_width
+from engine.train import make_adam
+
+
+def batches(args, d):
+    if args.acts:
+        from engine.activations import ActivationStore
+
+        store = ActivationStore(args.acts)
+        data = store.split("train")
+        rng = np.random.default_rng(0)
+        out = []
+        for _ in range(args.steps):
+            idx = np.sort(rng.choice(data.n_tokens, args.batch, replace=False))
+            out.append(torch.from_numpy(np.asarray(data.read(idx), np.float32)) * store.norm_scale)
+        return out, store.d_in
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(args.batch, d, generator=g) for _ in range(args.steps)], d
+
+
+def ours_step_fn(cfg: SAEConfig, lr: float):
+    torch.manual_seed(0)
+    sae = build_sae(cfg)
+    opt = make_adam(sae.parameters(), lr)
+    lb_weight = 0.01 * cfg.d_in
+
+    def step(x):
+        out = sae(x)
+        loss = out.mse + lb_weight * out.lb_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        sae.set_decoder_norm_to_unit()
+
+    return step
+
+
+def saelens_step_fn(d: int, width: int, k: int, lr: float):
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=width, k=k, device="cpu"))
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+    dead = torch.zeros(width, dtype=torch.bool)
+    n_steps = [0]
+
+    def step(x):
+        out = sae.training_forward_pass(
+            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
+                           n_training_steps=n_steps[0], is_logging_step=False)
+        )
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        n_steps[0] += 1
+
+    return step
+
+
+def measure(step, xs, repeats: int) -> list[float]:
+    step(xs[0])  # warm-up
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for x in xs:
+            step(x)
+        rates.append(sum(x.shape[0] for x in xs) / (time.perf_counter() - t))
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--acts")
+    ap.add_argument("--d", type=int, default=576)
+    ap.add_argument("--width", type=int, default=4608)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default="benchmarks/results/train.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    xs, d = batches(args, args.d)
+    lr = lr_for_width(args.width)
+    variants = [
+        ("topk", dict(arch="topk")),
+        ("switch", dict(arch="switch")),
+        ("scale e=1", dict(arch="scale", active=1)),
+        ("scale e=2", dict(arch="scale", active=2)),
+        ("scale e=4", dict(arch="scale", active=4)),
+    ]
+    rows = []
+    # interleave the variants across repeats so that machine noise hits all of them alike
+    steps = {name: ours_step_fn(SAEConfig(d_in=d, width=args.width, experts=args.experts,
+                                          k=args.k, **kw), lr) for name, kw in variants}
+    try:
+        steps["sae-lens topk"] = saelens_step_fn(d, args.width, args.k, lr)
+    except Exception as exc:  # reported, not hidden
+        print(f"sae-lens comparison unavailable: {exc}")
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for name, fn in steps.items():
+        fn(xs[0])
+    for _ in range(args.repeats):
+        for name, fn in steps.items():
+            rates[name] += measure(fn, xs, 1)
+    base = statistics.median(rates["topk"])
+    for name, r in rates.items():
+        med = statistics.median(r)
+        rows.append({"model": name, "tokens_per_s_median": med, "tokens_per_s_all": r,
+                     "ratio_to_topk": med / base})
+
+    print(f"\nTraining throughput, d={d}, M={args.width}, N={args.experts}, k={args.k}, "
+          f"batch={args.batch}, {args.steps} steps × {args.repeats} repeats, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"{'model':<16}{'tokens/s (median)':>20}{'× dense TopK':>16}")
+    for r in rows:
+        print(f"{r['model']:<16}{r['tokens_per_s_median']:>20,.0f}{r['ratio_to_topk']:>16.2f}")
+    result = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads, "
+                   f"torch {torch.__version__}",
+        "config": vars(args) | {"d": d},
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

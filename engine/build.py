@@ -1,0 +1,196 @@
+"""`moesae build`: harvest → train → eval → analyze from one TOML config, every step cached.
+
+Each step's output folder is named by a hash of exactly the inputs that determine it, so a
+second `build` finds everything in place and only reports, and changing one SAE retrains
+only that SAE. The DuckDB file records the hash of everything it was built from; when that
+matches, analysis is skipped too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_SAES = [
+    {"name": "topk", "arch": "topk"},
+    {"name": "switch", "arch": "switch"},
+    {"name": "scale-e2", "arch": "scale", "active": 2},
+]
+
+
+@dataclass
+class BuildConfig:
+    """Everything one build needs. Defaults are the offline demo (see README)."""
+
+    db: str = "data/demo.duckdb"
+    model: str | None = None
+    hook: str | None = None
+    corpus: str | None = None
+    tokens: int = 160_000
+    context_len: int = 128
+    seed: int = 0
+    eval_fraction: float = 0.1
+    # shared by every SAE unless the SAE's own table says otherwise
+    width: int = 4608
+    experts: int = 16
+    k: int = 32
+    steps: int = 1000
+    batch_tokens: int = 2048
+    lb_weight: float | None = None
+    eval_tokens: int = 50_000
+    analysis_contexts: int = 400
+    saes: list[dict] = field(default_factory=lambda: [dict(s) for s in DEFAULT_SAES])
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> BuildConfig:
+        if path is None:
+            return cls()
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"Config file {p} does not exist.")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {p} is not valid TOML ({exc}).") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known - {"sae"})
+        if unknown:
+            raise ConfigError(f"Unknown key(s) in {p}: {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+        saes = raw.pop("sae", None) or raw.pop("saes", None)
+        cfg = cls(**raw)
+        if saes is not None:
+            cfg.saes = saes
+        names = [s.get("name") for s in cfg.saes]
+        if any(not n for n in names) or len(set(names)) != len(names):
+            raise ConfigError("Every [[sae]] table needs a unique `name`.")
+        return cfg
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def data_root(db: Path) -> Path:
+    """Caches live beside the DB file: <dir>/acts/<hash>, <dir>/runs/<name>-<hash>."""
+    return db.parent
+
+
+def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
+    """Run every step that is not cached; return the DuckDB path."""
+    from .activations import ActivationStore, HarvestConfig, harvest
+    from .analyze import analyze
+    from .checkpoint import load_sae
+    from .evaluate import evaluate
+    from .models import load_model
+    from .train import TrainConfig, train
+
+    db = Path(cfg.db)
+    root = data_root(db)
+    t0 = time.perf_counter()
+
+    hcfg = HarvestConfig(
+        model=cfg.model or HarvestConfig.model,
+        hook=cfg.hook,
+        corpus=cfg.corpus,
+        tokens=cfg.tokens,
+        context_len=cfg.context_len,
+        seed=cfg.seed,
+        eval_fraction=cfg.eval_fraction,
+    )
+    h_identity = {k: v for k, v in asdict(hcfg).items() if k != "out"}
+    hcfg.out = str(root / "acts" / _hash(h_identity))
+    acts_ok = (Path(hcfg.out) / "manifest.json").exists() and ActivationStore(hcfg.out).manifest.get("complete")
+    log(f"[1/4] harvest   {'cached' if acts_ok else 'running'}: {hcfg.out}")
+    acts = ActivationStore(hcfg.out) if acts_ok else harvest(hcfg, progress=progress)
+
+    runs = []
+    for spec in cfg.saes:
+        spec = dict(spec)
+        name = spec.pop("name")
+        tc = TrainConfig(
+            acts=hcfg.out,
+            width=cfg.width,
+            experts=cfg.experts,
+            k=cfg.k,
+            steps=cfg.steps,
+            batch_tokens=cfg.batch_tokens,
+            lb_weight=cfg.lb_weight,
+            seed=cfg.seed,
+        )
+        known = {f.name for f in fields(TrainConfig)}
+        bad = sorted(set(spec) - known)
+        if bad:
+            raise ConfigError(f"Unknown key(s) in [[sae]] '{name}': {', '.join(bad)}.")
+        for key, val in spec.items():
+            setattr(tc, key, val)
+        tc.out = str(root / "runs" / f"{name}-{_hash(tc.identity())}")
+        done = (Path(tc.out) / "final" / "cfg.json").exists()
+        log(f"[2/4] train     {name:<12} {'cached' if done else 'running'}: {tc.out}")
+        train(tc, progress=progress)
+        runs.append((name, Path(tc.out)))
+
+    model = None
+    metrics: dict[str, dict] = {}
+    loaded = []
+    for name, run in runs:
+        sae, meta = load_sae(run / "final")
+        meta = dict(meta, checkpoint=str((run / "final").resolve()), run=str(run.resolve()))
+        cache = run / f"metrics-{_hash([hcfg.out, cfg.eval_tokens])}.json"
+        if cache.exists():
+            metrics[name] = json.loads(cache.read_text())
+            log(f"[3/4] eval      {name:<12} cached")
+        else:
+            if model is None:
+                model = load_model(hcfg.model)
+            log(f"[3/4] eval      {name:<12} running")
+            metrics[name] = evaluate(sae, acts, model, max_tokens=cfg.eval_tokens, progress=progress)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(metrics[name]))
+            tmp.replace(cache)
+        loaded.append((name, sae, meta))
+
+    build_hash = _hash([asdict(cfg), [str(r) for _, r in runs], h_identity])
+    if _db_build_hash(db) == build_hash:
+        log(f"[4/4] analyze   cached: {db}")
+    else:
+        log(f"[4/4] analyze   running → {db}")
+        if model is None:
+            model = load_model(hcfg.model)
+        logs = {name: _read_log(run) for name, run in runs}
+        analyze(
+            loaded,
+            acts,
+            model,
+            db,
+            n_contexts=cfg.analysis_contexts,
+            metrics=metrics,
+            training_logs=logs,
+            build_hash=build_hash,
+            progress=progress,
+        )
+    log(f"build finished in {time.perf_counter() - t0:.1f} s: {db}")
+    return db
+
+
+def _read_log(run: Path) -> list[dict]:
+    path = run / "log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _db_build_hash(db: Path) -> str | None:
+    if not db.exists():
+        return None
+    from .store import open_db
+
+    try:
+        return open_db(db).build_hash()
+    except Exception:  # an unreadable or older file is simply rebuilt
+        return None
