@@ -124,6 +124,15 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
     return np.sort(perm[offset * batch : (offset + 1) * batch])
 
 
+def make_adam(params, lr: float) -> torch.optim.Adam:
+    """Adam(0.9, 0.999) (METHOD §3), the fused kernel where this torch build has one."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+
+
 def _atomic_write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -238,7 +247,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         sae: SparseAutoencoder = build_sae(self.sae_cfg).to(self.device)
         sae.input_scale.fill_(self.acts.norm_scale)
-        opt = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=(0.9, 0.999))
+        opt = make_adam(sae.parameters(), self.lr)
         M = self.sae_cfg.width
         start = 0
         since_fired = torch.zeros(M, dtype=torch.long, device=self.device)
