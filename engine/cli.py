@@ -123,8 +123,8 @@ def cmd_import(args) -> int:
 def cmd_export(args) -> int:
     from .checkpoint import export_saelens, load_sae
 
-    sae, _ = load_sae(_resolve_run(args.run))
-    export_saelens(sae, Path(args.out))
+    sae, meta = load_sae(_resolve_run(args.run))
+    export_saelens(sae, Path(args.out), meta)
     print(f"exported to SAELens format: {args.out}")
     return 0
 
