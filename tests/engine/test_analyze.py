@@ -1,0 +1,335 @@
+"""engine.analyze: streaming statistics against brute force, neighbours, and a full small build.
+
+Fake ActivationStore / LoadedModel objects implement just the documented contract
+(docs/CONTRACTS.md) so these tests do not depend on harvesting or loading a real model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine.analyze import (
+    BandSampler,
+    FeatureStats,
+    analyze,
+    band_of,
+    decoder_neighbours,
+    merge_topk,
+)
+from engine.sae import SAEConfig, build_sae
+from engine.store import open_db
+
+# --------------------------------------------------------------------------------------------
+# fakes implementing the contract
+# --------------------------------------------------------------------------------------------
+
+
+class FakeTokenSet:
+    def __init__(self, x: np.ndarray, context_ids: np.ndarray, positions: np.ndarray):
+        self._x, self.context_ids, self.positions = x, context_ids, positions
+        self.n_tokens = len(x)
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        return self._x[idx]
+
+
+class FakeActs:
+    model_name, hook, path, norm_scale = "fake", "blocks.0.hook_resid_post", "fake", 1.0
+
+    def __init__(self, n_ctx=12, L=8, d=16, vocab=40, seed=0, drop=((3, 0),)):
+        rng = np.random.default_rng(seed)
+        self.d_in = d
+        self.tokens = rng.integers(0, vocab, (n_ctx, L)).astype(np.int32)
+        self.domains = ["pydoc" if c % 3 else "bible" for c in range(n_ctx)]
+        self.splits = ["train" if c < 2 else "eval" for c in range(n_ctx)]
+        # eval tokens stored in shuffled order, with one dropped position
+        cc, pp = np.meshgrid(np.arange(2, n_ctx), np.arange(L), indexing="ij")
+        keep = np.ones(cc.shape, bool)
+        for c, p in drop:
+            keep[c - 2, p] = False
+        cc, pp = cc[keep], pp[keep]
+        perm = rng.permutation(len(cc))
+        self.eval = FakeTokenSet(rng.standard_normal((len(cc), d)).astype(np.float32) * 3,
+                                 cc[perm], pp[perm])
+
+    def contexts(self):
+        return self.tokens, self.domains, self.splits
+
+    def split(self, name):
+        assert name == "eval"
+        return self.eval
+
+
+class FakeModel:
+    name, d_model, n_layers, has_lm_head = "fake", 16, 1, True
+
+    def __init__(self, d=16, vocab=40, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        self.W_U = torch.randn(d, vocab, generator=g)
+
+    def token_strs(self, ids):
+        return [f" t{i}" if i != 7 else "it's" for i in ids]
+
+    def unembed_matrix(self):
+        return self.W_U
+
+    def final_norm(self, x):
+        return x
+
+
+def tiny_sae(arch, d=16, width=32, experts=4, active=2, k=4, seed=0):
+    torch.manual_seed(seed)
+    return build_sae(SAEConfig(arch=arch, d_in=d, width=width, experts=experts, active=active, k=k))
+
+
+# --------------------------------------------------------------------------------------------
+# streaming statistics
+# --------------------------------------------------------------------------------------------
+
+
+def test_merge_topk_hand_case():
+    buf_v = torch.full((2, 2), -math.inf)
+    buf_i = torch.full((2, 2), -1, dtype=torch.long)
+    merge_topk(buf_v, buf_i, torch.tensor([0, 0, 0, 1]), torch.tensor([1.0, 3.0, 2.0, 5.0]),
+               torch.tensor([10, 11, 12, 13]))
+    merge_topk(buf_v, buf_i, torch.tensor([0, 1, 1]), torch.tensor([2.5, 4.0, 6.0]),
+               torch.tensor([20, 21, 22]))
+    assert buf_v.tolist() == [[3.0, 2.5], [6.0, 5.0]]
+    assert buf_i.tolist() == [[11, 20], [22, 13]]
+
+
+def test_band_of_hand_case():
+    b = band_of(torch.tensor([0.05, 0.1, 0.55, 0.99, 1.0]), torch.ones(5), 10)
+    assert b.tolist() == [0, 1, 5, 9, 9]
+
+
+def _random_codes(n=600, M=24, k=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(M, generator=g)[:k] for _ in range(n)])
+    vals = torch.rand(n, k, generator=g) * 20
+    vals[torch.rand(n, k, generator=g) < 0.1] = 0.0  # TopK may select zeros
+    return vals, idx
+
+
+def test_feature_stats_match_brute_force():
+    M, k, K, D = 24, 5, 7, 3
+    vals, idx = _random_codes(M=M, k=k)
+    n = len(vals)
+    doms = torch.arange(n) % D
+    st = FeatureStats(M, D, top_k=K, hist_bins=12, hist_range=(0.1, 10.0))
+    for s in range(0, n, 97):  # odd chunk size
+        st.update(vals[s : s + 97], idx[s : s + 97], torch.arange(s, min(n, s + 97)), doms[s : s + 97])
+    z = torch.zeros(n, M).scatter_(1, idx, vals).numpy()  # dense brute force
+    edges = st.edges.numpy()
+    for f in range(M):
+        col = z[:, f]
+        fire = col > 0
+        assert st.n_fires[f] == fire.sum()
+        assert st.max[f] == pytest.approx(col.max())
+        assert st.sum[f] == pytest.approx(col[fire].sum(), rel=1e-5)
+        bins = np.clip(np.searchsorted(edges[1:-1], col[fire], side="right"), 0, 11)
+        np.testing.assert_array_equal(st.hist_counts()[f].numpy(), np.bincount(bins, minlength=12))
+        np.testing.assert_array_equal(st.domain_counts()[f].numpy(),
+                                      np.bincount(doms.numpy()[fire], minlength=D))
+        order = np.argsort(-col, kind="stable")[:K]
+        np.testing.assert_allclose(st.top_val[f].numpy(), col[order], rtol=1e-6)
+        np.testing.assert_array_equal(st.top_tok[f].numpy(), order)
+
+
+def test_band_sampler_counts_and_samples_match_brute_force():
+    M, k, bands, per = 24, 5, 4, 3
+    vals, idx = _random_codes(M=M, k=k, seed=3)
+    n = len(vals)
+    z = torch.zeros(n, M).scatter_(1, idx, vals).numpy()
+    mx = torch.from_numpy(z.max(0))
+    bs = BandSampler(mx, bands, per, seed=0)
+    for s in range(0, n, 50):
+        bs.update(vals[s : s + 50], idx[s : s + 50], torch.arange(s, min(n, s + 50)))
+    samples = bs.samples().numpy()
+    for f in range(M):
+        col = z[:, f]
+        fire = np.nonzero(col > 0)[0]
+        band = np.minimum(np.floor(col[fire] * bands / col.max()).astype(int), bands - 1)
+        np.testing.assert_array_equal(bs.counts.view(M, bands)[f].numpy(), np.bincount(band, minlength=bands))
+        for b in range(bands):
+            members = set(fire[band == b].tolist())
+            got = [t for t in samples[f, b] if t >= 0]
+            assert len(got) == min(per, len(members)) and len(set(got)) == len(got)
+            assert set(got) <= members
+
+
+def test_band_sampler_is_roughly_uniform():
+    # one feature, one band, 10 tokens, keep 1: each token should be picked ~10% of the time
+    hits = np.zeros(10)
+    for seed in range(400):
+        bs = BandSampler(torch.tensor([1.0]), bands=1, per_band=1, seed=seed)
+        for t in range(10):
+            bs.update(torch.tensor([[0.5]]), torch.tensor([[0]]), torch.tensor([t]))
+        hits[bs.samples()[0, 0, 0]] += 1
+    assert hits.min() > 15 and hits.max() < 70
+
+
+# --------------------------------------------------------------------------------------------
+# decoder geometry
+# --------------------------------------------------------------------------------------------
+
+
+def test_neighbours_pairs_and_expert_similarity_match_brute_force():
+    g = torch.Generator().manual_seed(0)
+    M, d, N = 40, 8, 4
+    W = torch.randn(M, d, generator=g)
+    W[5] = W[3] + 0.01 * torch.randn(d, generator=g)  # a duplicate within expert 0
+    W[30] = -W[1]
+    W[31] = W[2] * 3  # duplicate across experts, different norm
+    expert_of = torch.arange(M) // (M // N)
+    geo = decoder_neighbours(W, expert_of, N, k=5, threshold=0.5, block=7)
+    Wn = (W / W.norm(dim=1, keepdim=True)).numpy()
+    C = Wn @ Wn.T
+    np.fill_diagonal(C, -np.inf)
+    for f in range(M):
+        order = np.argsort(-C[f], kind="stable")[:5]
+        np.testing.assert_allclose(geo["nbr_cos"][f].numpy(), C[f, order], atol=1e-5)
+        assert geo["max_cos"][f] == pytest.approx(C[f].max(), abs=1e-5)
+    a, b, c = geo["pairs"]
+    brute = {(i, j) for i in range(M) for j in range(i + 1, M) if C[i, j] >= 0.5}
+    assert set(zip(a.tolist(), b.tolist(), strict=True)) == brute
+    assert (3, 5) in brute and (2, 31) in brute
+    assert torch.all(c[:-1] >= c[1:])
+    ex = expert_of.numpy()
+    for i in range(N):
+        for j in range(N):
+            want = np.mean([C[f][ex == j].max() for f in np.nonzero(ex == i)[0]])
+            assert geo["expert_sim"][i, j] == pytest.approx(want, abs=1e-5)
+
+
+def test_duplicate_pairs_are_capped():
+    W = torch.ones(30, 4) + 0.001 * torch.randn(30, 4)
+    geo = decoder_neighbours(W, torch.zeros(30, dtype=torch.long), 1, k=3, threshold=0.5, block=4, max_pairs=20)
+    assert len(geo["pairs"][0]) == 20
+
+
+# --------------------------------------------------------------------------------------------
+# the whole pass, through the store
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    acts = FakeActs()
+    model = FakeModel()
+    runs = [("dense", tiny_sae("topk", k=4), {"model": "fake"}),
+            ("switch", tiny_sae("switch", k=4, seed=1), {}),
+            ("scale", tiny_sae("scale", k=4, seed=2), {})]
+    db = tmp_path_factory.mktemp("an") / "build.duckdb"
+    analyze(runs, acts, model, db, n_contexts=8, top_k=5, bands=4, per_band=2, umap=False,
+            chunk_tokens=13, metrics={"scale": {"fvu": 0.5}}, training_logs={"scale": [{"step": 1}]},
+            build_hash="abc", progress=False)
+    return db, acts, model, runs
+
+
+def _dense_codes(acts, sae, n_contexts):
+    ev = acts.eval
+    chosen = np.unique(ev.context_ids)[:n_contexts]
+    rows = np.nonzero(np.isin(ev.context_ids, chosen))[0]
+    with torch.no_grad():
+        codes = sae.encode(sae.normalise(torch.from_numpy(ev.read(rows))))
+    return rows, sae.dense_codes(codes).numpy(), codes
+
+
+@pytest.mark.parametrize("name", ["dense", "switch", "scale"])
+def test_feature_pages_match_brute_force(built, name):
+    db, acts, model, runs = built
+    sae = next(s for n, s, _ in runs if n == name)
+    rows, z, _ = _dense_codes(acts, sae, 8)
+    ev = acts.eval
+    with open_db(db) as s:
+        assert s.build_hash() == "abc"
+        info = s.sae_info(name)
+        assert info.n_tokens == len(rows) and info.map_method == "pca"
+        for f in range(sae.cfg.width):
+            page = s.feature(name, f)
+            col = z[:, f]
+            assert page.n_fires == (col > 0).sum()
+            assert page.max_act == pytest.approx(col.max(), rel=1e-5)
+            assert page.density == pytest.approx((col > 0).mean())
+            assert sum(page.hist_counts) == page.n_fires
+            ex = s.feature_examples(name, f, "top", 10)
+            want = np.sort(col[col > 0])[::-1][:5]
+            np.testing.assert_allclose([e["activation"] for e in ex], want, rtol=1e-5)
+            for e in ex:
+                # the activation list covers the whole context and agrees at the example position
+                assert len(e["acts"]) == len(e["tokens"]) == 8
+                assert e["acts"][e["position"]] == pytest.approx(e["activation"], rel=1e-5)
+                in_ctx = ev.context_ids[rows] == e["context"]
+                brute = np.zeros(8)
+                brute[ev.positions[rows][in_ctx]] = col[in_ctx]
+                np.testing.assert_allclose(e["acts"], brute, rtol=1e-5, atol=1e-7)
+            bands = s.quantile_bands(name, f)
+            if page.n_fires:
+                assert sum(b["n"] for b in bands) == page.n_fires
+                assert sum(b["share"] for b in bands) == pytest.approx(1.0)
+                for b in bands:
+                    assert len(b["examples"]) == min(2, b["n"])
+                    for e in b["examples"]:
+                        assert b["lo"] - 1e-5 <= e["activation"] <= b["hi"] + 1e-5
+            assert len(page.logit_pos) == 10 and len(page.neighbours) == 10
+            want_logit = (sae.W_dec[f].detach() @ model.W_U).topk(10).values.numpy()
+            np.testing.assert_allclose([v for _, v in page.logit_pos], want_logit, rtol=1e-4)
+
+
+def test_routing_and_experts(built):
+    db, acts, model, runs = built
+    sae = next(s for n, s, _ in runs if n == "scale")
+    rows, _, codes = _dense_codes(acts, sae, 8)
+    ev = acts.eval
+    with open_db(db) as s:
+        experts = s.experts("scale")
+        assert len(experts) == 4
+        top1 = np.bincount(codes.expert_indices[:, 0].numpy(), minlength=4) / len(rows)
+        np.testing.assert_allclose([e["load_top1"] for e in experts], top1)
+        assert sum(e["load_topk"] for e in experts) == pytest.approx(1.0)
+        assert s.sae_info("scale").load_entropy is not None
+        assert s.sae_info("scale").metrics == {"fvu": 0.5} and s.training_log("scale") == [{"step": 1}]
+        loads = s.expert_domain_load("scale")
+        assert {r["domain"] for r in loads} == {"pydoc", "bible"}
+        assert s.expert_similarity("scale").shape == (4, 4)
+        # per-token routing of a context equals the encoder's, and the dropped position has none
+        c = int(ev.context_ids[rows][0])
+        rt = s.context_routing("scale", c)
+        for r_i, t in enumerate(rows):
+            if ev.context_ids[t] == c:
+                got = rt[ev.positions[t]]
+                assert got["experts"] == codes.expert_indices[r_i].tolist()
+                np.testing.assert_allclose(got["weights"], codes.expert_weights[r_i].numpy(), rtol=1e-5)
+        assert s.context_routing("scale", 3)[0]["experts"] == []  # dropped (3, 0)
+        assert s.context_routing("dense", c)[1]["experts"] == []
+        assert len(s.map_points("switch")["x"]) == 32
+        for p in s.duplicate_pairs("scale", 0.0, limit=50):  # stored down to dup_threshold 0.7
+            assert p["cos"] >= 0.7 - 1e-6 and p["within"] == (p["expert_a"] == p["expert_b"])
+    assert experts[0]["omega"] == pytest.approx(0.0)
+
+
+def test_search_finds_quote_token(built):
+    db, *_ = built
+    with open_db(db) as s:
+        pts = s.map_points("scale")
+        want = {int(f) for f, t in zip(pts["feature"], pts["top_tokens"], strict=True) if "it's" in t}
+        hits = s.search_features("scale", "IT'S", limit=100)
+        assert want and want <= {h["feature"] for h in hits}
+
+
+@pytest.mark.slow  # numba compiles UMAP on first use (~15-40 s)
+def test_umap_map_has_fixed_seed(tmp_path):
+    pytest.importorskip("umap")
+    from engine.analyze import map_coordinates
+
+    W = torch.randn(60, 8)
+    a, method = map_coordinates(W, True, seed=0, n_epochs=30)
+    b, _ = map_coordinates(W, True, seed=0, n_epochs=30)
+    assert method == "umap" and a.shape == (60, 2)
+    np.testing.assert_allclose(a, b)
+    assert map_coordinates(W[:10], True)[1] == "pca"
