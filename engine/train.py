@@ -306,6 +306,8 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix(tok_s=f"{tps:,.0f}", fvu=f"{row['fvu']:.3f}")
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    # METHOD §5: duplicates appear only late in training, so track them.
+                    self._log(redundancy_row(sae, done, done * cfg.batch_tokens))
                     self._save_state(sae, opt, done, since_fired)
                     last_good = done
         finally:
@@ -360,7 +362,7 @@ class _Window:
 
     @torch.no_grad()
     def summary(self, step, tokens, lr, tps, sae, since_fired, cfg) -> dict:
-        row = {"step": step, "tokens": tokens, "lr": lr, "tokens_per_s": round(tps, 1)}
+        row = {"step": step, "tokens": tokens, "kind": "train", "lr": lr, "tokens_per_s": round(tps, 1)}
         row.update({k: v / max(self.n, 1) for k, v in self.sums.items()})
         row["dead_fraction"] = float((since_fired > cfg.dead_tokens).float().mean())
         if self.n_experts > 1 and self.load.sum() > 0:
@@ -374,6 +376,19 @@ class _Window:
             row["omega_max"] = float(omega.max())
         self.reset()
         return row
+
+
+@torch.no_grad()
+def redundancy_row(sae: SparseAutoencoder, step: int, tokens: int) -> dict:
+    """A log line with the decoder's redundancy@{0.7,0.8,0.9} and mean max cosine."""
+    from .evaluate import max_cosine, redundancy_ratio
+
+    overall = max_cosine(sae.W_dec.detach()).overall
+    row = {"step": step, "tokens": tokens, "kind": "redundancy",
+           "mean_max_cos": float(overall.nanmean())}
+    for tau in (0.7, 0.8, 0.9):
+        row[f"redundancy_ratio_{tau}"] = redundancy_ratio(overall, tau)
+    return row
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
