@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 DEFAULT_SAES = [
     {"name": "topk", "arch": "topk"},
@@ -85,9 +85,6 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
     """Run every step that is not cached; return the DuckDB path."""
     from .activations import ActivationStore, HarvestConfig, harvest
     from .analyze import analyze
-    from .checkpoint import load_sae
-    from .evaluate import evaluate
-    from .models import load_model
     from .train import TrainConfig, train
 
     db = Path(cfg.db)
@@ -105,9 +102,12 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
     )
     h_identity = {k: v for k, v in asdict(hcfg).items() if k != "out"}
     hcfg.out = str(root / "acts" / _hash(h_identity))
-    acts_ok = (Path(hcfg.out) / "manifest.json").exists() and ActivationStore(hcfg.out).manifest.get("complete")
-    log(f"[1/4] harvest   {'cached' if acts_ok else 'running'}: {hcfg.out}")
-    acts = ActivationStore(hcfg.out) if acts_ok else harvest(hcfg, progress=progress)
+    try:
+        acts = ActivationStore(hcfg.out)
+        log(f"[1/4] harvest   cached: {hcfg.out}")
+    except DataError:  # missing or unfinished: harvest (resumes from complete shards)
+        log(f"[1/4] harvest   running: {hcfg.out}")
+        acts = harvest(hcfg, progress=progress)
 
     runs = []
     for spec in cfg.saes:
@@ -135,24 +135,13 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
         train(tc, progress=progress)
         runs.append((name, Path(tc.out)))
 
-    model = None
+    model = _LazyModel(hcfg.model)
     metrics: dict[str, dict] = {}
     loaded = []
     for name, run in runs:
-        sae, meta = load_sae(run / "final")
-        meta = dict(meta, checkpoint=str((run / "final").resolve()), run=str(run.resolve()))
-        cache = run / f"metrics-{_hash([hcfg.out, cfg.eval_tokens])}.json"
-        if cache.exists():
-            metrics[name] = json.loads(cache.read_text())
-            log(f"[3/4] eval      {name:<12} cached")
-        else:
-            if model is None:
-                model = load_model(hcfg.model)
-            log(f"[3/4] eval      {name:<12} running")
-            metrics[name] = evaluate(sae, acts, model, max_tokens=cfg.eval_tokens, progress=progress)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(metrics[name]))
-            tmp.replace(cache)
+        sae, meta = load_run(run)
+        metrics[name] = evaluate_cached(run, sae, acts, model, cfg.eval_tokens, progress,
+                                        lambda state, n=name: log(f"[3/4] eval      {n:<12} {state}"))
         loaded.append((name, sae, meta))
 
     build_hash = _hash([asdict(cfg), [str(r) for _, r in runs], h_identity])
@@ -160,13 +149,11 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
         log(f"[4/4] analyze   cached: {db}")
     else:
         log(f"[4/4] analyze   running → {db}")
-        if model is None:
-            model = load_model(hcfg.model)
-        logs = {name: _read_log(run) for name, run in runs}
+        logs = {name: read_log(run) for name, run in runs}
         analyze(
             loaded,
             acts,
-            model,
+            model.get(),
             db,
             n_contexts=cfg.analysis_contexts,
             metrics=metrics,
@@ -178,7 +165,48 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
     return db
 
 
-def _read_log(run: Path) -> list[dict]:
+class _LazyModel:
+    """Load the model only if some step needs it (a cached build never does)."""
+
+    def __init__(self, name: str):
+        self.name, self._model = name, None
+
+    def get(self):
+        if self._model is None:
+            from .models import load_model
+
+            self._model = load_model(self.name)
+        return self._model
+
+
+def load_run(run: Path):
+    """(sae, meta) of a run folder's final SAE, meta recording where the checkpoint lives."""
+    from .checkpoint import load_sae
+
+    sae, meta = load_sae(run / "final")
+    return sae, dict(meta, checkpoint=str((run / "final").resolve()), run=str(run.resolve()))
+
+
+def evaluate_cached(run: Path, sae, acts, model: _LazyModel, eval_tokens: int, progress: bool,
+                    report=lambda state: None) -> dict:
+    """METHOD §4 metrics of a run on an activation folder, cached in the run folder."""
+    from .evaluate import evaluate
+
+    cache = run / f"metrics-{_hash([str(Path(acts.path).resolve()), eval_tokens])}.json"
+    if cache.exists():
+        report("cached")
+        return json.loads(cache.read_text())
+    report("running")
+    lm = model.get()
+    metrics = evaluate(sae, acts, lm if lm.has_lm_head else None, max_tokens=eval_tokens,
+                       progress=progress)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics))
+    tmp.replace(cache)
+    return metrics
+
+
+def read_log(run: Path) -> list[dict]:
     path = run / "log.jsonl"
     if not path.exists():
         return []

@@ -41,7 +41,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        help_ = docs.get(f.name, "")
+        help_ = docs.get(f.name) or f.metadata.get("help", "")
         ann = str(f.type).replace(" ", "")
         if ann == "bool":
             parser.add_argument(
@@ -129,6 +129,64 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from .activations import ActivationStore
+    from .analyze import analyze
+    from .build import _LazyModel, evaluate_cached, load_run, read_log
+
+    loaded, metrics, logs = [], {}, {}
+    acts = None
+    for run_arg in args.runs:
+        run = Path(run_arg)
+        if not (run / "final" / "cfg.json").exists():
+            raise UserError(f"{run} is not a finished training run (no final/cfg.json).")
+        sae, meta = load_run(run)
+        if acts is None:
+            acts = ActivationStore(args.acts or meta.get("acts"))
+            model = _LazyModel(args.model or acts.model_name)
+        name = run.name
+        metrics[name] = evaluate_cached(run, sae, acts, model, args.eval_tokens, not args.quiet)
+        logs[name] = read_log(run)
+        loaded.append((name, sae, meta))
+    analyze(loaded, acts, model.get(), Path(args.db), n_contexts=args.contexts, metrics=metrics,
+            training_logs=logs, progress=not args.quiet)
+    print(f"wrote {args.db} ({len(loaded)} SAE(s))")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from .build import BuildConfig, build
+
+    cfg = BuildConfig.load(args.config)
+    if args.db:
+        cfg.db = args.db
+    build(cfg, progress=not args.quiet)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from explorer.launch import serve
+
+    db = Path(args.db)
+    if not db.exists():
+        raise UserError(f"{db} does not exist; build one with `moesae build` or `moesae demo`.")
+    from .store import open_db
+
+    open_db(db).close()  # a wrong or old file fails here with one sentence
+    return serve(db, host=args.host, port=args.port)
+
+
+def cmd_demo(args) -> int:
+    from .build import BuildConfig, build
+
+    cfg = BuildConfig.load(args.config)
+    db = build(cfg, progress=not args.quiet)
+    if args.no_serve:
+        return 0
+    args.db = str(db)
+    return cmd_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .activations import HarvestConfig
     from .train import TrainConfig
@@ -157,6 +215,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-ce", action="store_true", help="skip CE loss recovered / KL (no model)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser("analyze", help="feature statistics, examples, map → a DuckDB file")
+    a.add_argument("runs", nargs="+", help="training run folders (all go into one file)")
+    a.add_argument("--db", required=True, help="DuckDB file to write (replaced atomically)")
+    a.add_argument("--acts", help="activation folder (default: the first run's)")
+    a.add_argument("--model", help="model (default: the one the activations came from)")
+    a.add_argument("--contexts", type=int, default=400, help="analysis contexts (held-out)")
+    a.add_argument("--eval-tokens", type=int, default=50_000, help="held-out tokens for metrics")
+    a.set_defaults(func=cmd_analyze)
+
+    b = sub.add_parser("build", help="the whole pipeline from a TOML config, every step cached")
+    b.add_argument("--config", help="TOML file (default: the offline demo config)")
+    b.add_argument("--db", help="override the config's DuckDB path")
+    b.set_defaults(func=cmd_build)
+
+    for name, help_ in (("serve", "open the explorer on a DuckDB file"),
+                        ("demo", "build the default demo (cached) and open the explorer")):
+        v = sub.add_parser(name, help=help_)
+        if name == "serve":
+            v.add_argument("--db", required=True, help="DuckDB file made by build/analyze")
+        else:
+            v.add_argument("--config", help="TOML file (default: the offline demo config)")
+            v.add_argument("--no-serve", action="store_true", help="build only")
+        v.add_argument("--host", default="127.0.0.1", help="address to listen on")
+        v.add_argument("--port", type=int, default=8501, help="port")
+        v.set_defaults(func=cmd_serve if name == "serve" else cmd_demo)
+
+    from .steer import add_steer_args, cmd_steer
+
+    st = sub.add_parser("steer", help="default vs steered continuation of a prompt")
+    add_steer_args(st)
+    st.set_defaults(func=cmd_steer)
 
     i = sub.add_parser("import", help="import an SAELens SAE folder")
     i.add_argument("src")

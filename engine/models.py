@@ -180,6 +180,9 @@ def load_model(name: str | None = None, device: str | None = None) -> LoadedMode
     else:
         source = name
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a 1-2 s weight load needs no bar of its own
         bridge = _boot(source, device)
     except Exception as e:  # noqa: BLE001 - any failure here is the user's model name or network
         if source == name:
