@@ -1,0 +1,173 @@
+"""Cached access to the build: thin `st.cache_data` / `st.cache_resource` wrappers around
+`engine.store` queries — the explorer's only door to the data (no SQL here or in pages).
+
+Every wrapper takes a `Db` key, (path, mtime_ns): a build replaced on disk (builds swap in
+atomically) gets a new key, so nothing stale is served. Large read-only arrays (the map) are
+cached as resources: handing the same object back costs nothing, whereas `cache_data` would
+unpickle 10⁵ points on every rerun.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from engine.errors import DataError
+from engine.store import FeatureInfo, SAEInfo, Store, open_db
+
+Db = tuple[str, int]
+"""(absolute path, mtime_ns) of a build file: the cache key of everything read from it."""
+
+ENV_VAR = "MOESAE_DB"
+
+
+def db_path_from_argv(argv: list[str] | None = None) -> str | None:
+    """`--db FILE` from the app's own arguments (after `--` on the streamlit command line),
+    else $MOESAE_DB; None when neither is given."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(argv):
+        if arg == "--db" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--db="):
+            return arg.split("=", 1)[1]
+    return os.environ.get(ENV_VAR) or None
+
+
+def db_key(path: str) -> Db:
+    """The cache key of a build; DataError (one sentence) when the file is missing."""
+    p = Path(path).expanduser().resolve()
+    try:
+        return (str(p), p.stat().st_mtime_ns)
+    except OSError:
+        raise DataError(f"No build file at {p}; create one with `moesae build`.") from None
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def store(db: Db) -> Store:
+    """One read-only connection per build (thread-safe; each query opens its own cursor)."""
+    return open_db(db[0])
+
+
+# -- builds and SAEs ----------------------------------------------------------------------------
+@st.cache_data(show_spinner=False)
+def list_saes(db: Db) -> list[dict]:
+    return store(db).list_saes()
+
+
+@st.cache_data(show_spinner=False)
+def sae_info(db: Db, sae: str) -> SAEInfo | None:
+    return store(db).sae_info(sae)
+
+
+@st.cache_data(show_spinner=False)
+def domains(db: Db) -> list[str]:
+    return store(db).domains()
+
+
+@st.cache_data(show_spinner=False)
+def models(db: Db) -> list[dict]:
+    return store(db).models()
+
+
+# -- experts ------------------------------------------------------------------------------------
+@st.cache_data(show_spinner=False)
+def experts(db: Db, sae: str) -> list[dict]:
+    return store(db).experts(sae)
+
+
+@st.cache_data(show_spinner=False)
+def expert_domain_load(db: Db, sae: str) -> list[dict]:
+    return store(db).expert_domain_load(sae)
+
+
+@st.cache_data(show_spinner=False)
+def expert_similarity(db: Db, sae: str) -> np.ndarray:
+    return store(db).expert_similarity(sae)
+
+
+@st.cache_data(show_spinner=False)
+def expert_top_features(db: Db, sae: str, expert: int, limit: int = 20) -> list[dict]:
+    return store(db).expert_top_features(sae, expert, limit)
+
+
+@st.cache_data(show_spinner=False)
+def expert_top_tokens(db: Db, sae: str, expert: int, limit: int = 20) -> list[dict]:
+    return store(db).expert_top_tokens(sae, expert, limit)
+
+
+@st.cache_data(show_spinner=False)
+def sample_contexts(db: Db, sae: str, n: int = 20, domain: str | None = None, seed: int = 0) -> list[dict]:
+    return store(db).sample_contexts(sae, n=n, domain=domain, seed=seed)
+
+
+@st.cache_data(show_spinner=False)
+def context_routing(db: Db, sae: str, context_id: int) -> list[dict]:
+    return store(db).context_routing(sae, context_id)
+
+
+# -- features -----------------------------------------------------------------------------------
+@st.cache_data(show_spinner=False, max_entries=2000)
+def feature(db: Db, sae: str, f: int) -> FeatureInfo | None:
+    return store(db).feature(sae, f)
+
+
+@st.cache_data(show_spinner=False, max_entries=2000)
+def feature_examples(db: Db, sae: str, f: int, limit: int = 20) -> list[dict]:
+    return store(db).feature_examples(sae, f, kind="top", limit=limit)
+
+
+@st.cache_data(show_spinner=False, max_entries=2000)
+def quantile_bands(db: Db, sae: str, f: int) -> list[dict]:
+    return store(db).quantile_bands(sae, f, with_examples=True)
+
+
+@st.cache_data(show_spinner=False, max_entries=500)
+def search_features(db: Db, sae: str, text: str, limit: int = 50) -> list[dict]:
+    return store(db).search_features(sae, text, limit=limit)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def map_points(db: Db, sae: str) -> dict[str, np.ndarray]:
+    """Every feature's map position and colouring columns, plus integer codes for the
+    categorical colourings and the hover text, computed once per build."""
+    pts = dict(store(db).map_points(sae))
+    n = len(pts.get("feature", []))
+    doms = np.asarray(pts.get("preferred_domain", np.array([], dtype=object)), dtype=object)
+    names = sorted({str(d) for d in doms if d is not None})
+    index = {d: i for i, d in enumerate(names)}
+    pts["domain_code"] = np.array([index.get(str(d), len(names)) if d is not None else len(names)
+                                   for d in doms], dtype=np.int64)
+    pts["domain_names"] = np.array([*names, "none"], dtype=object)
+    dens = np.asarray(pts.get("density", np.zeros(n)), dtype=np.float64)
+    pts["log_density"] = np.log10(np.clip(np.nan_to_num(dens), 1e-7, None)).astype(np.float32)
+    tops = pts.get("top_tokens", np.array([], dtype=object))
+    pts["hover"] = np.array(
+        [("top: " + str(t).replace("<", "&lt;")) if t else "never fires" for t in tops], dtype=object
+    )
+    pts["row_of"] = {int(f): i for i, f in enumerate(pts.get("feature", []))}
+    for v in pts.values():
+        if isinstance(v, np.ndarray):
+            v.setflags(write=False)
+    return pts
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def max_cos_distribution(db: Db, sae: str) -> dict[str, np.ndarray]:
+    out = dict(store(db).max_cos_distribution(sae))
+    for v in out.values():
+        v.setflags(write=False)
+    return out
+
+
+@st.cache_data(show_spinner=False, max_entries=200)
+def duplicate_pairs(db: Db, sae: str, threshold: float, limit: int = 500, scope: str = "all") -> list[dict]:
+    return store(db).duplicate_pairs(sae, threshold=threshold, limit=limit, scope=scope)
+
+
+@st.cache_data(show_spinner=False)
+def training_log(db: Db, sae: str) -> list[dict]:
+    return store(db).training_log(sae)

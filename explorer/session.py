@@ -1,0 +1,116 @@
+"""What every page shares: the open build, the chosen SAE, and links between pages.
+
+The app script (`app.py`) opens the build and picks the SAE before any page runs; pages ask
+here. Deep links are query parameters (`?sae=…&feature=…&expert=…`), so any view can be shared
+by copying the address bar.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import streamlit as st
+
+from .data import Db
+
+# Page files, relative to app.py (what st.page_link / st.switch_page take).
+OVERVIEW = "pages/overview.py"
+EXPERTS = "pages/experts.py"
+FEATURE_MAP = "pages/feature_map.py"
+REDUNDANCY = "pages/redundancy.py"
+FEATURE = "pages/feature.py"
+INSPECT = "pages/inspect_text.py"
+
+_PAGES_DIR = Path(__file__).resolve().parent / "pages"
+_DB = "moesae_db"
+_SAE = "moesae_sae"
+
+
+def set_db(db: Db) -> None:
+    st.session_state[_DB] = db
+
+
+def db() -> Db:
+    """The open build's cache key (set by app.py on every run)."""
+    if _DB not in st.session_state:
+        _through_app()
+    return st.session_state[_DB]
+
+
+def _through_app() -> None:
+    """Run app.py first. A fresh server whose first visit is a deep link (`/feature?…`) runs
+    the page file on its own: Streamlit treats a folder named `pages/` beside the entry script
+    as a legacy multipage app until some run calls `st.navigation`. Registering the pages here
+    switches the server to `st.navigation` mode for good; switching to this same page then
+    reruns through app.py with the same query parameters."""
+    here = next(
+        (Path(f.filename).resolve() for f in inspect.stack()
+         if Path(f.filename).resolve().parent == _PAGES_DIR),
+        None,
+    )
+    pages = page_list()
+    st.navigation(pages, position="hidden")
+    target = next((p for p in pages if here is not None and p.url_path == here.stem), pages[0])
+    st.switch_page(target, query_params=st.query_params.to_dict())
+
+
+def page_list() -> list:
+    """The explorer's pages, in sidebar order (app.py hands these to st.navigation)."""
+    return [
+        st.Page(OVERVIEW, title="Overview", icon=":material/dashboard:", default=True),
+        st.Page(EXPERTS, title="Experts", icon=":material/hub:"),
+        st.Page(FEATURE_MAP, title="Feature map", icon=":material/scatter_plot:"),
+        st.Page(REDUNDANCY, title="Redundancy", icon=":material/content_copy:"),
+        st.Page(FEATURE, title="Feature", icon=":material/search:"),
+        st.Page(INSPECT, title="Inspect text", icon=":material/keyboard:"),
+    ]
+
+
+def choose_sae(saes: list[dict]) -> dict:
+    """The sidebar SAE picker. The `sae` query parameter wins (a shared link), then the last
+    choice in this session (sidebar navigation drops query parameters), then the first SAE."""
+    names = [s["sae"] for s in saes]
+    asked = st.query_params.get("sae")
+    if asked in names:
+        st.session_state[_SAE] = asked
+    current = st.session_state.get(_SAE)
+    if current not in names:
+        current = names[0]
+    labels = {s["sae"]: f"{s['sae']}  ·  {s['arch']}, {s['width']:,} features" for s in saes}
+    choice = st.sidebar.selectbox(
+        "SAE", names, index=names.index(current), format_func=labels.get,
+        help="Which SAE of this build the pages show. Part of every shared link (?sae=…).",
+    )
+    st.session_state[_SAE] = choice
+    st.query_params["sae"] = choice
+    return saes[names.index(choice)]
+
+
+def sae() -> str:
+    """The chosen SAE's name."""
+    return st.session_state[_SAE]
+
+
+def int_param(name: str) -> int | None:
+    """An integer query parameter, or None when absent or not a number."""
+    raw = st.query_params.get(name)
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def feature_link(sae: str, f: int, label: str | None = None, help: str | None = None) -> None:
+    """A link that opens feature `f` of `sae` on the Feature page."""
+    st.page_link(
+        FEATURE,
+        label=label or f"feature {f}",
+        query_params={"sae": sae, "feature": str(int(f))},
+        help=help,
+    )
+
+
+def open_feature(sae: str, f: int) -> None:
+    """Go to the Feature page for `f` now (used by map selections and buttons)."""
+    st.switch_page(FEATURE, query_params={"sae": sae, "feature": str(int(f))})

@@ -1,0 +1,179 @@
+"""Every page of the explorer through Streamlit's AppTest, on the small build of conftest.py."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs
+
+import duckdb
+import pytest
+
+from .conftest import APP
+from .synthetic import make_build
+
+PAGES = {
+    "overview": "Overview",
+    "experts": "Experts",
+    "feature_map": "Feature map",
+    "redundancy": "Redundancy",
+    "feature": "Feature",
+    "inspect_text": "Inspect text",
+}
+
+
+def _open(at, page: str, **params):
+    at.query_params.update({k: str(v) for k, v in params.items()})
+    at.run()
+    if page != "overview":
+        at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _text(at) -> str:
+    """Everything a reader sees as text on the page (markdown, captions, html, metrics, alerts)."""
+    parts = [e.value for kind in ("markdown", "caption", "html", "info", "error", "warning",
+                                  "header", "subheader", "title") for e in at.get(kind)]
+    parts += [f"{m.label} {m.value}" for m in at.metric]
+    return "\n".join(str(p) for p in parts)
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_every_page_renders(app, page):
+    at = _open(app, page)
+    assert [t.value for t in at.title] == [PAGES[page]]
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_overview_compares_switch_and_scale(app):
+    at = _open(app, "overview")
+    reading = at.info[0].value
+    assert "scale-e2 (Scale)" in reading and "switch (Switch)" in reading
+    assert "duplicate features" in reading
+    assert len(at.dataframe) == 1
+    assert at.get("plotly_chart"), "training curves are drawn"
+
+
+def test_choose_an_expert(app):
+    at = _open(app, "experts", sae="switch")
+    at.selectbox(key="expert_pick").select(3).run()
+    assert not at.exception
+    assert at.query_params["expert"] == ["3"] or at.query_params["expert"] == "3"
+    links = [link.value for link in at.get("page_link")]
+    assert links and all(label.startswith("feature ") for label in links)
+    # the sample text coloured by routed expert, tokens escaped
+    coloured = [h.value for h in at.get("html") if "experts " in h.value]
+    assert coloured and "<class>" not in "".join(coloured)
+    at.toggle(key="only_expert").set_value(True).run()
+    assert not at.exception
+
+
+def test_deep_link_to_an_expert(app):
+    at = _open(app, "experts", sae="scale-e2", expert=5)
+    assert at.selectbox(key="expert_pick").value == 5
+
+
+def test_threshold_slider_changes_the_pairs(app):
+    at = _open(app, "redundancy", sae="switch")
+    assert [m.value for m in at.multiselect][0] == ["switch", "scale-e2"], "Switch and Scale side by side"
+    before = _text(at)
+    assert "redundancy@0.90" in before
+    at.slider(key="red_threshold").set_value(0.5).run()
+    assert not at.exception
+    after = _text(at)
+    assert "redundancy@0.50" in after and "Duplicate pairs (cosine ≥ 0.50" in after
+    at.slider(key="red_threshold").set_value(1.0).run()
+    assert "No pair of switch's features reaches cosine 1.00" in _text(at)
+    at.radio(key="red_scope").set_value("within").run()
+    assert not at.exception
+
+
+def test_open_a_feature_from_a_neighbour_link(app):
+    at = _open(app, "feature", sae="switch", feature=3)
+    assert "switch · feature 3" in [h.value for h in at.header]
+    nb = [link for link in at.get("page_link") if "cos" in link.value]
+    assert nb, "neighbours are links"
+    params = {k: v[0] for k, v in parse_qs(nb[0].proto.query_string).items()}
+    assert params["sae"] == "switch"
+    at.query_params.clear()
+    at.query_params.update(params)
+    at.switch_page("pages/feature.py").run()
+    assert not at.exception
+    assert f"switch · feature {params['feature']}" in [h.value for h in at.header]
+
+
+def test_feature_page_shows_examples_and_bands(app):
+    at = _open(app, "feature", sae="scale-e2", feature=10)
+    text = _text(at)
+    assert "Top examples" in text and "Quantile bands" in text and "Nearest neighbours" in text
+    assert any("background:" in h.value for h in at.get("html")), "tokens shaded by activation"
+    at.number_input(key="feature_pick").set_value(11).run()
+    assert "scale-e2 · feature 11" in [h.value for h in at.header]
+
+
+def test_feature_out_of_range_is_explained(app):
+    at = _open(app, "feature", sae="switch", feature=99999)
+    assert any("does not exist" in w.value for w in at.warning)
+
+
+def test_feature_map_search_highlights(app):
+    at = _open(app, "feature_map", sae="switch")
+    assert at.get("plotly_chart")
+    at.text_input(key="map_search").input("Lord").run()
+    assert not at.exception
+    assert "Matches for “Lord”" in _text(at)
+    assert any("Lord" in link.value for link in at.get("page_link"))
+    at.button_group(key="map_colour").set_value("density").run()
+    assert not at.exception
+
+
+def test_inspect_text_runs_the_model_live(app):
+    at = _open(app, "inspect_text", sae="scale-e2")
+    at.text_area(key="inspect_text").input("In the beginning <b> was the Word").run(timeout=120)
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    html = "".join(h.value for h in at.get("html"))
+    assert "&lt;" in html and "experts " in html, "tokens escaped and coloured by expert"
+    assert "Top features at token" in _text(at)
+    assert all(link.value.startswith("feature ") for link in at.get("page_link"))
+
+
+def test_inspect_without_checkpoint_says_so(app):
+    at = _open(app, "inspect_text", sae="switch")
+    assert any("checkpoint" in i.value for i in at.info)
+
+
+# -- files that cannot be shown ----------------------------------------------------------------
+def _message(monkeypatch, path) -> str:
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("MOESAE_DB", str(path))
+    at = AppTest.from_file(str(APP), default_timeout=30).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.error) == 1
+    return at.error[0].value
+
+
+def test_missing_file_message(monkeypatch, tmp_path):
+    assert "No build file" in _message(monkeypatch, tmp_path / "nope.duckdb")
+
+
+def test_not_a_build_message(monkeypatch, tmp_path):
+    (tmp_path / "x.duckdb").write_text("hello")
+    assert "cannot be opened" in _message(monkeypatch, tmp_path / "x.duckdb")
+    con = duckdb.connect(str(tmp_path / "other.duckdb"))
+    con.execute("CREATE TABLE t (a INTEGER)")
+    con.close()
+    assert "not a MoE-SAE Explorer build" in _message(monkeypatch, tmp_path / "other.duckdb")
+
+
+def test_other_schema_version_message(monkeypatch, tmp_path):
+    path = make_build(tmp_path / "old.duckdb", n_features=32, n_contexts=6)
+    con = duckdb.connect(str(path))
+    con.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
+    con.close()
+    assert "schema version 0" in _message(monkeypatch, path)
+
+
+def test_empty_build_message(monkeypatch, tmp_path):
+    path = make_build(tmp_path / "empty.duckdb", saes=(), n_contexts=3)
+    assert "holds no analysed SAE" in _message(monkeypatch, path)

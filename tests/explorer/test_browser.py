@@ -1,0 +1,173 @@
+"""The explorer in a real browser: `moesae serve` (explorer.launch) on the small build, Debian
+Chromium driven by Playwright. Opens every page, checks that no Streamlit exception block is
+shown and that each page's key element exists, follows a neighbour link and a map click to a
+feature page, and saves screenshots into docs/screenshots/ (used by the README)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from explorer import launch
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason=f"Debian Chromium is not installed at {CHROMIUM} (apt-get install chromium)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(build_db):
+    port = _free_port()
+    cmd = launch.command(build_db, port=port)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            out = proc.stdout.read().decode() if proc.poll() is not None else ""
+            proc.kill()
+            pytest.fail(f"explorer did not start: {out[-2000:]}")
+        time.sleep(0.3)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+        pg = ctx.new_page()
+        pg.set_default_timeout(30_000)
+        yield pg
+        browser.close()
+
+
+def _settle(pg) -> None:
+    """Wait until Streamlit has finished running the script (no 'running' widget)."""
+    pg.wait_for_selector('[data-testid="stApp"]')
+    pg.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=30_000
+    )
+    pg.wait_for_timeout(400)
+
+
+def _no_exception(pg, where: str) -> None:
+    assert pg.locator('[data-testid="stException"]').count() == 0, (
+        f"Streamlit exception on {where}: " + pg.locator('[data-testid="stException"]').first.inner_text()
+    )
+
+
+def _shot(pg, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    pg.screenshot(path=str(SHOTS / f"{name}.png"), full_page=False, type="png")
+
+
+KEY = {  # page title in the sidebar → (screenshot name, a selector that must exist)
+    "Overview": ("overview", '[data-testid="stDataFrame"]'),
+    "Experts": ("experts", ".js-plotly-plot"),
+    "Feature map": ("feature_map", ".js-plotly-plot"),
+    "Redundancy": ("redundancy", ".js-plotly-plot"),
+    "Feature": ("feature", '[data-testid="stPageLink"]'),
+    "Inspect text": ("inspect_text", "[data-testid=\"stTextArea\"], [data-testid=\"stAlert\"]"),
+}
+
+
+def test_every_page_in_a_browser(server, page):
+    page.goto(f"{server}/?sae=switch")
+    _settle(page)
+    # Until the first script run registers st.navigation, Streamlit shows the pages/ folder.
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=\"stSidebarNav\"] a')]"
+        ".some(a => a.innerText.includes('Feature map'))"
+    )
+    titles = [t.strip().splitlines()[-1] for t in
+              page.locator('[data-testid="stSidebarNav"] a').all_inner_texts()]
+    assert set(KEY) <= set(titles), titles
+    for title in KEY:
+        name, selector = KEY[title]
+        page.locator('[data-testid="stSidebarNav"] a').nth(titles.index(title)).click()
+        _settle(page)
+        page.wait_for_selector(selector)
+        _no_exception(page, title)
+        if title != "Inspect text":  # shot below, on the SAE that has a checkpoint
+            _shot(page, name)
+
+
+def test_inspect_text_runs_live(server, page):
+    page.goto(f"{server}/inspect_text?sae=scale-e2")
+    page.wait_for_selector("text=Top features at token", timeout=90_000)
+    _settle(page)
+    _no_exception(page, "Inspect text")
+    assert page.locator('[data-testid="stPageLink"]').count() > 0
+    _shot(page, "inspect_text")
+
+
+def test_neighbour_link_opens_a_feature(server, page):
+    page.goto(f"{server}/feature?sae=switch&feature=3")
+    _settle(page)
+    page.wait_for_selector("text=switch · feature 3")
+    link = page.locator('[data-testid="stPageLink"] a', has_text="cos").first
+    target = link.inner_text().split("·")[0].strip()  # "feature N"
+    link.click()
+    _settle(page)
+    page.wait_for_selector(f"text=switch · {target}")
+    _no_exception(page, "neighbour link")
+    assert f"feature={target.split()[1]}" in page.url
+
+
+def test_map_click_opens_a_feature(server, page):
+    page.goto(f"{server}/feature_map?sae=switch")
+    _settle(page)
+    plot = page.locator(".js-plotly-plot").first
+    plot.wait_for()
+    # Click the drawn point nearest the plot's centre: plotly reports it as a selection.
+    box = page.evaluate(
+        """() => {
+            const gd = document.querySelector('.js-plotly-plot');
+            const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+            const t = gd._fullData[0];
+            const r = gd.querySelector('.nsewdrag').getBoundingClientRect();
+            const i = Math.floor(t.x.length / 3);
+            return {x: r.left + xa.l2p(t.x[i]), y: r.top + ya.l2p(t.y[i]), id: t.customdata[i]};
+        }"""
+    )
+    page.mouse.click(box["x"], box["y"])
+    page.wait_for_selector(f"text=switch · feature {box['id']}", timeout=20_000)
+    _settle(page)
+    assert f"feature={box['id']}" in page.url
+    _no_exception(page, "map selection")
+    _shot(page, "feature_from_map")
