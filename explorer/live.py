@@ -6,16 +6,27 @@ from __future__ import annotations
 import streamlit as st
 
 
-@st.cache_resource(show_spinner="Loading the model and the SAE…", max_entries=2)
-def model_and_sae(model_name: str, checkpoint: str):
-    """(LoadedModel, SAE) for a build's model and one SAE's checkpoint folder, loaded once per
-    server. Raises engine UserErrors (one sentence) when either cannot be loaded."""
-    from engine.checkpoint import load_sae
+@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
+def model(name: str):
+    """The build's LoadedModel, once per server, shared by Inspect text and Steering."""
     from engine.models import load_model
 
-    model = load_model(model_name)
-    sae, _meta = load_sae(checkpoint, device=model.device)
-    return model, sae
+    return load_model(name)
+
+
+@st.cache_resource(show_spinner="Loading the SAE…", max_entries=4)
+def sae(checkpoint: str, device: str = "cpu"):
+    """An SAE checkpoint folder, once per server."""
+    from engine.checkpoint import load_sae
+
+    return load_sae(checkpoint, device=device)[0]
+
+
+def model_and_sae(model_name: str, checkpoint: str):
+    """(LoadedModel, SAE) for a build's model and one SAE's checkpoint folder. Raises engine
+    UserErrors (one sentence) when either cannot be loaded."""
+    lm = model(model_name)
+    return lm, sae(checkpoint, str(lm.device))
 
 
 @st.cache_data(show_spinner="Running the model…", max_entries=64)
@@ -24,16 +35,18 @@ def inspect(model_name: str, checkpoint: str, hook: str, text: str, top_n: int =
     experts it was routed to (with router weights). At most 512 tokens."""
     import torch
 
-    model, sae = model_and_sae(model_name, checkpoint)
-    tokens = model.to_tokens(text)[:, :512]
-    with torch.no_grad():
-        acts = model.activations(tokens, hook)[0].float()
-        codes = sae.encode(sae.normalise(acts))
+    from engine.steer import model_lock
+
+    lm, sae_ = model_and_sae(model_name, checkpoint)
+    tokens = lm.to_tokens(text)[:, :512]
+    with model_lock(lm), torch.no_grad():  # never while a steering hook is registered
+        acts = lm.activations(tokens, hook)[0].float()
+        codes = sae_.encode(sae_.normalise(acts))
     top_acts = codes.top_acts.cpu().numpy()
     top_idx = codes.top_indices.cpu().numpy()
     exp = None if codes.expert_indices is None else codes.expert_indices.cpu().numpy()
     wts = None if codes.expert_weights is None else codes.expert_weights.cpu().numpy()
-    strs = model.token_strs(tokens[0])
+    strs = lm.token_strs(tokens[0])
     out = []
     for t, tok in enumerate(strs):
         order = top_acts[t].argsort()[::-1]

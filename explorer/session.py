@@ -7,22 +7,22 @@ by copying the address bar.
 
 from __future__ import annotations
 
-import inspect
-from pathlib import Path
-
 import streamlit as st
 
 from .data import Db
 
 # Page files, relative to app.py (what st.page_link / st.switch_page take).
-OVERVIEW = "pages/overview.py"
-EXPERTS = "pages/experts.py"
-FEATURE_MAP = "pages/feature_map.py"
-REDUNDANCY = "pages/redundancy.py"
-FEATURE = "pages/feature.py"
-INSPECT = "pages/inspect_text.py"
+OVERVIEW = "views/overview.py"
+EXPERTS = "views/experts.py"
+FEATURE_MAP = "views/feature_map.py"
+REDUNDANCY = "views/redundancy.py"
+FEATURE = "views/feature.py"
+INSPECT = "views/inspect_text.py"
+STEERING = "views/steering.py"
 
-_PAGES_DIR = Path(__file__).resolve().parent / "pages"
+STEER_FEATURES = "steer_features"
+"""Session key holding the (sae, feature) pairs on the Steering page."""
+
 _DB = "moesae_db"
 _SAE = "moesae_sae"
 
@@ -32,27 +32,8 @@ def set_db(db: Db) -> None:
 
 
 def db() -> Db:
-    """The open build's cache key (set by app.py on every run)."""
-    if _DB not in st.session_state:
-        _through_app()
+    """The open build's cache key (set by app.py before any page runs)."""
     return st.session_state[_DB]
-
-
-def _through_app() -> None:
-    """Run app.py first. A fresh server whose first visit is a deep link (`/feature?…`) runs
-    the page file on its own: Streamlit treats a folder named `pages/` beside the entry script
-    as a legacy multipage app until some run calls `st.navigation`. Registering the pages here
-    switches the server to `st.navigation` mode for good; switching to this same page then
-    reruns through app.py with the same query parameters."""
-    here = next(
-        (Path(f.filename).resolve() for f in inspect.stack()
-         if Path(f.filename).resolve().parent == _PAGES_DIR),
-        None,
-    )
-    pages = page_list()
-    st.navigation(pages, position="hidden")
-    target = next((p for p in pages if here is not None and p.url_path == here.stem), pages[0])
-    st.switch_page(target, query_params=st.query_params.to_dict())
 
 
 def page_list() -> list:
@@ -64,6 +45,7 @@ def page_list() -> list:
         st.Page(REDUNDANCY, title="Redundancy", icon=":material/content_copy:"),
         st.Page(FEATURE, title="Feature", icon=":material/search:"),
         st.Page(INSPECT, title="Inspect text", icon=":material/keyboard:"),
+        st.Page(STEERING, title="Steering", icon=":material/tune:"),
     ]
 
 
@@ -114,3 +96,16 @@ def feature_link(sae: str, f: int, label: str | None = None, help: str | None = 
 def open_feature(sae: str, f: int) -> None:
     """Go to the Feature page for `f` now (used by map selections and buttons)."""
     st.switch_page(FEATURE, query_params={"sae": sae, "feature": str(int(f))})
+
+
+def add_to_steering(sae: str, f: int) -> None:
+    """Put feature `f` of `sae` on the Steering page (idempotent)."""
+    chosen = st.session_state.setdefault(STEER_FEATURES, [])
+    if (sae, int(f)) not in [(s, int(g)) for s, g in chosen]:
+        chosen.append((sae, int(f)))
+
+
+def steer_feature(sae: str, f: int) -> None:
+    """Add `f` to the Steering page and go there."""
+    add_to_steering(sae, f)
+    st.switch_page(STEERING, query_params={"sae": sae})

@@ -17,6 +17,7 @@ PAGES = {
     "redundancy": "Redundancy",
     "feature": "Feature",
     "inspect_text": "Inspect text",
+    "steering": "Steering",
 }
 
 
@@ -24,7 +25,7 @@ def _open(at, page: str, **params):
     at.query_params.update({k: str(v) for k, v in params.items()})
     at.run()
     if page != "overview":
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"views/{page}.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 
@@ -96,7 +97,7 @@ def test_open_a_feature_from_a_neighbour_link(app):
     assert params["sae"] == "switch"
     at.query_params.clear()
     at.query_params.update(params)
-    at.switch_page("pages/feature.py").run()
+    at.switch_page("views/feature.py").run()
     assert not at.exception
     assert f"switch · feature {params['feature']}" in [h.value for h in at.header]
 
@@ -108,6 +109,15 @@ def test_feature_page_shows_examples_and_bands(app):
     assert any("background:" in h.value for h in at.get("html")), "tokens shaded by activation"
     at.number_input(key="feature_pick").set_value(11).run()
     assert "scale-e2 · feature 11" in [h.value for h in at.header]
+
+
+def test_steer_button_takes_the_feature_to_the_steering_page(app):
+    at = _open(app, "feature", sae="scale-e2", feature=7)
+    at.button(key="steer-7").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [t.value for t in at.title] == ["Steering"]
+    assert ("scale-e2", 7) in [tuple(p) for p in at.session_state["steer_features"]]
+    assert any(s.label.startswith("feature 7") for s in at.select_slider)
 
 
 def test_feature_out_of_range_is_explained(app):

@@ -1,7 +1,14 @@
 """The explorer in a real browser: `moesae serve` (explorer.launch) on the small build, Debian
 Chromium driven by Playwright. Opens every page, checks that no Streamlit exception block is
 shown and that each page's key element exists, follows a neighbour link and a map click to a
-feature page, and saves screenshots into docs/screenshots/ (used by the README)."""
+feature page, and saves screenshots.
+
+By default it serves the small synthetic build and writes screenshots to a temporary folder.
+The README's screenshots are this test run on the real demo build:
+
+    MOESAE_BROWSER_DB=data/demo.duckdb MOESAE_SCREENSHOTS=docs/screenshots \
+        python -m pytest tests/explorer/test_browser.py
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +26,7 @@ import pytest
 from explorer import launch
 
 CHROMIUM = "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+SHOTS = Path(os.environ.get("MOESAE_SCREENSHOTS") or tempfile.mkdtemp(prefix="moesae-shots-"))
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run"]
 
@@ -38,7 +46,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(build_db):
     port = _free_port()
-    cmd = launch.command(build_db, port=port)
+    cmd = launch.command(os.environ.get("MOESAE_BROWSER_DB") or build_db, port=port)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -103,6 +111,7 @@ KEY = {  # page title in the sidebar → (screenshot name, a selector that must 
     "Redundancy": ("redundancy", ".js-plotly-plot"),
     "Feature": ("feature", '[data-testid="stPageLink"]'),
     "Inspect text": ("inspect_text", "[data-testid=\"stTextArea\"], [data-testid=\"stAlert\"]"),
+    "Steering": ("steering", '[data-testid="stTextArea"], [data-testid="stAlert"]'),
 }
 
 

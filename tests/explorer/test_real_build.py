@@ -36,7 +36,7 @@ def test_every_page_on_a_real_build(real_db, monkeypatch, page, sae):
     at.query_params["sae"] = sae
     at.run()
     if page != "overview":
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"views/{page}.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     assert [t.value for t in at.title] == [PAGES[page]]

@@ -24,7 +24,7 @@ from engine.store import BuildWriter
 from explorer import data
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGE = str(ROOT / "explorer" / "pages" / "steering.py")
+PAGE = str(ROOT / "explorer" / "views" / "steering.py")
 M = 64
 
 

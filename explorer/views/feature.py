@@ -53,9 +53,13 @@ c[3].metric("Max act", f"{feat.max_act:.3g}")
 c[4].metric("Max cosine", f"{feat.max_cos:.3f}" if np.isfinite(feat.max_cos) else "—",
             help="to its nearest other feature's decoder direction")
 c[5].metric("Domain", feat.preferred_domain or "—", help="corpus domain where it fires most")
+links = st.columns([2, 1])
 if (info.experts or 1) > 1:
-    st.page_link(session.EXPERTS, label=f"Expert {feat.expert} — open on the Experts page",
-                 query_params={"sae": sae, "expert": str(feat.expert)})
+    links[0].page_link(session.EXPERTS, label=f"Expert {feat.expert} — open on the Experts page",
+                       query_params={"sae": sae, "expert": str(feat.expert)})
+if links[1].button("Steer with this feature →", key=f"steer-{f}",
+                   help="add it to the Steering page, with a strength slider"):
+    session.steer_feature(sae, f)
 
 left, right = st.columns([3, 2])
 with left:

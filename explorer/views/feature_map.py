@@ -23,6 +23,10 @@ mode = controls[0].segmented_control(
     help="expert: which expert owns the feature · density: log10 firing rate · "
          "domain: corpus domain where it fires most",
 ) or "expert"
+click = st.sidebar.radio(
+    "Clicking a point", ["opens its feature page", "adds it to Steering"], key="map_click",
+    help="Collect several features on the map, then steer with them together.",
+)
 query = controls[1].text_input(
     "Search top tokens and logit tokens", key="map_search", placeholder="e.g. def, Lord, love",
 ).strip()
@@ -62,7 +66,16 @@ picked = [p.get("customdata") for p in points if p.get("customdata") is not None
 if picked:
     f = picked[0][0] if isinstance(picked[0], list) else picked[0]
     st.session_state["map_nonce"] = nonce + 1
+    if click == "adds it to Steering":
+        session.add_to_steering(sae, int(f))
+        chosen = [g for s, g in st.session_state[session.STEER_FEATURES] if s == sae]
+        st.toast(f"Feature {int(f)} added to Steering ({len(chosen)} selected).")
+        st.rerun()
     session.open_feature(sae, int(f))
+if any(s == sae for s, _ in st.session_state.get(session.STEER_FEATURES, [])):
+    chosen = [g for s, g in st.session_state[session.STEER_FEATURES] if s == sae]
+    st.page_link(session.STEERING, label=f"Steer with the {len(chosen)} selected feature(s) →",
+                 query_params={"sae": sae})
 
 if query:
     st.subheader(f"Matches for “{query}”")

@@ -26,42 +26,20 @@ from engine.steer import (
     target_from_info,
     token_diff,
 )
-from explorer import data, render, session
+from explorer import data, live, render, session
 
-FEATURES_KEY = "steer_features"
-"""Session key other pages append (sae, feature) pairs to (the feature page's steer button, the map)."""
+FEATURES_KEY = session.STEER_FEATURES
 PRESETS_KEY = "steer_presets"
 RESULT_KEY = "steer_result"
 DEFAULT_PROMPT = "The meaning of life is"
 
 
 # -- live resources (one per process, shared by sessions; engine.steer serialises model use) -----
-@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
-def _model(name: str):
-    from engine.models import load_model
-
-    return load_model(name)
-
-
-@st.cache_resource(show_spinner="Loading the SAE…", max_entries=4)
-def _sae(checkpoint: str):
-    from engine.checkpoint import load_sae
-
-    return load_sae(checkpoint)[0]
-
-
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _cache(db_path: str):
     from engine.store import SteeringCache
 
     return SteeringCache(db_path)
-
-
-def add_feature(sae: str, f: int) -> None:
-    """Put feature `f` of `sae` on this page (idempotent)."""
-    chosen = st.session_state.setdefault(FEATURES_KEY, [])
-    if (sae, int(f)) not in [(s, int(g)) for s, g in chosen]:
-        chosen.append((sae, int(f)))
 
 
 def _strength_key(sae: str, f: int, mode: str) -> str:
@@ -85,7 +63,7 @@ def apply_preset(preset: dict, n_experts: int) -> None:
     p_sae = preset.get("sae") or st.session_state.get("moesae_sae")
     spec = SteerSpec.from_dict(preset)
     for f, s in spec.features:
-        add_feature(p_sae, f)
+        session.add_to_steering(p_sae, f)
         st.session_state[_strength_key(p_sae, f, spec.mode)] = float(s)
     st.session_state.update({
         "steer_mode": spec.mode, "steer_positions": spec.positions,
@@ -127,7 +105,7 @@ for k, v in WIDGET_DEFAULTS.items():
 if "steer" in st.query_params:  # consumed once, so removing a feature later sticks
     for raw in str(st.query_params["steer"]).split(","):
         if raw.strip().isdigit() and int(raw) < width:
-            add_feature(sae, int(raw))
+            session.add_to_steering(sae, int(raw))
     del st.query_params["steer"]
 
 chosen = [int(f) for s, f in st.session_state.get(FEATURES_KEY, []) if s == sae]
@@ -169,7 +147,7 @@ seed = int(st.sidebar.number_input("Seed", 0, 2**31 - 1, key="steer_seed",
 c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
 new_f = c1.number_input(f"Add a feature (0–{width - 1})", 0, width - 1, 0, key="steer_add_id")
 if c2.button("Add", key="steer_add"):
-    add_feature(sae, int(new_f))
+    session.add_to_steering(sae, int(new_f))
     st.rerun()
 
 strengths: list[tuple[int, float]] = []
@@ -206,12 +184,12 @@ if st.button("Generate", type="primary", key="steer_generate"):
     try:
         spec.validate(width, n_experts)
         target = target_from_info(info)
-        sae_obj = _sae(target.checkpoint)
+        sae_obj = live.sae(target.checkpoint)
         key = spec_key(target.model, f"{sae}@{sae_fingerprint(sae_obj)}", prompt, spec)
         with st.spinner("Generating the default and the steered continuation…"):
             result = cached_steer(
                 _cache(db[0]), key,
-                lambda: steer(_model(target.model), sae_obj, target.hook, prompt, spec),
+                lambda: steer(live.model(target.model), sae_obj, target.hook, prompt, spec),
             )
         st.session_state[RESULT_KEY] = (sae, result.to_dict(), result.cached)
     except UserError as exc:
