@@ -805,17 +805,8 @@ def _json_default(o):
     return str(o)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _bar(total: int, desc: str, progress: bool):
-    if not progress:
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True,
+                disable=not progress)

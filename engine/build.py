@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConfigError, DataError
+from .paths import data_dir
 
 DEFAULT_SAES = [
     {"name": "topk", "arch": "topk"},
@@ -28,24 +29,40 @@ DEFAULT_SAES = [
 class BuildConfig:
     """Everything one build needs. Defaults are the offline demo (see README)."""
 
-    db: str = "data/demo.duckdb"
+    db: str | None = None
+    """The DuckDB file to write (default: <data dir>/demo.duckdb; caches go beside it)."""
     model: str | None = None
+    """Model name (default: the offline SmolLM2-135M-Instruct)."""
     hook: str | None = None
+    """TransformerLens hook (default: the middle layer's residual stream)."""
     corpus: str | None = None
+    """Comma-separated sources: pydoc, fortunes, bible, a .txt/.jsonl path, hf:NAME (default: every built-in domain available)."""
     tokens: int = 160_000
+    """Tokens to harvest (train + eval)."""
     context_len: int = 128
+    """Tokens per context, BOS included."""
     seed: int = 0
+    """Seed for the corpus order, the split, initialisation and batches."""
     eval_fraction: float = 0.1
-    # shared by every SAE unless the SAE's own table says otherwise
+    """Fraction of contexts held out for evaluation and analysis."""
     width: int = 4608
+    """M for every SAE unless its [[sae]] table says otherwise (8 × d_model for SmolLM2)."""
     experts: int = 16
+    """N for the MoE SAEs."""
     k: int = 32
+    """Global TopK."""
     steps: int = 1000
+    """Training steps per SAE."""
     batch_tokens: int = 2048
+    """Tokens per training step."""
     lb_weight: float | None = None
+    """Load-balancing weight α (default 0.01·d)."""
     eval_tokens: int = 50_000
+    """Held-out tokens for the METHOD §4 metrics."""
     analysis_contexts: int = 400
+    """Held-out contexts the analysis pass reads (examples come from these)."""
     saes: list[dict] = field(default_factory=lambda: [dict(s) for s in DEFAULT_SAES])
+    """One table per SAE ([[sae]] in TOML): a unique `name` plus any `moesae train` option."""
 
     @classmethod
     def load(cls, path: str | Path | None) -> BuildConfig:
@@ -87,7 +104,7 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
     from .analyze import analyze
     from .train import TrainConfig, train
 
-    db = Path(cfg.db)
+    db = Path(cfg.db) if cfg.db else data_dir() / "demo.duckdb"
     root = data_root(db)
     t0 = time.perf_counter()
 

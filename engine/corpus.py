@@ -85,10 +85,9 @@ def _pydoc_documents() -> list[Document]:
                 docs.append(Document(text, "pydoc"))
     try:
         from pydoc_data.topics import topics
-
-        docs += [Document(topics[k].strip(), "pydoc") for k in sorted(topics) if topics[k].strip()]
-    except ImportError:
-        pass
+    except ImportError:  # some distributions strip pydoc_data; the module docstrings remain
+        topics = {}
+    docs += [Document(topics[k].strip(), "pydoc") for k in sorted(topics) if topics[k].strip()]
     if docs:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp-{os.getpid()}")
