@@ -89,7 +89,6 @@ def saelens_step_fn(d: int, width: int, k: int, lr: float):
 
 
 def measure(step, xs, repeats: int) -> list[float]:
-    step(xs[0])  # warm-up
     rates = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -133,7 +132,7 @@ def main() -> None:
     except Exception as exc:  # reported, not hidden
         print(f"sae-lens comparison unavailable: {exc}")
     rates: dict[str, list[float]] = {name: [] for name in steps}
-    for name, fn in steps.items():
+    for fn in steps.values():  # warm-up
         fn(xs[0])
     for _ in range(args.repeats):
         for name, fn in steps.items():

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .store import BuildWriter, ragged_list_column
 
 HIST_RANGE = (1e-3, 1e3)
@@ -447,9 +447,14 @@ def analyze(
             raise DataError(
                 f"SAE '{name}' reads width {sae.cfg.d_in} but the activations have width {acts.d_in}."
             )
+        if sae.cfg.arch not in ("topk", "switch", "scale"):
+            raise ConfigError(
+                f"SAE '{name}' is an imported {sae.cfg.arch} SAE; the analysis reads TopK-style "
+                "codes (topk, switch, scale) only."
+            )
         sae.eval()
         cfg = sae.cfg
-        moe = cfg.arch != "topk"
+        moe = cfg.experts > 1
         spill_v = np.lib.format.open_memmap(Path(tmpdir.name) / f"{len(states)}-v.npy", "w+", np.float32, (n_tok, cfg.k))
         spill_i = np.lib.format.open_memmap(Path(tmpdir.name) / f"{len(states)}-i.npy", "w+", np.int32, (n_tok, cfg.k))
         states.append({

@@ -142,6 +142,8 @@ def cmd_analyze(args) -> int:
             raise UserError(f"{run} is not a finished training run (no final/cfg.json).")
         sae, meta = load_run(run)
         if acts is None:
+            if not (args.acts or meta.get("acts")):
+                raise UserError(f"{run} does not record its activation folder; pass --acts DIR.")
             acts = ActivationStore(args.acts or meta.get("acts"))
             model = _LazyModel(args.model or acts.model_name)
         name = run.name

@@ -156,16 +156,23 @@ def evaluate(
     ce_batch: int = 4,
     block: int | None = None,
     progress: bool = False,
+    dead_tokens: int | None = 1_000_000,
 ) -> dict[str, Any]:
     """All METHOD.md §4 metrics of `sae` on the eval split of `acts` (an ActivationStore).
 
     `model` (a LoadedModel with an LM head) enables the CE/KL metrics on up to `ce_contexts`
-    eval contexts; without it those keys are None. NaN values are returned as None, so the
-    dict is valid JSON.
+    eval contexts; without it those keys are None. Reconstruction metrics use up to
+    `max_tokens` held-out tokens; `dead_fraction` counts firings over up to `dead_tokens`
+    (reported as `dead_fraction_tokens`). NaN values are returned as None (valid JSON).
     """
     sae.eval()
     device = sae.W_dec.device
     M, N = sae.cfg.width, sae.cfg.experts
+    if getattr(acts, "d_in", sae.cfg.d_in) != sae.cfg.d_in:
+        raise DataError(
+            f"The SAE reads d_in={sae.cfg.d_in} but the activations have width {acts.d_in}; "
+            "evaluate it on activations from the hook it was trained on."
+        )
     eval_set = acts.split("eval")
     total = eval_set.n_tokens if max_tokens is None else min(eval_set.n_tokens, max_tokens)
     if total <= 0:
@@ -182,7 +189,7 @@ def evaluate(
     fired = torch.zeros(M, dtype=torch.bool, device=device)
     top1 = torch.zeros(N, dtype=torch.float64, device=device)
     topk = torch.zeros(N, dtype=torch.float64, device=device)
-    bar = _progress(total, "eval", progress)
+    bar = _progress(min(eval_set.n_tokens, max(total, dead_tokens or 0)), "eval", progress)
     for _, chunk in eval_set.iter_chunks(batch):
         if n >= total:
             break
@@ -211,6 +218,23 @@ def evaluate(
         n += x.shape[0]
         if bar is not None:
             bar.update(x.shape[0])
+    # dead_fraction wants as many tokens as possible (METHOD §4: ≥ 1M where possible), more
+    # than the reconstruction metrics need; counting firings only takes the encoder.
+    n_dead = n
+    if dead_tokens is not None and dead_tokens > n:
+        with torch.no_grad():
+            for start, chunk in eval_set.iter_chunks(batch):
+                if start < n:
+                    continue
+                if n_dead >= dead_tokens:
+                    break
+                x = torch.as_tensor(np.asarray(chunk[: dead_tokens - n_dead]), dtype=torch.float32,
+                                    device=device)
+                codes = sae.encode(sae.normalise(x))
+                fired[codes.top_indices[codes.top_acts > 0]] = True
+                n_dead += x.shape[0]
+                if bar is not None:
+                    bar.update(x.shape[0])
     if bar is not None:
         bar.close()
     if n == 0:
@@ -228,6 +252,7 @@ def evaluate(
         "explained_variance": 1.0 - fvu,
         "l0": active / n,
         "dead_fraction": 1.0 - float(fired.float().mean()),
+        "dead_fraction_tokens": n_dead,
     }
     metrics.update(dict.fromkeys(CE_KEYS))
     if model is not None and getattr(model, "has_lm_head", False):

@@ -419,6 +419,9 @@ def steer(
     check_prompt(prompt)
     spec.validate(sae.cfg.width, sae.cfg.experts)
     hook = check_compatible(loaded, sae, hook)
+    device = torch.device(loaded.device)
+    if sae.W_dec.device != device:  # the model may be on CUDA, a checkpoint loads on the CPU
+        sae = sae.to(device)
     prompt_ids = loaded.tokenize([prompt])[0]
     if not prompt_ids:
         raise ConfigError("The prompt is empty after tokenisation; write some text.")

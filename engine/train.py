@@ -147,8 +147,17 @@ class Trainer:
             raise ConfigError("Give the activation folder with --acts (made by `moesae harvest`).")
         if not cfg.out:
             raise ConfigError("Give the run folder with --out.")
-        if cfg.steps < 1 or cfg.batch_tokens < 1:
-            raise ConfigError("--steps and --batch-tokens must be positive integers.")
+        for name in ("steps", "batch_tokens", "checkpoint_every", "log_every"):
+            if getattr(cfg, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer.")
+        if not 0 <= cfg.decay_fraction <= 1:
+            raise ConfigError("--decay-fraction must be between 0 and 1.")
+        try:
+            device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError:
+            raise ConfigError(f"Unknown device '{cfg.device}'; use cpu, cuda or cuda:N.") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for, but this machine has no CUDA GPU.")
         self.acts = ActivationStore(cfg.acts)
         self.data = self.acts.split("train")
         if self.data.n_tokens < cfg.batch_tokens:
@@ -158,7 +167,7 @@ class Trainer:
             )
         self.d_in = self.acts.d_in
         self.sae_cfg = cfg.sae_config(self.d_in).validate()
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = device
         self.lr = cfg.lr if cfg.lr is not None else lr_for_width(cfg.width)
         self.lb_weight = cfg.lb_weight if cfg.lb_weight is not None else 0.01 * self.d_in
         self.run = Path(cfg.out)
@@ -289,7 +298,9 @@ class Trainer:
                 opt.step()
                 sae.set_decoder_norm_to_unit()
 
-                fired = torch.bincount(out.codes.top_indices.flatten(), minlength=M) > 0
+                # TopK may pick zeros when fewer than k candidates are positive: not a firing.
+                live = out.codes.top_acts > 0
+                fired = torch.bincount(out.codes.top_indices[live], minlength=M) > 0
                 since_fired += x.shape[0]
                 since_fired[fired] = 0
                 window.add(out, loss)

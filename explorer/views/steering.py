@@ -184,7 +184,7 @@ if st.button("Generate", type="primary", key="steer_generate"):
     try:
         spec.validate(width, n_experts)
         target = target_from_info(info)
-        sae_obj = live.sae(target.checkpoint)
+        sae_obj = live.sae(target.checkpoint, str(live.model(target.model).device))
         key = spec_key(target.model, f"{sae}@{sae_fingerprint(sae_obj)}", prompt, spec)
         with st.spinner("Generating the default and the steered continuation…"):
             result = cached_steer(

@@ -15,7 +15,7 @@ import torch
 
 from engine.checkpoint import load_sae
 from engine.errors import ConfigError, TrainingError
-from engine.train import Trainer, TrainConfig, batch_indices, lr_at, train
+from engine.train import TrainConfig, Trainer, batch_indices, lr_at, train
 
 
 def small_cfg(acts, out, **kw) -> TrainConfig:
