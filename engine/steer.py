@@ -207,10 +207,13 @@ class Intervention:
     absolute position of each row (needed for positions='generated').
     """
 
-    def __init__(self, sae: SparseAutoencoder, spec: SteerSpec, prompt_len: int):
+    def __init__(self, sae: SparseAutoencoder, spec: SteerSpec, prompt_len: int,
+                 skip_bos: bool = False):
         self.sae, self.spec = sae, spec
         self.prompt_len = prompt_len
-        self.start = 0 if spec.positions == "all" else max(prompt_len - 1, 0)
+        # The BOS position (an attention sink the SAE never saw: harvest drops it) stays as is.
+        first = 1 if skip_bos else 0
+        self.start = first if spec.positions == "all" else max(prompt_len - 1, first)
         W = sae.W_dec.detach()
         scale = sae.input_scale.detach()
         feats = torch.tensor([f for f, _ in spec.features], dtype=torch.long, device=W.device)
@@ -430,7 +433,9 @@ def steer(
         max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
         seed=spec.seed,
     )
-    fn = Intervention(sae, spec, prompt_len=len(prompt_ids))
+    bos = getattr(loaded, "bos_token_id", None)
+    fn = Intervention(sae, spec, prompt_len=len(prompt_ids),
+                      skip_bos=bos is not None and prompt_ids[0] == bos)
     with model_lock(loaded), torch.no_grad():
         default = loaded.generate(tokens, **sample)
         steered = generate_steered(loaded, tokens, hook, fn, sample)

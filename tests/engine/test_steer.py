@@ -234,6 +234,15 @@ def test_generated_positions_leave_the_prompt_unsteered(lm, sae, hook):
     assert not torch.equal(step, acts[:, -1:])
 
 
+def test_all_positions_skip_bos_when_asked(lm, sae, hook):
+    tokens, acts = prompt_acts(lm, hook)
+    spec = SteerSpec(features=[(3, 10.0)])
+    out = Intervention(sae, spec, tokens.shape[1], skip_bos=True).apply(acts)
+    assert torch.equal(out[:, 0], acts[:, 0])
+    assert not torch.equal(out[:, 1], acts[:, 1])
+    assert not torch.equal(Intervention(sae, spec, tokens.shape[1]).apply(acts)[:, 0], acts[:, 0])
+
+
 def test_token_diff_marks_changed_tokens():
     a, b = token_diff([1, 2, 3, 4], [1, 9, 3, 4, 5])
     assert a == [False, True, False, False]
