@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import ConfigError, DataError
@@ -37,7 +37,7 @@ class BuildConfig:
     """TransformerLens hook (default: the middle layer's residual stream)."""
     corpus: str | None = None
     """Comma-separated sources: pydoc, fortunes, bible, a .txt/.jsonl path, hf:NAME (default: every built-in domain available)."""
-    tokens: int = 160_000
+    tokens: int = 120_000
     """Tokens to harvest (train + eval)."""
     context_len: int = 128
     """Tokens per context, BOS included."""
@@ -51,15 +51,17 @@ class BuildConfig:
     """N for the MoE SAEs."""
     k: int = 32
     """Global TopK."""
-    steps: int = 1000
+    steps: int = 600
     """Training steps per SAE."""
     batch_tokens: int = 2048
     """Tokens per training step."""
     lb_weight: float | None = None
     """Load-balancing weight α (default 0.01·d)."""
     eval_tokens: int = 50_000
-    """Held-out tokens for the METHOD §4 metrics."""
-    analysis_contexts: int = 400
+    """Held-out tokens for the METHOD §4 reconstruction metrics."""
+    ce_contexts: int = 16
+    """Held-out contexts for CE loss recovered and KL (three model passes each)."""
+    analysis_contexts: int = 300
     """Held-out contexts the analysis pass reads (examples come from these)."""
     saes: list[dict] = field(default_factory=lambda: [dict(s) for s in DEFAULT_SAES])
     """One table per SAE ([[sae]] in TOML): a unique `name` plus any `moesae train` option."""
@@ -104,12 +106,17 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
     from .analyze import analyze
     from .train import TrainConfig, train
 
-    db = Path(cfg.db) if cfg.db else data_dir() / "demo.duckdb"
+    from .models import DEFAULT_MODEL
+
+    # Spelled-out defaults hash like omitted ones (docs/demo.toml == no config at all).
+    cfg = replace(cfg, model=cfg.model or DEFAULT_MODEL,
+                  db=str(Path(cfg.db) if cfg.db else data_dir() / "demo.duckdb"))
+    db = Path(cfg.db)
     root = data_root(db)
     t0 = time.perf_counter()
 
     hcfg = HarvestConfig(
-        model=cfg.model or HarvestConfig.model,
+        model=cfg.model,
         hook=cfg.hook,
         corpus=cfg.corpus,
         tokens=cfg.tokens,
@@ -152,12 +159,13 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
         train(tc, progress=progress)
         runs.append((name, Path(tc.out)))
 
-    model = _LazyModel(hcfg.model)
+    model = LazyModel(hcfg.model)
     metrics: dict[str, dict] = {}
     loaded = []
     for name, run in runs:
         sae, meta = load_run(run)
         metrics[name] = evaluate_cached(run, sae, acts, model, cfg.eval_tokens, progress,
+                                        cfg.ce_contexts,
                                         lambda state, n=name: log(f"[3/4] eval      {n:<12} {state}"))
         loaded.append((name, sae, meta))
 
@@ -182,7 +190,7 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
     return db
 
 
-class _LazyModel:
+class LazyModel:
     """Load the model only if some step needs it (a cached build never does)."""
 
     def __init__(self, name: str):
@@ -204,19 +212,19 @@ def load_run(run: Path):
     return sae, dict(meta, checkpoint=str((run / "final").resolve()), run=str(run.resolve()))
 
 
-def evaluate_cached(run: Path, sae, acts, model: _LazyModel, eval_tokens: int, progress: bool,
-                    report=lambda state: None) -> dict:
+def evaluate_cached(run: Path, sae, acts, model: LazyModel, eval_tokens: int, progress: bool,
+                    ce_contexts: int = 64, report=lambda state: None) -> dict:
     """METHOD §4 metrics of a run on an activation folder, cached in the run folder."""
     from .evaluate import evaluate
 
-    cache = run / f"metrics-{_hash([str(Path(acts.path).resolve()), eval_tokens])}.json"
+    cache = run / f"metrics-{_hash([str(Path(acts.path).resolve()), eval_tokens, ce_contexts])}.json"
     if cache.exists():
         report("cached")
         return json.loads(cache.read_text())
     report("running")
     lm = model.get()
     metrics = evaluate(sae, acts, lm if lm.has_lm_head else None, max_tokens=eval_tokens,
-                       progress=progress)
+                       ce_contexts=ce_contexts, progress=progress)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(metrics))
     tmp.replace(cache)

@@ -132,7 +132,7 @@ def cmd_export(args) -> int:
 def cmd_analyze(args) -> int:
     from .activations import ActivationStore
     from .analyze import analyze
-    from .build import _LazyModel, evaluate_cached, load_run, read_log
+    from .build import LazyModel, evaluate_cached, load_run, read_log
 
     loaded, metrics, logs = [], {}, {}
     acts = None
@@ -145,7 +145,7 @@ def cmd_analyze(args) -> int:
             if not (args.acts or meta.get("acts")):
                 raise UserError(f"{run} does not record its activation folder; pass --acts DIR.")
             acts = ActivationStore(args.acts or meta.get("acts"))
-            model = _LazyModel(args.model or acts.model_name)
+            model = LazyModel(args.model or acts.model_name)
         name = run.name
         metrics[name] = evaluate_cached(run, sae, acts, model, args.eval_tokens, not args.quiet)
         logs[name] = read_log(run)
