@@ -184,6 +184,7 @@ class RoutingStats:
         self.top1 = torch.zeros(max(n_domains, 1) * N, dtype=torch.long)
         self.topk = torch.zeros(max(n_domains, 1) * N, dtype=torch.long)
         self.conf = torch.zeros(N, dtype=torch.float64)
+        self.entropy = torch.zeros(N, dtype=torch.float64)
         self.tok_counts = torch.zeros(N * n_vocab, dtype=torch.long)
         # stored per analysis token so the explorer can colour text by expert
         self.experts = np.full((n_tokens, e), -1, dtype=np.int16)
@@ -197,6 +198,9 @@ class RoutingStats:
         flat = (d[:, None] * self.N + S).reshape(-1)
         self.topk.index_add_(0, flat, torch.ones_like(flat))
         self.conf.index_add_(0, first, p.gather(1, first[:, None])[:, 0].double())
+        # router entropy H(p) / log N of each token, summed per top-1 expert
+        h = -(p.double() * p.double().clamp_min(1e-30).log()).sum(-1) / math.log(self.N)
+        self.entropy.index_add_(0, first, h)
         self.tok_counts.index_add_(0, first * self.V + vocab_idx.long(), torch.ones_like(first))
         t = token_ids.numpy()
         self.experts[t] = S.numpy().astype(np.int16)
@@ -692,6 +696,7 @@ def _write_sae(w: BuildWriter, st, runs, model, acts, tok_ctx, tok_pos, tok_id, 
         nz = load1[load1 > 0]
         load_entropy = float(-(nz * np.log(nz)).sum() / math.log(N)) if N > 1 else 0.0
         conf = rt.conf.numpy() / np.maximum(total1, 1)
+        router_ent = np.where(total1 > 0, rt.entropy.numpy() / np.maximum(total1, 1), np.nan)
         dshare = top1 / np.maximum(total1[None, :], 1)  # [D, N]
         with np.errstate(divide="ignore", invalid="ignore"):
             ent = -(np.where(dshare > 0, dshare * np.log(dshare), 0)).sum(0)
@@ -726,6 +731,7 @@ def _write_sae(w: BuildWriter, st, runs, model, acts, tok_ctx, tok_pos, tok_id, 
     else:
         load1 = loadk = np.ones(N)
         conf = np.full(N, np.nan)
+        router_ent = np.full(N, np.nan)
         dom_ent = np.full(N, np.nan)
         top_tokens = ["[]"] * N
     w.insert("experts", {
@@ -733,7 +739,9 @@ def _write_sae(w: BuildWriter, st, runs, model, acts, tok_ctx, tok_pos, tok_id, 
         "n_alive": alive.astype(np.int32), "load_top1": np.asarray(load1, np.float64),
         "load_topk": np.asarray(loadk, np.float64),
         "omega": omega.detach().float().cpu().numpy().astype(np.float64) if omega is not None else [None] * N,
-        "mean_confidence": np.asarray(conf, np.float64), "domain_entropy": np.asarray(dom_ent, np.float64),
+        "mean_confidence": np.asarray(conf, np.float64),
+        "router_entropy": np.asarray(router_ent, np.float64),
+        "domain_entropy": np.asarray(dom_ent, np.float64),
         "top_tokens": top_tokens,
     })
 

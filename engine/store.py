@@ -18,6 +18,7 @@ Unknown SAE names or feature ids return empty results (`None` / `[]`), never rai
     store.domains()              -> list[str]
     store.experts(sae)           -> list[dict]  expert, n_features, n_alive, load_top1, load_topk,
                                     omega (None unless Scale with feature scaling), mean_confidence,
+                                    router_entropy (mean H(p)/log N of tokens whose top-1 it is),
                                     domain_entropy, top_tokens (list[{token, count, share}])
     store.expert_domain_load(sae)-> list[dict]  expert, domain, n_tokens, load_top1, load_topk
     store.expert_similarity(sae) -> np.ndarray [N, N] float (METHOD §4; row i = features of expert i)
@@ -92,8 +93,8 @@ SCHEMA: dict[str, str] = {
     ),
     "experts": (
         "sae VARCHAR, expert INTEGER, n_features INTEGER, n_alive INTEGER, load_top1 DOUBLE,"
-        " load_topk DOUBLE, omega DOUBLE, mean_confidence DOUBLE, domain_entropy DOUBLE,"
-        " top_tokens JSON"
+        " load_topk DOUBLE, omega DOUBLE, mean_confidence DOUBLE, router_entropy DOUBLE,"
+        " domain_entropy DOUBLE, top_tokens JSON"
     ),
     "expert_domain_load": (
         "sae VARCHAR, expert INTEGER, domain VARCHAR, n_tokens BIGINT, load_top1 DOUBLE,"
@@ -432,7 +433,7 @@ class Store:
     def experts(self, sae: str) -> list[dict]:
         rows = self._rows(
             "SELECT expert, n_features, n_alive, load_top1, load_topk, omega, mean_confidence,"
-            " domain_entropy, top_tokens FROM experts WHERE sae = ? ORDER BY expert",
+            " router_entropy, domain_entropy, top_tokens FROM experts WHERE sae = ? ORDER BY expert",
             [sae],
         )
         for r in rows:

@@ -54,6 +54,13 @@ with left:
                                  "mean router probability when chosen"),
             key="confidence",
         )
+    rent = [e.get("router_entropy") for e in experts]
+    if any(v is not None for v in rent):
+        st.plotly_chart(
+            plots.per_expert_bar([v or 0.0 for v in rent], "Router entropy",
+                                 "mean H(p) / log N of the tokens it wins (0 = certain)"),
+            key="router-entropy",
+        )
     ent = [e["domain_entropy"] for e in experts]
     if any(v is not None for v in ent):
         st.plotly_chart(

@@ -292,6 +292,12 @@ def test_routing_and_experts(built):
         top1 = np.bincount(codes.expert_indices[:, 0].numpy(), minlength=4) / len(rows)
         np.testing.assert_allclose([e["load_top1"] for e in experts], top1)
         assert sum(e["load_topk"] for e in experts) == pytest.approx(1.0)
+        p = codes.router_probs.double()
+        h = (-(p * p.log()).sum(-1) / np.log(4)).numpy()
+        first = codes.expert_indices[:, 0].numpy()
+        for i, e in enumerate(experts):
+            if (first == i).any():
+                assert e["router_entropy"] == pytest.approx(h[first == i].mean(), rel=1e-5)
         assert s.sae_info("scale").load_entropy is not None
         assert s.sae_info("scale").metrics == {"fvu": 0.5} and s.training_log("scale") == [{"step": 1}]
         loads = s.expert_domain_load("scale")

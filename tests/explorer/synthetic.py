@@ -180,7 +180,8 @@ def _write_sae(w, rng, name, arch, M, N, active, ctx_tokens, ctx_dom, dom_of_wor
             "n_alive": np.bincount(expert[n_fires > 0], minlength=N), "load_top1": load1,
             "load_topk": loadk,
             "omega": rng.uniform(0.5, 1.5, N) if arch == "scale" else [None] * N,
-            "mean_confidence": rng.uniform(0.3, 0.9, N), "domain_entropy": rng.uniform(0, 1, N),
+            "mean_confidence": rng.uniform(0.3, 0.9, N),
+            "router_entropy": rng.uniform(0.1, 0.9, N), "domain_entropy": rng.uniform(0, 1, N),
             "top_tokens": [json.dumps([{"token": t, "count": int(c), "share": float(c) / 100}
                                        for t, c in zip(WORDS[theme[e]][:6], range(60, 0, -10), strict=False)])
                            for e in range(N)],
