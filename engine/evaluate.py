@@ -189,52 +189,45 @@ def evaluate(
     fired = torch.zeros(M, dtype=torch.bool, device=device)
     top1 = torch.zeros(N, dtype=torch.float64, device=device)
     topk = torch.zeros(N, dtype=torch.float64, device=device)
-    bar = _progress(min(eval_set.n_tokens, max(total, dead_tokens or 0)), "eval", progress)
-    for _, chunk in eval_set.iter_chunks(batch):
-        if n >= total:
-            break
-        x = torch.as_tensor(np.asarray(chunk[: total - n]), dtype=torch.float32, device=device)
-        if x.shape[0] == 0:
-            continue
-        out = sae(sae.normalise(x))
-        x_hat = sae.denormalise(out.x_hat)
-        sse += float((x - x_hat).double().pow(2).sum())
-        if shift is None:
-            shift = x.double().mean(0)
-        xc = x.double() - shift
-        sum_x += xc.sum(0)
-        sum_sq += float(xc.pow(2).sum())
-        codes = out.codes
-        on = codes.top_acts > 0
-        active += int(on.sum())
-        fired[codes.top_indices[on]] = True
-        if codes.expert_indices is not None:
-            ei = codes.expert_indices
-            top1 += torch.bincount(ei[:, 0], minlength=N).double()
-            topk += torch.bincount(ei.reshape(-1), minlength=N).double()
-        else:
-            top1[0] += x.shape[0]
-            topk[0] += x.shape[0]
-        n += x.shape[0]
-        if bar is not None:
-            bar.update(x.shape[0])
     # dead_fraction wants as many tokens as possible (METHOD §4: ≥ 1M where possible), more
-    # than the reconstruction metrics need; counting firings only takes the encoder.
-    n_dead = n
-    if dead_tokens is not None and dead_tokens > n:
-        with torch.no_grad():
-            for start, chunk in eval_set.iter_chunks(batch):
-                if start < n:
-                    continue
-                if n_dead >= dead_tokens:
-                    break
-                x = torch.as_tensor(np.asarray(chunk[: dead_tokens - n_dead]), dtype=torch.float32,
-                                    device=device)
-                codes = sae.encode(sae.normalise(x))
-                fired[codes.top_indices[codes.top_acts > 0]] = True
-                n_dead += x.shape[0]
-                if bar is not None:
-                    bar.update(x.shape[0])
+    # than the reconstruction metrics need: past `total`, chunks are only encoded.
+    dead_cap = min(eval_set.n_tokens, max(total, dead_tokens or 0))
+    n_dead = 0
+    bar = _progress(dead_cap, "eval", progress)
+    for _, chunk in eval_set.iter_chunks(batch):
+        if n_dead >= dead_cap:
+            break
+        arr = np.asarray(chunk[: dead_cap - n_dead])
+        head = arr[: max(total - n, 0)]
+        if len(head):
+            x = torch.as_tensor(head, dtype=torch.float32, device=device)
+            out = sae(sae.normalise(x))
+            x_hat = sae.denormalise(out.x_hat)
+            sse += float((x - x_hat).double().pow(2).sum())
+            if shift is None:
+                shift = x.double().mean(0)
+            xc = x.double() - shift
+            sum_x += xc.sum(0)
+            sum_sq += float(xc.pow(2).sum())
+            codes = out.codes
+            on = codes.top_acts > 0
+            active += int(on.sum())
+            fired[codes.top_indices[on]] = True
+            if codes.expert_indices is not None:
+                ei = codes.expert_indices
+                top1 += torch.bincount(ei[:, 0], minlength=N).double()
+                topk += torch.bincount(ei.reshape(-1), minlength=N).double()
+            else:
+                top1[0] += x.shape[0]
+                topk[0] += x.shape[0]
+            n += x.shape[0]
+        tail = arr[len(head):]
+        if len(tail):
+            codes = sae.encode(sae.normalise(torch.as_tensor(tail, dtype=torch.float32, device=device)))
+            fired[codes.top_indices[codes.top_acts > 0]] = True
+        n_dead += len(arr)
+        if bar is not None:
+            bar.update(len(arr))
     if bar is not None:
         bar.close()
     if n == 0:

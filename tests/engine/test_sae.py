@@ -196,7 +196,7 @@ def test_auxk_loss_uses_dead_features_only():
     dead = torch.zeros(32, dtype=torch.bool)
     dead[:10] = True
     out = sae(x, dead_mask=dead, auxk_k=4)
-    assert float(out.auxk_loss) > 0
+    assert float(out.auxk_loss.detach()) > 0
     out.auxk_loss.backward()
     assert sae.W_dec.grad[10:].abs().sum() == 0  # only dead rows are used by AuxK
 
