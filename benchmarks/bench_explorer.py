@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from tests.explorer.synthetic import make_build  # noqa: E402
 
 APP = ROOT / "explorer" / "app.py"
-PAGES = ["overview", "experts", "feature_map", "redundancy", "feature"]
+PAGES = ["overview", "experts", "feature_map", "redundancy", "feature", "steering"]
 
 
 def _timed(at, repeats: int, before=None) -> list[float]:
@@ -55,7 +55,7 @@ def bench(db: Path, repeats: int, n_features: int, sae: str) -> dict:
     out = {"cold start (open build + overview)": [time.perf_counter() - t]}
     for page in PAGES:
         if page != "overview":
-            at.switch_page(f"pages/{page}.py")
+            at.switch_page(f"views/{page}.py")
         t = time.perf_counter()
         at.run(timeout=120)  # first render: fills the caches
         out[f"{page} (cold cache)"] = [time.perf_counter() - t]
@@ -66,15 +66,15 @@ def bench(db: Path, repeats: int, n_features: int, sae: str) -> dict:
     def new_feature(at, i):
         at.query_params["feature"] = str(int(fresh[i]))
 
-    at.switch_page("pages/feature.py")
+    at.switch_page("views/feature.py")
     out["feature (unseen feature)"] = _timed(at, repeats, new_feature)
-    at.switch_page("pages/redundancy.py").run()
+    at.switch_page("views/redundancy.py").run()
 
     def slide(at, i):
         at.slider(key="red_threshold").set_value(round(0.8 + 0.01 * (i % 20), 2))
 
     out["redundancy (threshold moved)"] = _timed(at, repeats, slide)
-    at.switch_page("pages/feature_map.py").run()
+    at.switch_page("views/feature_map.py").run()
     words = ["Lo", "Lor", "Lord", "de", "def", "lov", "love", "ki", "kin", "king", "se", "sel",
              "self", "th", "the", "thee", "un", "unt", "unto", "hea"]  # each one a new query
 

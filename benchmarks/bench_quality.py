@@ -74,6 +74,7 @@ def main() -> None:
                 continue
             tc = TrainConfig(acts=hcfg.out, width=args.width, experts=args.experts, k=k,
                              steps=args.steps, batch_tokens=args.batch,
+                             checkpoint_every=max(args.steps // 20, 25),
                              out=str(data / "runs" / f"{name.replace(' ', '_').replace(',', '').replace('=', '')}-k{k}"),
                              **kw)
             t = time.perf_counter()
@@ -89,8 +90,12 @@ def main() -> None:
                 "mean_max_cos": m["mean_max_cos"],
                 "ce_loss_recovered": m["ce_loss_recovered"], "dead_fraction": m["dead_fraction"],
                 "expert_load_entropy": m.get("expert_load_entropy"),
-                "train_seconds": train_s, "final_log": log[-1] if log else None,
-                "curve": [{"step": r["step"], "fvu": r["fvu"]} for r in log],
+                "train_seconds": train_s,
+                "final_log": next((r for r in reversed(log) if r.get("kind") == "train"), None),
+                "curve": [{"step": r["step"], "fvu": r["fvu"]} for r in log if r.get("kind") == "train"],
+                "redundancy_curve": [{"step": r["step"], "redundancy_ratio_0.9": r["redundancy_ratio_0.9"],
+                                      "mean_max_cos": r["mean_max_cos"]}
+                                     for r in log if r.get("kind") == "redundancy"],
             })
             print(json.dumps({kk: rows[-1][kk] for kk in ("model", "k", "mse", "fvu",
                   "redundancy_ratio_0.9", "ce_loss_recovered")}), flush=True)
@@ -140,13 +145,14 @@ def plot(rows, path: Path) -> None:
         ax.set_yscale("log")
         ax.legend(fontsize=8)
     ax = axes[-1]
-    names = list(dict.fromkeys(r["model"] for r in rows))
-    for k in ks:
-        ax.plot(names, [next((r["redundancy_ratio_0.9"] for r in rows if r["model"] == n and r["k"] == k), None)
-                        for n in names], marker="o", label=f"k={k}")
-    ax.set_title("redundancy@0.9 (held-out decoder)")
-    ax.tick_params(axis="x", rotation=30)
-    ax.legend()
+    for r in rows:  # redundancy is tracked at every checkpoint: duplicates appear late
+        curve = r.get("redundancy_curve") or []
+        if curve:
+            ax.plot([c["step"] for c in curve], [c["mean_max_cos"] for c in curve],
+                     label=f"{r['model']} k={r['k']}")
+    ax.set_title("mean max decoder cosine during training")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 

@@ -10,7 +10,7 @@ names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(train store explorer analyze steer)
 for name in "${names[@]}"; do
   echo "== $name"
-  "$PY" "benchmarks/bench_$name.py" 2>&1 | grep -v '\r' | tee "benchmarks/results/$name.txt"
+  "$PY" "benchmarks/bench_$name.py" 2>&1 | tr '\r' '\n' | tee "benchmarks/results/$name.txt"
   if [ "$name" != train ] && [ "$name" != quality ]; then  # those two write their own JSON
     grep '^{' "benchmarks/results/$name.txt" | tail -n 1 > "benchmarks/results/$name.json"
   fi
