@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 
 from engine.errors import ConfigError, DataError
 from engine.models import DEFAULT_MODEL, LoadedModel, load_model
-from engine.paths import data_dir
+from engine.paths import atomic_write, data_dir
 
 FORMAT_VERSION = 1
 OUTLIER_FACTOR = 10.0
@@ -107,28 +106,16 @@ def _check(cfg: HarvestConfig) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: json.dump(obj, f, indent=1))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise _write_error(path, e) from e
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.save(f, arr), binary=True)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise _write_error(path, e) from e
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import ConfigError, DataError
-from .paths import data_dir
+from .paths import atomic_write, data_dir
 
 DEFAULT_SAES = [
     {"name": "topk", "arch": "topk"},
@@ -104,9 +104,8 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
     """Run every step that is not cached; return the DuckDB path."""
     from .activations import ActivationStore, HarvestConfig, harvest
     from .analyze import analyze
-    from .train import TrainConfig, train
-
     from .models import DEFAULT_MODEL
+    from .train import TrainConfig, train
 
     # Spelled-out defaults hash like omitted ones (docs/demo.toml == no config at all).
     cfg = replace(cfg, model=cfg.model or DEFAULT_MODEL,
@@ -225,9 +224,7 @@ def evaluate_cached(run: Path, sae, acts, model: LazyModel, eval_tokens: int, pr
     lm = model.get()
     metrics = evaluate(sae, acts, lm if lm.has_lm_head else None, max_tokens=eval_tokens,
                        ce_contexts=ce_contexts, progress=progress)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics))
-    tmp.replace(cache)
+    atomic_write(cache, lambda f: json.dump(metrics, f))
     return metrics
 
 

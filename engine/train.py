@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from .activations import ActivationStore
 from .checkpoint import load_sae, save_sae
 from .errors import ConfigError, DataError, TrainingError
+from .paths import atomic_write
 from .sae import SAEConfig, SparseAutoencoder, build_sae
 from .sae.base import lr_for_width
 
@@ -134,9 +135,7 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
 
 
 def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2))
 
 
 class Trainer:
