@@ -9,86 +9,17 @@ depend on the dictionary width.
 
 from __future__ import annotations
 
-import math
+import hashlib
+import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-
-ARCHS = ("topk", "switch", "scale")
-WEIGHTINGS = ("softmax", "binary")
-
-
-@dataclass
-class SAEConfig:
-    """Architecture of one SAE. Defaults are the recommended values for the offline demo."""
-
-    arch: str = "scale"
-    """`topk` (dense, METHOD §1), `switch` (top-1 routing, §2) or `scale` (§3)."""
-    d_in: int = 576
-    """Width of the activations the SAE reads (the model's d_model at the hook)."""
-    width: int = 4608
-    """M: total number of features (dictionary width)."""
-    experts: int = 16
-    """N: number of experts (forced to 1 for `topk`)."""
-    active: int = 2
-    """e: experts active per token (forced to 1 for `switch` and `topk`)."""
-    k: int = 32
-    """Global TopK: non-zero features per token."""
-    feature_scaling: bool = True
-    """Scale only: Feature Scaling with learnable T and ω (METHOD §3); off for the ablation."""
-    expert_weighting: str = "softmax"
-    """Scale only: `softmax` over the selected router probabilities, or `binary` (0/1) weights."""
-
-    def __post_init__(self) -> None:
-        if self.arch == "topk":
-            self.experts, self.active = 1, 1
-        elif self.arch == "switch":
-            self.active = 1
-
-    @property
-    def expert_width(self) -> int:
-        """m = M / N features per expert."""
-        return self.width // self.experts
-
-    def validate(self) -> SAEConfig:
-        if self.arch not in ARCHS:
-            raise ConfigError(f"Unknown architecture '{self.arch}'; choose one of {', '.join(ARCHS)}.")
-        if self.expert_weighting not in WEIGHTINGS:
-            raise ConfigError(
-                f"Unknown expert weighting '{self.expert_weighting}'; choose softmax or binary."
-            )
-        for name in ("d_in", "width", "experts", "active", "k"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer.")
-        if self.width % self.experts:
-            raise ConfigError(
-                f"The width ({self.width}) must be divisible by the number of experts ({self.experts})."
-            )
-        if self.active > self.experts:
-            raise ConfigError(
-                f"--active ({self.active}) cannot exceed --experts ({self.experts})."
-            )
-        per_set = self.active * self.expert_width
-        if self.k > per_set:
-            raise ConfigError(
-                f"--k ({self.k}) exceeds the {per_set} features available to a token "
-                f"({self.active} active expert(s) × {self.expert_width} features each)."
-            )
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SAEConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+from .config import SAEConfig
+from .initialisation import geometric_median, unit_rows
 
 
 class EncoderOutput(NamedTuple):
@@ -130,11 +61,10 @@ class SparseAutoencoder(nn.Module, ABC):
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
-        self.cfg = cfg.validate()
+        self.cfg = cfg = cfg.normalised().validate()
         M, d = cfg.width, cfg.d_in
         # METHOD §3: decoder initialised as the encoder, rows unit-norm per feature.
-        w = torch.randn(M, d)
-        w = w / w.norm(dim=1, keepdim=True)
+        w = unit_rows(M, d)
         self.W_enc = nn.Parameter(w.clone())  # [M, d]; MoE views it as [N, m, d]
         self.b_enc = nn.Parameter(torch.zeros(M))
         self.W_dec = nn.Parameter(w.clone())  # [M, d], rows unit-norm
@@ -243,67 +173,19 @@ class SparseAutoencoder(nn.Module, ABC):
         """[M, d] the effective (folded) encoder matrix used at inference."""
         return self.W_enc
 
-
-def geometric_median(x: Tensor, iters: int = 50, eps: float = 1e-6) -> Tensor:
-    """Weiszfeld's algorithm; starts from the mean and stops early when it settles."""
-    x = x.detach().float()
-    y = x.mean(0)
-    for _ in range(iters):
-        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
-        y_new = (w[:, None] * x).sum(0) / w.sum()
-        if (y_new - y).norm() <= eps * max(1.0, float(y.norm())):
-            y = y_new
-            break
-        y = y_new
-    return y
-
-
-def route_topk(probs: Tensor, e: int, weighting: str) -> tuple[Tensor, Tensor]:
-    """Pick the e most probable experts and their weights (METHOD §3, Multiple Expert Activation).
-
-    `softmax`: w_i = softmax over the *selected probabilities* (not the logits), which gives
-    weights near 1/e. `binary`: w_i = 1 for every selected expert (the 0/1 ablation).
-    """
-    top_p, top_i = probs.topk(e, dim=-1)
-    if weighting == "softmax":
-        w = torch.softmax(top_p, dim=-1)
-    else:
-        w = torch.ones_like(top_p)
-    return top_i, w
-
-
-def grouped_expert_encode(
-    x_c: Tensor, token_idx: Tensor, expert_idx: Tensor, W: Tensor, b: Tensor
-) -> Tensor:
-    """ReLU(W[i] x + b[i]) for each (token, expert) pair, computing only those pairs.
-
-    Pairs are sorted by expert and each expert's block is one matmul over just its tokens,
-    so the cost is (pairs × m × d), i.e. ~e/N of a dense SAE of the same width.
-    x_c [B, d], token_idx/expert_idx [P], W [N, m, d], b [N, m] → [P, m] in pair order.
-    """
-    N, m, _ = W.shape
-    order = torch.argsort(expert_idx, stable=True)
-    counts = torch.bincount(expert_idx, minlength=N).tolist()
-    sorted_tokens = token_idx[order]
-    # unbind: one autograd node for all experts, rather than a full-size zero gradient per
-    # expert slice (which would cost N × M·d writes per backward pass).
-    W_i, b_i = W.unbind(0), b.unbind(0)
-    blocks = []
-    start = 0
-    for i, c in enumerate(counts):
-        if c == 0:
-            continue
-        xs = x_c[sorted_tokens[start : start + c]]
-        blocks.append(F.relu(F.linear(xs, W_i[i], b_i[i])))
-        start += c
-    if not blocks:
-        return x_c.new_zeros(0, m)
-    out_sorted = torch.cat(blocks, 0)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return out_sorted[inverse]
-
-
-def lr_for_width(width: int) -> float:
-    """METHOD §3: lr = 2e-4 / sqrt(M / 2^14) (OpenAI's TopK scaling rule)."""
-    return 2e-4 / math.sqrt(width / 2**14)
+    def fingerprint(self) -> str:
+        """A short hash of the configuration and weights, so that results cached for one SAE
+        (steering) are never served for a retrained one saved under the same name. Computed
+        once per state of the weights (it follows the tensors' in-place version counters)."""
+        state = self.state_dict()
+        versions = tuple(t._version for t in state.values())
+        cached = self.__dict__.get("_fingerprint")
+        if cached is not None and cached[0] == versions:
+            return cached[1]
+        h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
+        for name, t in sorted(state.items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        fp = h.hexdigest()[:16]
+        self.__dict__["_fingerprint"] = (versions, fp)
+        return fp

@@ -5,23 +5,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import (
-    EncoderOutput,
-    SparseAutoencoder,
-    geometric_median,
-    grouped_expert_encode,
-    route_topk,
-)
+from .base import EncoderOutput, SparseAutoencoder
+from .initialisation import geometric_median
+from .moe import grouped_expert_encode, route_topk
+from .registry import Architecture, register
 
 
 class ScaleSAE(SparseAutoencoder):
     def __init__(self, cfg):
         super().__init__(cfg)
-        N, d = cfg.experts, cfg.d_in
+        N, d = self.cfg.experts, self.cfg.d_in
         self.W_g = nn.Parameter(torch.randn(N, d) / d**0.5 * 0.1)  # gate, [N, d]
         self.b_g = nn.Parameter(torch.zeros(N))
         self.b_gate = nn.Parameter(torch.zeros(d))
-        if cfg.feature_scaling:
+        if self.cfg.feature_scaling:
             self.T = nn.Parameter(torch.eye(d))  # shared by all experts, initialised to I
             self.omega = nn.Parameter(torch.zeros(N))  # ω per expert, initialised to 0
 
@@ -65,3 +62,9 @@ class ScaleSAE(SparseAutoencoder):
         top_indices = S.gather(1, slot) * m + local
         cand_idx = (S[:, :, None] * m + torch.arange(m, device=x.device)).reshape(B, e * m)
         return EncoderOutput(top_acts, top_indices, S, w, g, f, cand_idx)
+
+
+register(Architecture(
+    "scale", ScaleSAE, trainable=True, topk_codes=True, routed=True, max_active=None,
+    summary="Scale SAE: e experts per token + Feature Scaling (METHOD §3)",
+))

@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import EncoderOutput, SparseAutoencoder, geometric_median, grouped_expert_encode
+from .base import EncoderOutput, SparseAutoencoder
+from .initialisation import geometric_median
+from .moe import grouped_expert_encode
+from .registry import Architecture, register
 
 
 class SwitchSAE(SparseAutoencoder):
     def __init__(self, cfg):
         super().__init__(cfg)
-        N, d = cfg.experts, cfg.d_in
+        N, d = self.cfg.experts, self.cfg.d_in
         self.W_r = nn.Parameter(torch.randn(N, d) / d**0.5 * 0.1)  # router, [N, d]
         self.b_router = nn.Parameter(torch.zeros(d))
 
@@ -41,3 +44,9 @@ class SwitchSAE(SparseAutoencoder):
         return EncoderOutput(
             top_acts, top_indices, i_star[:, None], p_star[:, None], p, acts, cand_idx
         )
+
+
+register(Architecture(
+    "switch", SwitchSAE, trainable=True, topk_codes=True, routed=True, max_active=1,
+    summary="Switch SAE: one expert per token, router-probability scaling (METHOD §2)",
+))

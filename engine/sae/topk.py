@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import EncoderOutput, SparseAutoencoder
+from .registry import Architecture, register
 
 
 class TopKSAE(SparseAutoencoder):
@@ -14,3 +15,9 @@ class TopKSAE(SparseAutoencoder):
         pre = F.relu(F.linear(x - self.b_dec, self.W_enc, self.b_enc))
         top_acts, top_indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return EncoderOutput(top_acts, top_indices, None, None, None, pre, None)
+
+
+register(Architecture(
+    "topk", TopKSAE, trainable=True, topk_codes=True, routed=False, max_active=None,
+    summary="dense TopK (METHOD §1)",
+))

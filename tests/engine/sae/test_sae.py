@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import ConfigError
-from engine.sae import SAEConfig, build_sae
-from engine.sae import base as sae_base
-from engine.sae.base import geometric_median, lr_for_width, route_topk
+from engine.sae import SAEConfig, build_sae, moe, registry
+from engine.sae.base import EncoderOutput
+from engine.sae.initialisation import geometric_median
+from engine.sae.moe import route_topk
+from engine.training.schedule import lr_for_width
 
 
 def make(arch, **kw):
@@ -58,7 +60,7 @@ def test_load_balance_is_one_when_balanced_and_N_when_collapsed():
     N = 4
     probs = torch.full((8, N), 1.0 / N)
     top = torch.arange(8) % N
-    codes = sae_base.EncoderOutput(
+    codes = EncoderOutput(
         torch.zeros(8, 1), torch.zeros(8, 1, dtype=torch.long), top[:, None], None, probs, None, None
     )
     assert float(sae.load_balance_loss(codes)) == pytest.approx(1.0)
@@ -155,7 +157,7 @@ def test_moe_encoder_computes_only_selected_experts(monkeypatch):
         rows.append((inp.shape[0], weight.shape[0]))
         return real_linear(inp, weight, bias)
 
-    monkeypatch.setattr(sae_base.F, "linear", counting_linear)
+    monkeypatch.setattr(moe.F, "linear", counting_linear)
     for arch, e in (("switch", 1), ("scale", 2)):
         rows.clear()
         sae = make(arch, active=e)
@@ -238,3 +240,19 @@ def test_bad_configs_are_one_sentence(kw, msg):
     cfg.update(kw)
     with pytest.raises(ConfigError, match=msg):
         build_sae(SAEConfig(**cfg))
+
+
+def test_registry_knows_what_each_architecture_can_do():
+    assert registry.trainable() == ["topk", "switch", "scale"]
+    assert not registry.get("jumprelu").trainable and not registry.get("standard").topk_codes
+    assert registry.get("switch").max_active == 1 and registry.get("scale").routed
+    with pytest.raises(ConfigError, match="Unknown architecture 'dense'; choose one of topk, switch, scale"):
+        registry.get("dense")
+
+
+def test_normalised_config_keeps_what_was_asked():
+    asked = SAEConfig(arch="topk", d_in=8, width=32, experts=16, active=2, k=4)
+    assert (asked.experts, asked.active) == (16, 2)  # a training config names the run as asked
+    built = build_sae(asked).cfg
+    assert (built.experts, built.active) == (1, 1)
+    assert build_sae(SAEConfig(arch="switch", d_in=8, width=32, experts=4, active=3, k=4)).cfg.active == 1
