@@ -14,17 +14,11 @@ import pytest
 import torch
 
 from engine.errors import DataError
-from engine.evaluate import (
-    TAUS,
-    evaluate,
-    expert_similarity,
-    format_table,
-    load_entropy,
-    max_cos_per_expert,
-    max_cosine,
-    redundancy_ratio,
-)
+from engine.metrics.evaluate import EvalConfig, evaluate, format_table
+from engine.metrics.load import load_entropy
+from engine.metrics.names import TAUS
 from engine.sae import SAEConfig, build_sae
+from tests.fakes import FakeActs, FakeLM
 
 METRIC_KEYS = {
     "mse", "fvu", "explained_variance", "l0", "dead_fraction", "ce_loss_recovered", "kl_div",
@@ -33,74 +27,6 @@ METRIC_KEYS = {
     "expert_load_top1", "expert_load_topk", "expert_load_entropy", "expert_similarity", "omega",
     "n_tokens",
 }  # fmt: skip
-
-
-# -- fakes following docs/CONTRACTS.md ---------------------------------------------------------
-class FakeTokenSet:
-    def __init__(self, x: np.ndarray):
-        self.x = x.astype(np.float32)
-        self.n_tokens = len(x)
-        self.context_ids = np.zeros(len(x), dtype=np.int64)
-        self.positions = np.arange(len(x))
-        self.chunk_sizes: list[int] = []
-
-    def read(self, idx: np.ndarray) -> np.ndarray:
-        return self.x[idx]
-
-    def iter_chunks(self, n: int):
-        for start in range(0, self.n_tokens, n):
-            self.chunk_sizes.append(len(self.x[start : start + n]))
-            yield start, self.x[start : start + n]
-
-
-class FakeStore:
-    def __init__(
-        self, x_eval: np.ndarray, tokens: np.ndarray | None = None, split: list[str] | None = None
-    ):
-        self.hook = "blocks.0.hook_resid_post"
-        self.d_in = x_eval.shape[1]
-        self.model_name = "fake"
-        self.norm_scale = 1.0
-        self.eval_set = FakeTokenSet(x_eval)
-        self._tokens = tokens if tokens is not None else np.zeros((0, 4), dtype=np.int32)
-        self._split = split if split is not None else []
-
-    def contexts(self):
-        return self._tokens, ["test"] * len(self._tokens), self._split
-
-    def split(self, name: str) -> FakeTokenSet:
-        assert name == "eval"
-        return self.eval_set
-
-
-class FakeLM:
-    """logits = U · tanh(E[token] at the hook) + a bias that depends on the previous token."""
-
-    has_lm_head = True
-    device = torch.device("cpu")
-
-    def __init__(self, vocab: int, d: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.E = torch.randn(vocab, d, generator=g)
-        self.U = torch.randn(d, vocab, generator=g)
-        self.P = torch.randn(vocab, vocab, generator=g)
-        self.calls: list[str] = []
-
-    def _run(self, tokens, fn=None):
-        act = self.E[tokens]
-        if fn is not None:
-            act = fn(act)
-        prev = torch.cat([tokens[:, :1], tokens[:, :-1]], 1)
-        return torch.tanh(act) @ self.U + self.P[prev]
-
-    def logits(self, tokens):
-        self.calls.append("orig")
-        return self._run(tokens)
-
-    def logits_with_hook(self, tokens, hook, fn):
-        assert hook == "blocks.0.hook_resid_post"
-        self.calls.append("hook")
-        return self._run(tokens, fn)
 
 
 def perfect_sae(d: int, scale: float = 1.0, dead: int = 0):
@@ -119,75 +45,6 @@ def perfect_sae(d: int, scale: float = 1.0, dead: int = 0):
     return sae
 
 
-# -- pure decoder functions --------------------------------------------------------------------
-def brute_per_expert(W: torch.Tensor, groups: torch.Tensor, N: int) -> torch.Tensor:
-    Wn = W / W.norm(dim=1, keepdim=True)
-    S = Wn @ Wn.T
-    S.fill_diagonal_(-math.inf)
-    return torch.stack([S[:, groups == j].amax(1) for j in range(N)], 1)
-
-
-def test_planted_duplicates_give_exact_redundancy_ratios():
-    # 8 orthogonal directions; rows 0/1 duplicates (cos 1), row 2 at cos 0.85 to e0, row 3 at 0.75.
-    d = 8
-    W = torch.eye(d)
-    W[1] = W[0] * 3.0  # same direction, different norm
-    W[2] = 0.85 * torch.eye(d)[0] + math.sqrt(1 - 0.85**2) * torch.eye(d)[2]
-    W[3] = 0.75 * torch.eye(d)[0] + math.sqrt(1 - 0.75**2) * torch.eye(d)[3]
-    mc = max_cosine(W).overall
-    expected = torch.tensor([1, 1, 0.85, 0.75, 0, 0, 0, 0], dtype=torch.float32)
-    assert torch.allclose(mc, expected, atol=1e-6)
-    assert redundancy_ratio(mc, 0.9) == pytest.approx(2 / 8)
-    assert redundancy_ratio(mc, 0.8) == pytest.approx(3 / 8)
-    assert redundancy_ratio(mc, 0.7) == pytest.approx(4 / 8)
-
-
-def test_within_and_across_labels():
-    # Experts {0,1} and {2,3}: rows 0 and 1 duplicate inside expert 0; row 2 duplicates row 0
-    # across experts; row 3 is orthogonal to everything.
-    e = torch.eye(4)
-    W = torch.stack([e[0], e[0], e[0], e[3]])
-    groups = torch.tensor([0, 0, 1, 1])
-    mc = max_cosine(W, groups)
-    assert mc.within.tolist() == pytest.approx([1, 1, 0, 0])
-    assert mc.across.tolist() == pytest.approx([1, 1, 1, 0])
-    assert redundancy_ratio(mc.within, 0.9) == 0.5
-    assert redundancy_ratio(mc.across, 0.9) == 0.75
-    assert redundancy_ratio(mc.overall, 0.9) == 0.75
-
-
-def test_expert_similarity_hand_built():
-    # Expert 0: e0, e1. Expert 1: e0, (e1+e2)/√2. Expert 2: a single feature e3.
-    e = torch.eye(4)
-    r = 1 / math.sqrt(2)
-    W = torch.stack([e[0], e[1], e[0], r * (e[1] + e[2]), e[3]])
-    fe = torch.tensor([0, 0, 1, 1, 2])
-    S = expert_similarity(W, fe, 3)
-    # [0,0]: e0↔e1 = 0 both ways → 0.  [0,1]: e0 → 1, e1 → r → (1 + r)/2.  [0,2]: 0.
-    # [1,0]: e0 → 1, (e1+e2)/√2 → r → (1 + r)/2.  [1,1]: cos(e0, (e1+e2)/√2) = 0 → 0.
-    # [2,2]: a lone feature has no partner → NaN.  [2, j]: 0.
-    expected = torch.tensor(
-        [[0, (1 + r) / 2, 0], [(1 + r) / 2, 0, 0], [0, 0, math.nan]], dtype=torch.float32
-    )
-    assert torch.allclose(S, expected, atol=1e-6, equal_nan=True)
-
-
-@pytest.mark.parametrize("contiguous", [True, False])
-@pytest.mark.parametrize("block", [1, 7, 64, None])
-def test_blocked_equals_brute_force(block, contiguous):
-    g = torch.Generator().manual_seed(0)
-    M, d, N = 48, 6, 4
-    W = torch.randn(M, d, generator=g)
-    W[5] = W[30] * 2  # a planted cross-expert duplicate
-    groups = torch.arange(M) // (M // N) if contiguous else torch.randint(0, N, (M,), generator=g)
-    got = max_cos_per_expert(W, groups, N, block=block)
-    ref = brute_per_expert(W, groups, N)
-    assert torch.allclose(got, ref, atol=1e-5)
-    mc = max_cosine(W, groups, block=block)
-    assert torch.allclose(mc.overall, ref.amax(1), atol=1e-5)
-    assert mc.overall[5] == pytest.approx(1.0, abs=1e-6)
-
-
 def test_load_entropy():
     assert load_entropy([0.25] * 4) == pytest.approx(1.0)
     assert load_entropy([1.0, 0, 0, 0]) == pytest.approx(0.0)
@@ -199,8 +56,8 @@ def test_load_entropy():
 def test_perfect_reconstruction_has_zero_mse_and_fvu_and_counts_dead():
     d, dead = 6, 3
     x = np.random.default_rng(0).normal(size=(101, d)) * 5 + 2
-    store = FakeStore(x)
-    m = evaluate(perfect_sae(d, scale=0.3, dead=dead), store, batch=16)
+    store = FakeActs.of(x)
+    m = evaluate(perfect_sae(d, scale=0.3, dead=dead), store, None, EvalConfig(eval_batch=16))
     assert m["mse"] == pytest.approx(0.0, abs=1e-9)
     assert m["fvu"] == pytest.approx(0.0, abs=1e-9)
     assert m["explained_variance"] == pytest.approx(1.0)
@@ -227,7 +84,7 @@ def test_mse_in_raw_units_and_fvu_relation_match_brute_force():
         sae.input_scale.fill_(0.1)  # raw activations are ~10× the normalised ones
         sae.b_dec.normal_()
     x = np.random.default_rng(1).normal(size=(203, d)).astype(np.float32) * 10 + 3
-    m = evaluate(sae, FakeStore(x), batch=50)
+    m = evaluate(sae, FakeActs.of(x), None, EvalConfig(eval_batch=50))
     xt = torch.from_numpy(x)
     with torch.no_grad():
         err = (xt - sae.reconstruct_raw(xt)).double().pow(2).sum(-1)
@@ -245,13 +102,13 @@ def test_mse_in_raw_units_and_fvu_relation_match_brute_force():
 
 def test_max_tokens_limits_the_stream():
     x = np.random.default_rng(0).normal(size=(100, 4))
-    m = evaluate(perfect_sae(4), FakeStore(x), max_tokens=30, batch=8)
+    m = evaluate(perfect_sae(4), FakeActs.of(x), None, EvalConfig(eval_tokens=30, eval_batch=8))
     assert m["n_tokens"] == 30
 
 
 def test_empty_eval_split_is_a_data_error():
     with pytest.raises(DataError, match="no evaluation tokens"):
-        evaluate(perfect_sae(4), FakeStore(np.zeros((0, 4))))
+        evaluate(perfect_sae(4), FakeActs.of(np.zeros((0, 4))))
 
 
 @pytest.mark.parametrize("arch", ["switch", "scale"])
@@ -260,7 +117,7 @@ def test_moe_routing_metrics(arch):
     N, d = 4, 8
     sae = build_sae(SAEConfig(arch=arch, d_in=d, width=32, experts=N, active=2, k=4))
     x = np.random.default_rng(0).normal(size=(300, d))
-    m = evaluate(sae, FakeStore(x), batch=64)
+    m = evaluate(sae, FakeActs.of(x), None, EvalConfig(eval_batch=64))
     assert set(METRIC_KEYS) <= set(m)
     for tau in TAUS:
         for kind in ("ratio", "within", "across"):
@@ -284,14 +141,14 @@ def ce_setup(sae, d: int, vocab: int = 11, n_ctx: int = 5, L: int = 7):
     split = ["train", "eval", "eval", "train", "eval"]
     model = FakeLM(vocab, d)
     x = model.E[torch.from_numpy(tokens[[1, 2, 4]]).long()][:, 1:].reshape(-1, d).numpy()
-    return FakeStore(x, tokens, split), model, tokens, split
+    return FakeActs.of(x, tokens, split), model, tokens, split
 
 
 def test_ce_of_a_perfect_sae_is_fully_recovered():
     d = 5
     sae = perfect_sae(d)
     store, model, *_ = ce_setup(sae, d)
-    m = evaluate(sae, store, model, ce_batch=2)
+    m = evaluate(sae, store, model, EvalConfig(ce_batch=2))
     assert m["ce_loss_sae"] == pytest.approx(m["ce_loss_orig"], abs=1e-5)
     assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert m["kl_div"] == pytest.approx(0.0, abs=1e-6)
@@ -303,7 +160,7 @@ def test_ce_and_kl_match_brute_force():
     d, vocab = 5, 11
     sae = build_sae(SAEConfig(arch="topk", d_in=d, width=16, k=2))
     store, model, tokens, split = ce_setup(sae, d, vocab)
-    m = evaluate(sae, store, model, ce_contexts=2, ce_batch=1)
+    m = evaluate(sae, store, model, EvalConfig(ce_contexts=2, ce_batch=1))
     t = torch.from_numpy(tokens[[1, 2]]).long()  # the first two eval contexts
     with torch.no_grad():
         act = model.E[t]
@@ -338,7 +195,7 @@ def test_no_lm_head_means_no_ce():
 
 def test_format_table_lists_scalar_metrics():
     x = np.random.default_rng(0).normal(size=(20, 4))
-    m = evaluate(perfect_sae(4), FakeStore(x))
+    m = evaluate(perfect_sae(4), FakeActs.of(x))
     table = format_table({"run-a": m, "run-b": m})
     assert "run-a" in table and "mse" in table and "redundancy_ratio_0.9" in table
     assert "expert_similarity" not in table
