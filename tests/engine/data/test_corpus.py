@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from engine.corpus import Document, available_sources, load_corpus, make_contexts
+from engine.data.corpus import Document, available_sources, load_corpus, make_contexts
 from engine.errors import DataError
 
 

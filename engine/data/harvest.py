@@ -1,17 +1,9 @@
 """Harvest activations at one hook into memory-mapped shards on disk, resumably.
 
-Folder layout (`out`):
-    manifest.json            config, shard list (updated after every shard), norm_scale at the end
-    contexts.npy             int32 [n_ctx, L] token ids, BOS first
-    contexts.json            {"domains": [...], "split": ["train"|"eval", ...]} per context
-    {split}-{k:05d}.npy      float16/float32 [n, d] activations (raw units)
-    {split}-{k:05d}.idx.npy  int32 [n, 2] (context id, position) of each row
-    {split}-{k:05d}.norms.npy float32 norms of every position seen (incl. dropped), so a resumed
-                             run rebuilds the outlier filter's running median exactly
-
-Each file is written to a temporary name and renamed; a shard counts only once the manifest
-lists it. A killed harvest therefore resumes from its last complete shard when run again with
-the same config. Splits are by context, so eval tokens never share a context with train ones.
+The folder layout is described in `engine.data.activation_store`, which reads it back. Each
+file is written to a temporary name and renamed; a shard counts only once the manifest lists
+it. A killed harvest therefore resumes from its last complete shard when run again with the
+same config. Splits are by context, so eval tokens never share a context with train ones.
 """
 
 from __future__ import annotations
@@ -20,63 +12,53 @@ import errno
 import json
 import math
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engine.errors import ConfigError, DataError
-from engine.models import DEFAULT_MODEL, LoadedModel, load_model
-from engine.paths import atomic_write, data_dir
+from ..errors import ConfigError, DataError
+from ..models import DEFAULT_MODEL, LoadedModel, load_model
+from ..paths import atomic_write, data_dir
+from .activation_store import FORMAT_VERSION, SPLITS, ActivationStore, open_shard, read_manifest
 
-FORMAT_VERSION = 1
 OUTLIER_FACTOR = 10.0
 """Tokens whose norm exceeds this multiple of the running median are dropped (METHOD.md §3)."""
 MEDIAN_WINDOW = 65_536
 """How many recent token norms the running median looks at."""
-SPLITS = ("train", "eval")
 
 
 @dataclass
 class HarvestConfig:
-    model: str = field(
-        default=DEFAULT_MODEL, metadata={"help": "model name, local HF folder or hub name"}
-    )
-    hook: str | None = field(
-        default=None,
-        metadata={"help": "TransformerLens hook name (default: middle-layer residual stream)"},
-    )
-    corpus: str | None = field(
-        default=None,
-        metadata={
-            "help": "comma-separated sources: pydoc, fortunes, bible, a .txt/.jsonl path, hf:NAME[:split] (default: every built-in domain available)"
-        },
-    )
-    tokens: int = field(
-        default=200_000, metadata={"help": "number of tokens to harvest (train + eval)"}
-    )
-    context_len: int = field(default=128, metadata={"help": "tokens per context, BOS included"})
-    seed: int = field(
-        default=0, metadata={"help": "seed for document order, context shuffling and the split"}
-    )
-    eval_fraction: float = field(
-        default=0.1, metadata={"help": "fraction of contexts held out for evaluation"}
-    )
-    batch_contexts: int = field(default=8, metadata={"help": "contexts per forward pass"})
-    dtype: str = field(default="float16", metadata={"help": "storage dtype: float16 or float32"})
-    drop_outliers: bool = field(
-        default=True, metadata={"help": "drop tokens whose norm is > 10x the running median"}
-    )
-    out: str | None = field(
-        default=None, metadata={"help": "output folder (default: data/acts/<name from the config>)"}
-    )
-    shard_mb: float = field(
-        default=64.0, metadata={"help": "approximate size of one shard file in MB"}
-    )
+    """One harvest: which model, hook and corpus, how many tokens, stored how."""
+
+    model: str = DEFAULT_MODEL
+    """Model name, local HF folder or hub name."""
+    hook: str | None = None
+    """TransformerLens hook name (default: the middle layer's residual stream)."""
+    corpus: str | None = None
+    """Comma-separated sources: pydoc, fortunes, bible, a .txt/.jsonl path, hf:NAME[:split] (default: every built-in domain available)."""
+    tokens: int = 200_000
+    """Number of tokens to harvest (train + eval)."""
+    context_len: int = 128
+    """Tokens per context, BOS included."""
+    seed: int = 0
+    """Seed for document order, context shuffling and the split."""
+    eval_fraction: float = 0.1
+    """Fraction of contexts held out for evaluation."""
+    batch_contexts: int = 8
+    """Contexts per forward pass."""
+    dtype: str = "float16"
+    """Storage dtype: float16 or float32."""
+    drop_outliers: bool = True
+    """Drop tokens whose norm is > 10x the running median."""
+    out: str | None = None
+    """Output folder (default: data/acts/<name from the config>)."""
+    shard_mb: float = 64.0
+    """Approximate size of one shard file in MB."""
 
 
 def default_out(cfg: HarvestConfig, hook: str) -> Path:
@@ -128,40 +110,6 @@ def _write_error(path: Path, e: OSError) -> DataError:
     return DataError(f"Could not write {path} ({e.strerror or e}).")
 
 
-def _read_manifest(folder: Path) -> dict:
-    path = folder / "manifest.json"
-    if not path.exists():
-        raise DataError(f"No activation harvest in {folder} (manifest.json is missing).")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        manifest["shards"], manifest["config"]  # noqa: B018 - required keys
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(
-            f"The manifest {path} is corrupt; delete the folder and harvest again."
-        ) from e
-    return manifest
-
-
-def _open_shard(folder: Path, shard: dict, d: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """The memory-mapped activations and index of one shard; DataError when missing/corrupt."""
-    name = shard["file"]
-    try:
-        acts = np.load(folder / f"{name}.npy", mmap_mode="r")
-        idx = np.load(folder / f"{name}.idx.npy", mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise DataError(
-            f"Activation shard {name} in {folder} is missing or corrupt; run the same harvest "
-            "again to rebuild it."
-        ) from e
-    n = shard["n_tokens"]
-    if acts.shape != (n, d) or acts.dtype != np.dtype(dtype) or idx.shape != (n, 2):
-        raise DataError(
-            f"Activation shard {name} in {folder} does not match its manifest entry; run the "
-            "same harvest again to rebuild it."
-        )
-    return acts, idx
-
-
 # ---- harvest ---------------------------------------------------------------------------
 
 
@@ -171,7 +119,7 @@ def _identity(cfg: HarvestConfig, lm: LoadedModel, hook: str) -> dict:
     ident.pop("out")
     ident.update(hook=hook, model=lm.name, format=FORMAT_VERSION)
     if cfg.corpus is None:
-        from engine.corpus import available_sources
+        from .corpus import available_sources
 
         ident["corpus"] = "mix:" + ",".join(available_sources())
     return ident
@@ -209,7 +157,7 @@ def _prepare_contexts(
             raise DataError(
                 f"The contexts saved in {out} are corrupt; delete the folder and harvest again."
             ) from e
-    from engine.corpus import load_corpus, make_contexts
+    from .corpus import load_corpus, make_contexts
 
     contexts = make_contexts(
         lm, load_corpus(cfg.corpus), context_len=cfg.context_len, n_tokens=cfg.tokens, seed=cfg.seed
@@ -246,7 +194,7 @@ def harvest(
     first_pos = 1 if lm.bos_token_id is not None else 0
 
     if (out / "manifest.json").exists():
-        manifest = _read_manifest(out)
+        manifest = read_manifest(out)
         if manifest["config"] != identity:
             diff = [k for k in identity if manifest["config"].get(k) != identity[k]]
             raise DataError(
@@ -284,7 +232,7 @@ def harvest(
         if entry["file"] != planned["file"] or entry["contexts"] != planned["contexts"]:
             break
         try:
-            _open_shard(out, entry, d, dtype)
+            open_shard(out, entry, d, dtype)
             np.load(out / f"{entry['file']}.norms.npy", mmap_mode="r")
         except (DataError, OSError, ValueError):
             break
@@ -373,119 +321,3 @@ def harvest(
     _write_json(out / "manifest.json", manifest)
     return ActivationStore(out)
 
-
-# ---- reading ---------------------------------------------------------------------------
-
-
-class StoredContexts(NamedTuple):
-    tokens: np.ndarray
-    """int32 [n_ctx, L] token ids, BOS first."""
-    domains: list[str]
-    """The domain of each context."""
-    split: list[str]
-    """'train' or 'eval' for each context."""
-
-
-class TokenSet:
-    """The kept tokens of one split, in harvest order, read from memory-mapped shards."""
-
-    def __init__(self, shards: list[tuple[np.ndarray, np.ndarray]], d: int):
-        self._acts = [a for a, _ in shards]
-        self.d = d
-        self._offsets = np.cumsum([0] + [len(a) for a in self._acts])
-        self.n_tokens = int(self._offsets[-1])
-        """Number of tokens (rows) in this split."""
-        self.context_ids = np.concatenate(
-            [np.zeros(0, np.int64)] + [np.asarray(i[:, 0], np.int64) for _, i in shards]
-        )
-        """int64 [n]: row → context id (index into `ActivationStore.contexts().tokens`)."""
-        self.positions = np.concatenate(
-            [np.zeros(0, np.int64)] + [np.asarray(i[:, 1], np.int64) for _, i in shards]
-        )
-        """int64 [n]: row → position inside its context."""
-
-    def __len__(self) -> int:
-        return self.n_tokens
-
-    def read(self, idx: np.ndarray) -> np.ndarray:
-        """float32 [len(idx), d] raw activations of the given rows, in the order asked."""
-        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        if len(idx) and (idx.min() < 0 or idx.max() >= self.n_tokens):
-            raise IndexError(f"token index out of range [0, {self.n_tokens})")
-        out = np.empty((len(idx), self.d), dtype=np.float32)
-        shard = np.searchsorted(self._offsets, idx, side="right") - 1
-        for s in np.unique(shard):
-            where = np.flatnonzero(shard == s)
-            local = idx[where] - self._offsets[s]
-            order = np.argsort(local, kind="stable")  # sorted reads are sequential on disk
-            out[where[order]] = self._acts[s][local[order]]
-        return out
-
-    def slice(self, start: int, stop: int) -> np.ndarray:
-        """float32 [stop - start, d]: consecutive rows, possibly spanning shards."""
-        start, stop = max(0, start), min(stop, self.n_tokens)
-        parts = []
-        for s, acts in enumerate(self._acts):
-            lo, hi = self._offsets[s], self._offsets[s + 1]
-            if hi <= start or lo >= stop:
-                continue
-            parts.append(acts[max(start, lo) - lo : min(stop, hi) - lo])
-        if not parts:
-            return np.zeros((0, self.d), np.float32)
-        return np.concatenate(parts).astype(np.float32, copy=False)
-
-    def iter_chunks(self, n: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(start row, float32 [≤n, d]) over the whole split, in order."""
-        for start in range(0, self.n_tokens, n):
-            yield start, self.slice(start, start + n)
-
-
-class ActivationStore:
-    """A finished harvest folder: manifest, contexts and memory-mapped shards."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.manifest = _read_manifest(self.path)
-        if not self.manifest.get("complete"):
-            raise DataError(
-                f"The harvest in {self.path} is incomplete; run the same harvest again to finish it."
-            )
-        m = self.manifest
-        self.model_name: str = m["model_name"]
-        self.hook: str = m["hook"]
-        self.d_in: int = int(m["d_in"])
-        self.dtype: str = m["dtype"]
-        self.context_len: int = int(m["context_len"])
-        self.norm_scale: float = float(m["norm_scale"])
-        """x_norm = norm_scale * x_raw gives E‖x_norm‖² = d_in on the train split."""
-        self._opened = {
-            name: [
-                _open_shard(self.path, s, self.d_in, self.dtype)
-                for s in m["shards"]
-                if s["split"] == name
-            ]
-            for name in SPLITS
-        }
-        self._splits: dict[str, TokenSet] = {}
-
-    def __repr__(self) -> str:
-        return f"ActivationStore({str(self.path)!r}, hook={self.hook!r}, tokens={self.manifest.get('n_tokens')})"
-
-    def contexts(self) -> StoredContexts:
-        try:
-            tokens = np.load(self.path / "contexts.npy", mmap_mode="r")
-            meta = json.loads((self.path / "contexts.json").read_text(encoding="utf-8"))
-            return StoredContexts(
-                np.asarray(tokens, dtype=np.int32), meta["domains"], meta["split"]
-            )
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(
-                f"The contexts in {self.path} are missing or corrupt; harvest again."
-            ) from e
-
-    def split(self, name: str) -> TokenSet:
-        if name not in SPLITS:
-            raise ConfigError(f"Unknown split '{name}'; use train or eval.")
-        if name not in self._splits:
-            self._splits[name] = TokenSet(self._opened[name], self.d_in)
-        return self._splits[name]

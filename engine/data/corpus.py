@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import DataError
-from engine.paths import data_dir
+from ..errors import DataError
+from ..paths import data_dir
 
 BUILTIN_SOURCES = ("pydoc", "fortunes", "bible")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.activations import ActivationStore, HarvestConfig, harvest
+from engine.data.activation_store import ActivationStore
+from engine.data.harvest import HarvestConfig, harvest
 from engine.errors import DataError
 from tests.conftest import TINY_ACTS_CONFIG
 

@@ -1,0 +1,2 @@
+"""Data: corpora → token contexts (`corpus`), activations harvested to disk (`harvest`), read
+back (`activation_store`), and the trainer's batches (`batches`)."""
