@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from engine.checkpoint import export_saelens, import_saelens, load_sae, save_sae
 from engine.errors import ConfigError
+from engine.formats import load_sae, save_sae
+from engine.formats.saelens import export_saelens, import_saelens
 from engine.sae import SAEConfig, build_sae
 from engine.sae.imported import ImportedSAE
 from engine.sae.topk import TopKSAE
