@@ -13,16 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import load_sae
+from engine.data.batches import HarvestBatches, batch_indices
 from engine.errors import ConfigError, TrainingError
-from engine.train import TrainConfig, Trainer, batch_indices, lr_at, train
+from engine.formats import load_sae
+from engine.options import set_flat
+from engine.training.config import TrainConfig
+from engine.training.schedule import lr_at
+from engine.training.trainer import train
 
 
 def small_cfg(acts, out, **kw) -> TrainConfig:
     base = dict(acts=str(acts), out=str(out), arch="scale", width=128, experts=4, active=2, k=8,
                 steps=60, batch_tokens=256, checkpoint_every=20, log_every=10, device="cpu")
     base.update(kw)
-    return TrainConfig(**base)
+    return set_flat(TrainConfig(), base)
 
 
 def read_log(run: Path) -> list[dict]:
@@ -75,13 +79,13 @@ def test_second_run_is_a_noop_and_other_config_is_refused(tiny_acts, tmp_path):
 
 
 def test_nan_stops_with_step_number_and_keeps_last_checkpoint(tiny_acts, tmp_path, monkeypatch):
-    real_batch = Trainer.batch
+    real_batch = HarvestBatches.batch
 
     def poisoned(self, step):
         x = real_batch(self, step)
         return x * 1e30 if step == 27 else x  # finite input whose squared error overflows
 
-    monkeypatch.setattr(Trainer, "batch", poisoned)
+    monkeypatch.setattr(HarvestBatches, "batch", poisoned)
     with pytest.raises(TrainingError, match="step 27.*step 20"):
         train(small_cfg(tiny_acts.path, tmp_path / "nan"), progress=False)
     state = json.loads((tmp_path / "nan" / "state" / "state.json").read_text())

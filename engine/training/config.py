@@ -1,0 +1,58 @@
+"""One training run's configuration (METHOD.md §3 recipe). The `moesae train` flags and the
+per-SAE keys of a build file are generated from it (engine.options)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..options import to_flat
+from ..sae.config import SAEConfig
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the recommended values (METHOD.md §3)."""
+
+    acts: str = ""
+    """Activation folder written by `moesae harvest`."""
+    out: str = ""
+    """Run folder (created; an interrupted run in it is resumed)."""
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    """The architecture (its fields are flags of their own: --arch, --width, …)."""
+    steps: int = 2000
+    """Optimiser steps."""
+    batch_tokens: int = 4096
+    """Tokens per step."""
+    lr: float | None = None
+    """Adam learning rate; default 2e-4 / sqrt(M / 2^14)."""
+    lb_weight: float | None = None
+    """α for the load-balancing loss; default 0.01·d (METHOD §2, inputs with E‖x‖² = d)."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss on dead features (Gao et al. 2024); 0 turns it off."""
+    dead_tokens: int = 500_000
+    """A feature that has not fired for this many training tokens counts as dead (for AuxK)."""
+    decay_fraction: float = 0.2
+    """Linear decay of the lr to 0 over this final fraction of steps."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping."""
+    seed: int = 0
+    """Seed for initialisation and batch order."""
+    checkpoint_every: int = 250
+    """Steps between resumable checkpoints."""
+    log_every: int = 25
+    """Steps between log lines."""
+    device: str | None = None
+    """cpu, cuda, … (default: cuda when available)."""
+
+    def identity(self) -> dict:
+        """The options that define what is trained (not where, how often it logs or on what
+        device), flat: the run folder's name in a build is a hash of this."""
+        d = to_flat(self)
+        for key in ("out", "checkpoint_every", "log_every", "device"):
+            d.pop(key)
+        d["acts"] = str(Path(self.acts).resolve())
+        return d
+
+    def to_dict(self) -> dict:
+        return asdict(self)
