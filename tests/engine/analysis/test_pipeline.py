@@ -1,4 +1,4 @@
-"""engine.analyze: streaming statistics against brute force, neighbours, and a full small build.
+"""engine.analysis: streaming statistics against brute force, and a full small build.
 
 Fake ActivationStore / LoadedModel objects implement just the documented contract
 (docs/CONTRACTS.md) so these tests do not depend on harvesting or loading a real model.
@@ -12,73 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.analyze import (
-    BandSampler,
-    FeatureStats,
-    analyze,
-    band_of,
-    decoder_neighbours,
-    merge_topk,
-)
+from engine.analysis.config import AnalysisConfig
+from engine.analysis.map import map_coordinates
+from engine.analysis.pipeline import analyze
+from engine.analysis.stats import BandSampler, FeatureStats, band_of, merge_topk
 from engine.sae import SAEConfig, build_sae
 from engine.store import open_db
-
-# --------------------------------------------------------------------------------------------
-# fakes implementing the contract
-# --------------------------------------------------------------------------------------------
-
-
-class FakeTokenSet:
-    def __init__(self, x: np.ndarray, context_ids: np.ndarray, positions: np.ndarray):
-        self._x, self.context_ids, self.positions = x, context_ids, positions
-        self.n_tokens = len(x)
-
-    def read(self, idx: np.ndarray) -> np.ndarray:
-        return self._x[idx]
-
-
-class FakeActs:
-    model_name, hook, path, norm_scale = "fake", "blocks.0.hook_resid_post", "fake", 1.0
-
-    def __init__(self, n_ctx=12, L=8, d=16, vocab=40, seed=0, drop=((3, 0),)):
-        rng = np.random.default_rng(seed)
-        self.d_in = d
-        self.tokens = rng.integers(0, vocab, (n_ctx, L)).astype(np.int32)
-        self.domains = ["pydoc" if c % 3 else "bible" for c in range(n_ctx)]
-        self.splits = ["train" if c < 2 else "eval" for c in range(n_ctx)]
-        # eval tokens stored in shuffled order, with one dropped position
-        cc, pp = np.meshgrid(np.arange(2, n_ctx), np.arange(L), indexing="ij")
-        keep = np.ones(cc.shape, bool)
-        for c, p in drop:
-            keep[c - 2, p] = False
-        cc, pp = cc[keep], pp[keep]
-        perm = rng.permutation(len(cc))
-        self.eval = FakeTokenSet(rng.standard_normal((len(cc), d)).astype(np.float32) * 3,
-                                 cc[perm], pp[perm])
-
-    def contexts(self):
-        return self.tokens, self.domains, self.splits
-
-    def split(self, name):
-        assert name == "eval"
-        return self.eval
-
-
-class FakeModel:
-    name, d_model, n_layers, has_lm_head = "fake", 16, 1, True
-
-    def __init__(self, d=16, vocab=40, seed=1):
-        g = torch.Generator().manual_seed(seed)
-        self.W_U = torch.randn(d, vocab, generator=g)
-
-    def token_strs(self, ids):
-        return [f" t{i}" if i != 7 else "it's" for i in ids]
-
-    def unembed_matrix(self):
-        return self.W_U
-
-    def final_norm(self, x):
-        return x
+from tests.fakes import FakeActs, FakeLM
 
 
 def tiny_sae(arch, d=16, width=32, experts=4, active=2, k=4, seed=0):
@@ -178,40 +118,6 @@ def test_band_sampler_is_roughly_uniform():
 # --------------------------------------------------------------------------------------------
 
 
-def test_neighbours_pairs_and_expert_similarity_match_brute_force():
-    g = torch.Generator().manual_seed(0)
-    M, d, N = 40, 8, 4
-    W = torch.randn(M, d, generator=g)
-    W[5] = W[3] + 0.01 * torch.randn(d, generator=g)  # a duplicate within expert 0
-    W[30] = -W[1]
-    W[31] = W[2] * 3  # duplicate across experts, different norm
-    expert_of = torch.arange(M) // (M // N)
-    geo = decoder_neighbours(W, expert_of, N, k=5, threshold=0.5, block=7)
-    Wn = (W / W.norm(dim=1, keepdim=True)).numpy()
-    C = Wn @ Wn.T
-    np.fill_diagonal(C, -np.inf)
-    for f in range(M):
-        order = np.argsort(-C[f], kind="stable")[:5]
-        np.testing.assert_allclose(geo["nbr_cos"][f].numpy(), C[f, order], atol=1e-5)
-        assert geo["max_cos"][f] == pytest.approx(C[f].max(), abs=1e-5)
-    a, b, c = geo["pairs"]
-    brute = {(i, j) for i in range(M) for j in range(i + 1, M) if C[i, j] >= 0.5}
-    assert set(zip(a.tolist(), b.tolist(), strict=True)) == brute
-    assert (3, 5) in brute and (2, 31) in brute
-    assert torch.all(c[:-1] >= c[1:])
-    ex = expert_of.numpy()
-    for i in range(N):
-        for j in range(N):
-            want = np.mean([C[f][ex == j].max() for f in np.nonzero(ex == i)[0]])
-            assert geo["expert_sim"][i, j] == pytest.approx(want, abs=1e-5)
-
-
-def test_duplicate_pairs_are_capped():
-    W = torch.ones(30, 4) + 0.001 * torch.randn(30, 4)
-    geo = decoder_neighbours(W, torch.zeros(30, dtype=torch.long), 1, k=3, threshold=0.5, block=4, max_pairs=20)
-    assert len(geo["pairs"][0]) == 20
-
-
 # --------------------------------------------------------------------------------------------
 # the whole pass, through the store
 # --------------------------------------------------------------------------------------------
@@ -219,20 +125,21 @@ def test_duplicate_pairs_are_capped():
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    acts = FakeActs()
-    model = FakeModel()
+    acts = FakeActs.random()
+    model = FakeLM(vocab=40, d=16, seed=1)
     runs = [("dense", tiny_sae("topk", k=4), {"model": "fake"}),
             ("switch", tiny_sae("switch", k=4, seed=1), {}),
             ("scale", tiny_sae("scale", k=4, seed=2), {})]
     db = tmp_path_factory.mktemp("an") / "build.duckdb"
-    analyze(runs, acts, model, db, n_contexts=8, top_k=5, bands=4, per_band=2, umap=False,
-            chunk_tokens=13, metrics={"scale": {"fvu": 0.5}}, training_logs={"scale": [{"step": 1}]},
+    cfg = AnalysisConfig(analysis_contexts=8, top_examples=5, bands=4, per_band=2, umap=False,
+                         chunk_tokens=13)
+    analyze(runs, acts, model, db, cfg, metrics={"scale": {"fvu": 0.5}}, training_logs={"scale": [{"step": 1}]},
             build_hash="abc", progress=False)
     return db, acts, model, runs
 
 
 def _dense_codes(acts, sae, n_contexts):
-    ev = acts.eval
+    ev = acts.eval_set
     chosen = np.unique(ev.context_ids)[:n_contexts]
     rows = np.nonzero(np.isin(ev.context_ids, chosen))[0]
     with torch.no_grad():
@@ -245,7 +152,7 @@ def test_feature_pages_match_brute_force(built, name):
     db, acts, model, runs = built
     sae = next(s for n, s, _ in runs if n == name)
     rows, z, _ = _dense_codes(acts, sae, 8)
-    ev = acts.eval
+    ev = acts.eval_set
     with open_db(db) as s:
         assert s.build_hash() == "abc"
         info = s.sae_info(name)
@@ -277,7 +184,7 @@ def test_feature_pages_match_brute_force(built, name):
                     for e in b["examples"]:
                         assert b["lo"] - 1e-5 <= e["activation"] <= b["hi"] + 1e-5
             assert len(page.logit_pos) == 10 and len(page.neighbours) == 10
-            want_logit = (sae.W_dec[f].detach() @ model.W_U).topk(10).values.numpy()
+            want_logit = (sae.W_dec[f].detach() @ model.U).topk(10).values.numpy()
             np.testing.assert_allclose([v for _, v in page.logit_pos], want_logit, rtol=1e-4)
 
 
@@ -285,7 +192,7 @@ def test_routing_and_experts(built):
     db, acts, model, runs = built
     sae = next(s for n, s, _ in runs if n == "scale")
     rows, _, codes = _dense_codes(acts, sae, 8)
-    ev = acts.eval
+    ev = acts.eval_set
     with open_db(db) as s:
         experts = s.experts("scale")
         assert len(experts) == 4
@@ -331,7 +238,6 @@ def test_search_finds_quote_token(built):
 @pytest.mark.slow  # numba compiles UMAP on first use (~15-40 s)
 def test_umap_map_has_fixed_seed(tmp_path):
     pytest.importorskip("umap")
-    from engine.analyze import map_coordinates
 
     W = torch.randn(60, 8)
     a, method = map_coordinates(W, True, seed=0, n_epochs=30)

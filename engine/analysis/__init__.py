@@ -1,0 +1,2 @@
+"""The one-pass analysis that fills a build file: `analyze` (pipeline), its statistics,
+examples, tables, logit effects and feature map."""

@@ -1,0 +1,37 @@
+"""What the analysis pass reads and keeps (`moesae analyze` flags, `moesae build` keys)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AnalysisConfig:
+    """How much the one-pass analysis reads, and how much of what it finds it stores."""
+
+    analysis_contexts: int = field(default=400, metadata={"aliases": ("--contexts",)})
+    """Held-out contexts the analysis pass reads (top examples, densities, routing come from these)."""
+    top_examples: int = 20
+    """Top-activating examples kept per feature."""
+    bands: int = 10
+    """Quantile bands per feature (band b holds activations in [b, b+1)·max/bands)."""
+    per_band: int = 5
+    """Examples sampled per band."""
+    hist_bins: int = 48
+    """Log-spaced activation histogram bins per feature."""
+    neighbours: int = 10
+    """Nearest features by decoder cosine kept per feature."""
+    dup_threshold: float = 0.7
+    """Duplicate pairs are stored down to this decoder cosine (the lowest τ of METHOD §4)."""
+    max_pairs: int = 200_000
+    """At most this many duplicate pairs per SAE (the most similar)."""
+    logit_tokens: int = 10
+    """Promoted and suppressed output tokens kept per feature."""
+    umap: bool = True
+    """Feature map by UMAP (cosine); --no-umap uses PCA (fast, for tests)."""
+    clusters: int | None = 0
+    """Spherical k-means clusters of decoder directions: 0 = √(M/2), none = no clustering."""
+    analysis_seed: int = 0
+    """Seed for the map, the clusters and the band samples."""
+    chunk_tokens: int = 4096
+    """Tokens encoded per chunk by every SAE."""
