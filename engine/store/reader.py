@@ -1,4 +1,4 @@
-"""The DuckDB build file: schema, atomic writes and the typed read queries.
+"""Reading a build: the typed queries, the explorer's only door to the data.
 
 The explorer's only door to the data is the `Store` class below; it never writes SQL of its
 own. Every query is parameterised (`?`), never built from user text.
@@ -50,12 +50,10 @@ Unknown SAE names or feature ids return empty results (`None` / `[]`), never rai
     store.expert_top_tokens(sae, expert, limit=20)   -> list[dict]  token, count, share
     store.training_log(sae)      -> list[dict]  one per logged step, as train.py wrote it
 
-`SteeringCache(db_path)` (get/put JSON payloads by key) lives in a sidecar file beside the build;
-see its docstring for why.
+    store.steering_payload(key)  -> Any | None  a steering result precomputed at build time
 
-Writing: `with BuildWriter(path) as w: w.insert(table, columns)` builds into `path.tmp-<pid>`
-and swaps it in with `os.replace` only when the block exits cleanly, so a reader never sees
-half a build and a crash leaves the previous file untouched.
+`SteeringCache(db_path)` (engine.store.sidecar) keeps steering results made while exploring in
+a file beside the build; `BuildWriter` (engine.store.writer) writes builds.
 """
 
 from __future__ import annotations
@@ -64,190 +62,16 @@ import json
 import os
 import random
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 
-from .errors import DataError
-
-SCHEMA_VERSION = 1
-
-# One statement per table. `sae` is the build-local name of an SAE run; features, experts,
-# examples … are keyed by (sae, id). Per-feature lists (histogram, logits) live in the feature
-# row so a feature page is one row lookup; examples/neighbours are rewritten sorted by
-# (sae, feature) when the build closes so DuckDB's zone maps make point lookups cheap.
-SCHEMA: dict[str, str] = {
-    "meta": "key VARCHAR PRIMARY KEY, value VARCHAR",
-    "models": "name VARCHAR PRIMARY KEY, hook VARCHAR, d_model INTEGER, n_layers INTEGER, info JSON",
-    "saes": (
-        "sae VARCHAR PRIMARY KEY, model VARCHAR, hook VARCHAR, arch VARCHAR, width INTEGER,"
-        " experts INTEGER, active INTEGER, k INTEGER, config JSON, metrics JSON,"
-        " training_log JSON, n_tokens BIGINT, n_contexts INTEGER, hist_edges DOUBLE[],"
-        " load_entropy DOUBLE, map_method VARCHAR, logit_note VARCHAR"
-    ),
-    "experts": (
-        "sae VARCHAR, expert INTEGER, n_features INTEGER, n_alive INTEGER, load_top1 DOUBLE,"
-        " load_topk DOUBLE, omega DOUBLE, mean_confidence DOUBLE, router_entropy DOUBLE,"
-        " domain_entropy DOUBLE, top_tokens JSON"
-    ),
-    "expert_domain_load": (
-        "sae VARCHAR, expert INTEGER, domain VARCHAR, n_tokens BIGINT, load_top1 DOUBLE,"
-        " load_topk DOUBLE"
-    ),
-    "expert_similarity": "sae VARCHAR, i INTEGER, j INTEGER, value DOUBLE",
-    "features": (
-        "sae VARCHAR, feature INTEGER, expert INTEGER, n_fires BIGINT, density DOUBLE,"
-        " mean_act DOUBLE, max_act DOUBLE, x FLOAT, y FLOAT, cluster INTEGER, max_cos FLOAT,"
-        " top_tokens VARCHAR, preferred_domain VARCHAR, domain_counts JSON, hist BIGINT[],"
-        " logit_pos VARCHAR[], logit_pos_val FLOAT[], logit_neg VARCHAR[], logit_neg_val FLOAT[]"
-    ),
-    "neighbours": "sae VARCHAR, feature INTEGER, rank SMALLINT, other INTEGER, cos FLOAT",
-    "bands": (
-        "sae VARCHAR, feature INTEGER, band SMALLINT, lo FLOAT, hi FLOAT, n BIGINT, share DOUBLE"
-    ),
-    "contexts": "id INTEGER PRIMARY KEY, domain VARCHAR, token_ids INTEGER[], tokens VARCHAR[]",
-    "examples": (
-        "sae VARCHAR, feature INTEGER, kind VARCHAR, band SMALLINT, rank SMALLINT,"
-        " context INTEGER, position SMALLINT, activation FLOAT,"
-        " act_pos SMALLINT[], act_val FLOAT[]"
-    ),
-    "routing": "sae VARCHAR, context INTEGER, experts SMALLINT[], weights FLOAT[]",
-    "duplicate_pairs": (
-        "sae VARCHAR, a INTEGER, b INTEGER, cos FLOAT, expert_a INTEGER, expert_b INTEGER,"
-        " within BOOLEAN"
-    ),
-    "steering_cache": "key VARCHAR PRIMARY KEY, payload JSON, created TIMESTAMP",
-}
-
-# Tables rewritten in this order when a build closes (ORDER BY → tight zone maps).
-SORT_ON_CLOSE: dict[str, str] = {
-    "features": "sae, feature",
-    "neighbours": "sae, feature, rank",
-    "bands": "sae, feature, band",
-    "examples": "sae, feature, kind, band, rank",
-    "routing": "sae, context",
-    "duplicate_pairs": "sae, cos DESC",
-    "expert_similarity": "sae, i, j",
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-
-
-def _to_arrow_column(v: Any) -> pa.Array:
-    """numpy 1-D → array; numpy 2-D → list column (one row per row); list of lists → list column."""
-    if isinstance(v, pa.Array | pa.ChunkedArray):
-        return v
-    if isinstance(v, np.ndarray):
-        if v.ndim == 2:
-            n, w = v.shape
-            offsets = (np.arange(n + 1, dtype=np.int64) * w).astype(np.int32 if n * w < 2**31 else np.int64)
-            flat = pa.array(np.ascontiguousarray(v).reshape(-1))
-            if offsets.dtype == np.int64:
-                return pa.LargeListArray.from_arrays(offsets, flat)
-            return pa.ListArray.from_arrays(offsets, flat)
-        return pa.array(v)
-    return pa.array(list(v))
-
-
-def ragged_list_column(values: np.ndarray, lengths: np.ndarray) -> pa.Array:
-    """A list column from one flat array and the length of each row (for variable-length lists)."""
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values)))
-
-
-class BuildWriter:
-    """Writes a complete build into a temporary file and swaps it in only on success.
-
-    `with BuildWriter(path) as w: w.insert("features", {...})`. Columns are numpy arrays
-    (2-D arrays become list columns), Python lists, or pyarrow arrays; missing columns are NULL.
-    On a clean exit the tables are sorted for fast lookups, the file is checkpointed and
-    `os.replace`d over `path` (atomic on one filesystem). On an exception the temporary file
-    is deleted and the old `path`, if any, is left exactly as it was.
-    """
-
-    def __init__(self, path: str | os.PathLike, meta: Mapping[str, str] | None = None):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        self.meta = dict(meta or {})
-        self.con: duckdb.DuckDBPyConnection | None = None
-
-    def __enter__(self) -> BuildWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._remove_tmp()
-        self.con = duckdb.connect(str(self.tmp))
-        for name, cols in SCHEMA.items():
-            self.con.execute(f"CREATE TABLE {name} ({cols})")
-        meta = {
-            "schema_version": str(SCHEMA_VERSION),
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "duckdb_version": duckdb.__version__,
-            **self.meta,
-        }
-        self.con.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
-        return self
-
-    def insert(self, table: str, columns: Mapping[str, Any] | pa.Table) -> None:
-        """Append rows to `table` (a name from SCHEMA); columns are matched by name."""
-        if table not in SCHEMA:
-            raise ValueError(f"unknown table {table!r}")
-        assert self.con is not None, "use BuildWriter as a context manager"
-        data = columns if isinstance(columns, pa.Table) else pa.table(
-            {k: _to_arrow_column(v) for k, v in columns.items()}
-        )
-        if data.num_rows == 0:
-            return
-        self.con.register("_incoming", data)
-        try:
-            self.con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _incoming")
-        finally:
-            self.con.unregister("_incoming")
-
-    def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
-        """Escape hatch for the engine (e.g. a row with JSON); parameters only, never f-strings."""
-        assert self.con is not None
-        self.con.execute(sql, params or [])
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        con, self.con = self.con, None
-        if exc_type is not None:
-            try:
-                con.close()
-            finally:
-                self._remove_tmp()
-            return
-        try:
-            for table, order in SORT_ON_CLOSE.items():
-                con.execute(f"CREATE TABLE _sorted AS SELECT * FROM {table} ORDER BY {order}")
-                con.execute(f"DROP TABLE {table}")
-                con.execute(f"ALTER TABLE _sorted RENAME TO {table}")
-            con.execute("CHECKPOINT")
-            con.close()
-            os.replace(self.tmp, self.path)
-        except BaseException:
-            try:
-                con.close()
-            finally:
-                self._remove_tmp()
-            raise
-
-    def _remove_tmp(self) -> None:
-        for p in (self.tmp, self.tmp.with_name(self.tmp.name + ".wal")):
-            p.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------
+from ..errors import DataError
+from .schema import SCHEMA_VERSION
 
 
 def open_db(path: str | os.PathLike, read_only: bool = True) -> Store:
@@ -413,6 +237,11 @@ class Store:
             load_entropy=r["load_entropy"], map_method=r["map_method"] or "",
             logit_note=r["logit_note"] or "",
         )
+
+    def steering_payload(self, key: str) -> Any | None:
+        """A steering result stored in the build itself under `key` (None when absent)."""
+        r = self._one("SELECT payload FROM steering_cache WHERE key = ?", [key])
+        return json.loads(r["payload"]) if r is not None else None
 
     def training_log(self, sae: str) -> list[dict]:
         r = self._one("SELECT training_log FROM saes WHERE sae = ?", [sae])
@@ -633,68 +462,6 @@ class Store:
         for r in rows:
             r["text"] = "".join(r.pop("tokens"))[:200]
         return rows
-
-
-# --------------------------------------------------------------------------------------------
-# Steering cache (sidecar file)
-# --------------------------------------------------------------------------------------------
-
-
-class SteeringCache:
-    """Key → JSON payload cache for steering results, in `<db>.steer.duckdb` beside the build.
-
-    Why a separate file: DuckDB allows one writing process per file and the explorer holds the
-    build read-only (so builds can swap it atomically and several viewers can read it). Steering
-    results are produced while exploring, so they go to a small sidecar the explorer may write.
-    The build's own `steering_cache` table is for results precomputed at build time; `get`
-    looks there first when a Store is given. Each call opens and closes its connection so two
-    explorer processes can share the sidecar (a concurrent writer raises → treated as a miss).
-    """
-
-    def __init__(self, db_path: str | os.PathLike, store: Store | None = None):
-        db_path = Path(db_path)
-        self.path = db_path.with_name(db_path.name + ".steer.duckdb")
-        self.store = store
-        self._lock = threading.Lock()
-
-    def _connect(self) -> duckdb.DuckDBPyConnection:
-        con = duckdb.connect(str(self.path))
-        con.execute(f"CREATE TABLE IF NOT EXISTS steering_cache ({SCHEMA['steering_cache']})")
-        return con
-
-    def get(self, key: str) -> Any | None:
-        if self.store is not None:
-            r = self.store._one("SELECT payload FROM steering_cache WHERE key = ?", [key])
-            if r is not None:
-                return json.loads(r["payload"])
-        if not self.path.exists():
-            return None
-        with self._lock:
-            try:
-                con = self._connect()
-            except duckdb.Error:
-                return None
-            try:
-                row = con.execute(
-                    "SELECT payload FROM steering_cache WHERE key = ?", [key]
-                ).fetchone()
-            finally:
-                con.close()
-        return json.loads(row[0]) if row else None
-
-    def put(self, key: str, payload: Any) -> None:
-        with self._lock:
-            try:
-                con = self._connect()
-            except duckdb.Error:
-                return  # another process holds the sidecar; caching is best effort
-            try:
-                con.execute(
-                    "INSERT OR REPLACE INTO steering_cache VALUES (?, ?, now())",
-                    [key, json.dumps(payload)],
-                )
-            finally:
-                con.close()
 
 
 def _json(v: Any, default: Any) -> Any:
