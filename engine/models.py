@@ -20,16 +20,15 @@ import contextlib
 import copy
 import difflib
 import importlib.util
-import os
 import re
-import shutil
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from engine.errors import ConfigError, ModelError
-from engine.paths import data_dir
+from .errors import ConfigError, ModelError
+from .paths import atomic_folder, data_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random"
@@ -51,25 +50,6 @@ HookFn = Callable[[torch.Tensor], torch.Tensor]
 
 def models_dir() -> Path:
     return data_dir() / "models"
-
-
-def _atomic_folder(target: Path, build: Callable[[Path], None]) -> Path:
-    """Build a folder in a temporary sibling and rename it into place, so a crash or a
-    concurrent loader never sees a half-written model."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _gguf_file() -> Path:
@@ -120,7 +100,8 @@ def _ensure_smollm2() -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _atomic_folder(target, build)
+    return atomic_folder(target, build, may_replace=lambda p: (p / "config.json").exists(),
+                         kind="a converted model folder")
 
 
 def _ensure_tiny() -> Path:
@@ -150,7 +131,8 @@ def _ensure_tiny() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _atomic_folder(target, build)
+    return atomic_folder(target, build, may_replace=lambda p: (p / "config.json").exists(),
+                         kind="a converted model folder")
 
 
 def _boot(source: str, device: str):
@@ -209,12 +191,22 @@ class LoadedModel:
         self.has_lm_head: bool = getattr(model, "unembed", None) is not None
         self.bos_token_id: int | None = self.tokenizer.bos_token_id
         self.eos_token_id: int | None = self.tokenizer.eos_token_id
+        self.lock = threading.Lock()
+        """Held by whoever registers hooks on this (shared) model: steering, live inspection."""
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model})"
+
+    def check_sae(self, sae) -> None:
+        """ModelError unless `sae` reads activations of this model's width."""
+        if int(sae.cfg.d_in) != int(self.d_model):
+            raise ModelError(
+                f"The SAE reads {sae.cfg.d_in}-dimensional activations (d_in={sae.cfg.d_in}) but "
+                f"model {self.name} has d_model={self.d_model}."
+            )
 
     # ---- hooks -------------------------------------------------------------------------
 
@@ -394,3 +386,15 @@ def _as_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
     if isinstance(ids, torch.Tensor):
         return [int(i) for i in ids.reshape(-1).tolist()]
     return [int(i) for i in ids]
+
+
+class LazyModel:
+    """A model loaded only when some step needs it (a cached build never does)."""
+
+    def __init__(self, name: str):
+        self.name, self._model = name, None
+
+    def get(self) -> LoadedModel:
+        if self._model is None:
+            self._model = load_model(self.name)
+        return self._model

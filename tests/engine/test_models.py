@@ -122,3 +122,14 @@ def test_default_model_loads_offline():
     assert lm.resolve_hook(None) == "blocks.15.hook_resid_post"
     out = lm.decode(lm.generate(lm.to_tokens("The capital of France is"), max_new_tokens=8))
     assert "Paris" in out
+
+
+def test_check_sae_width(tiny_model):
+    from engine.sae import SAEConfig, build_sae
+
+    tiny_model.check_sae(build_sae(SAEConfig(arch="topk", d_in=64, width=128, k=4)))
+    with pytest.raises(ModelError) as e:
+        tiny_model.check_sae(build_sae(SAEConfig(arch="topk", d_in=8, width=32, k=4)))
+    assert str(e.value) == (
+        "The SAE reads 8-dimensional activations (d_in=8) but model tiny-random has d_model=64."
+    )

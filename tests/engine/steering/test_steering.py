@@ -10,22 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import save_sae
+from engine.cli import steer as steer_cli
 from engine.errors import ConfigError, UserError
+from engine.formats import save_sae
 from engine.models import TINY_MODEL, load_model
 from engine.sae import SAEConfig, build_sae
-from engine.steer import (
-    Intervention,
-    SteerResult,
-    SteerSpec,
-    add_steer_args,
-    cached_steer,
-    cmd_steer,
-    forced_codes,
-    spec_key,
-    steer,
-    token_diff,
-)
+from engine.steering.cache import cached_steer, spec_key
+from engine.steering.intervention import Intervention, forced_codes
+from engine.steering.run import SteerResult, steer, token_diff
+from engine.steering.spec import SteerSpec
 from engine.store import BuildWriter, SteeringCache, open_db
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Then"
@@ -325,8 +318,8 @@ def write_build(tmp_path, saes: dict, hook: str):
 
 def run_cli(argv, capsys):
     p = argparse.ArgumentParser()
-    add_steer_args(p)
-    rc = cmd_steer(p.parse_args(argv))
+    steer_cli.add(p.add_subparsers())
+    rc = steer_cli.run(p.parse_args(["steer", *argv]))
     out = capsys.readouterr()
     return rc, out.out, out.err
 
