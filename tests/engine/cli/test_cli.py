@@ -158,7 +158,7 @@ def test_missing_and_corrupt_activation_shard(pipeline, tmp_path):
 def test_sae_width_must_match_model(pipeline, tmp_path):
     """An SAE trained for d=64 cannot be evaluated against a model of another width."""
     _, _, runs = pipeline
-    from engine.checkpoint import load_sae, save_sae
+    from engine.formats import load_sae, save_sae
     from engine.sae import SAEConfig, build_sae
 
     _, meta = load_sae(runs["scale"] / "final")
