@@ -2,7 +2,7 @@
 
     python benchmarks/bench_analyze.py [--contexts 100] [--no-model]
 
-Runs the streaming pass of `engine.analyze` for the demo's three SAEs (dense TopK, Switch,
+Runs the streaming pass of `engine.analysis` for the demo's three SAEs (dense TopK, Switch,
 Scale e=2; M = 4608, N = 16, k = 32, d = 576) over random activations shaped like a harvest,
 and times the offline default model's forward pass (up to the middle-layer hook, as the
 harvest runs it) on the same number of tokens. Reports the SAE + statistics overhead as a
@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.analyze import analyze  # noqa: E402
+from engine.analysis.config import AnalysisConfig  # noqa: E402
+from engine.analysis.pipeline import analyze  # noqa: E402
 from engine.sae import SAEConfig, build_sae  # noqa: E402
 
 
@@ -106,7 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         db = analyze([(n, s, {}) for n, s in saes], acts, model, Path(tmp) / "b.duckdb",
-                     n_contexts=args.contexts, umap=True, progress=False)
+                     AnalysisConfig(analysis_contexts=args.contexts, umap=True), progress=False)
         total = time.perf_counter() - t
         import duckdb
 

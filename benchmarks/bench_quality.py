@@ -21,11 +21,14 @@ from pathlib import Path
 
 import torch
 
-from engine.activations import ActivationStore, HarvestConfig, harvest
-from engine.checkpoint import load_sae
-from engine.evaluate import evaluate
+from engine.data.activation_store import ActivationStore
+from engine.data.harvest import HarvestConfig, harvest
+from engine.formats import load_sae
+from engine.metrics.evaluate import EvalConfig, evaluate
 from engine.models import load_model
-from engine.train import TrainConfig, train
+from engine.options import set_flat
+from engine.training.config import TrainConfig
+from engine.training.trainer import train
 
 VARIANTS = [
     ("TopK", dict(arch="topk")),
@@ -72,16 +75,16 @@ def main() -> None:
         for name, kw in VARIANTS:
             if wanted and name not in wanted:
                 continue
-            tc = TrainConfig(acts=hcfg.out, width=args.width, experts=args.experts, k=k,
-                             steps=args.steps, batch_tokens=args.batch,
-                             checkpoint_every=max(args.steps // 20, 25),
-                             out=str(data / "runs" / f"{name.replace(' ', '_').replace(',', '').replace('=', '')}-k{k}"),
-                             **kw)
+            tc = set_flat(TrainConfig(), dict(
+                acts=hcfg.out, width=args.width, experts=args.experts, k=k, steps=args.steps,
+                batch_tokens=args.batch, checkpoint_every=max(args.steps // 20, 25),
+                out=str(data / "runs" / f"{name.replace(' ', '_').replace(',', '').replace('=', '')}-k{k}"),
+                **kw))
             t = time.perf_counter()
             run = train(tc)
             train_s = time.perf_counter() - t
             sae, _ = load_sae(run / "final")
-            m = evaluate(sae, acts, model, max_tokens=args.eval_tokens, progress=False)
+            m = evaluate(sae, acts, model, EvalConfig(eval_tokens=args.eval_tokens))
             log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
             rows.append({
                 "model": name, "k": k, "mse": m["mse"], "fvu": m["fvu"],

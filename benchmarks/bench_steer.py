@@ -3,7 +3,7 @@
     python benchmarks/bench_steer.py [--model smollm2-135m] [--tokens 32] [--repeats 3]
 
 Times `LoadedModel.generate` without a hook and with each steering intervention as
-`engine.steer.steer` runs it (hook registered once around the loop; greedy, same
+`engine.steering.run.steer` runs it (hook registered once around the loop; greedy, same
 prompt, same number of new tokens; generation stops only at --tokens), interleaved so drift in
 machine load hits every variant alike, and reports the ratio steered / plain of the fastest
 run of each (the least disturbed by other processes on a shared machine; medians are shown too). Target:
@@ -25,7 +25,9 @@ import torch
 
 from engine.models import DEFAULT_MODEL, load_model
 from engine.sae import SAEConfig, build_sae
-from engine.steer import Intervention, SteerSpec, generate_steered
+from engine.steering.intervention import Intervention
+from engine.steering.run import generate_steered
+from engine.steering.spec import SteerSpec
 
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
 

@@ -25,13 +25,12 @@ import numpy as np
 import torch
 
 from engine.sae import SAEConfig, build_sae
-from engine.sae.base import lr_for_width
-from engine.train import make_adam
+from engine.training.schedule import lr_for_width, make_adam
 
 
 def batches(args, d):
     if args.acts:
-        from engine.activations import ActivationStore
+        from engine.data.activation_store import ActivationStore
 
         store = ActivationStore(args.acts)
         data = store.split("train")

@@ -17,7 +17,7 @@ def model(name: str):
 @st.cache_resource(show_spinner="Loading the SAE…", max_entries=4)
 def sae(checkpoint: str, device: str = "cpu"):
     """An SAE checkpoint folder, once per server."""
-    from engine.checkpoint import load_sae
+    from engine.formats import load_sae
 
     return load_sae(checkpoint, device=device)[0]
 
@@ -35,11 +35,9 @@ def inspect(model_name: str, checkpoint: str, hook: str, text: str, top_n: int =
     experts it was routed to (with router weights). At most 512 tokens."""
     import torch
 
-    from engine.steer import model_lock
-
     lm, sae_ = model_and_sae(model_name, checkpoint)
     tokens = lm.to_tokens(text)[:, :512]
-    with model_lock(lm), torch.no_grad():  # never while a steering hook is registered
+    with lm.lock, torch.no_grad():  # never while a steering hook is registered
         acts = lm.activations(tokens, hook)[0].float()
         codes = sae_.encode(sae_.normalise(acts))
     top_acts = codes.top_acts.cpu().numpy()

@@ -1,8 +1,8 @@
 """The Overview's numbers and its one-paragraph reading of the comparison: plain dicts in,
 plain rows and a sentence out (no Streamlit), so the wording is unit-tested.
 
-Metric names follow METHOD.md §4. The evaluator's dict may spell the redundancy ratio
-`redundancy_ratio@0.9` or nest it (`redundancy_ratio: {"0.9": …}`); `metric()` accepts both.
+Metric keys are the names in `engine.metrics.names` (METHOD.md §4), the ones `moesae eval`
+writes; this module reads no other spelling.
 """
 
 from __future__ import annotations
@@ -10,38 +10,26 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-# (column label, METHOD §4 name and accepted spellings, lower is better?)
-COLUMNS: list[tuple[str, tuple[str, ...], bool | None]] = [
-    ("MSE", ("mse",), True),
-    ("FVU", ("fvu",), True),
-    ("L0", ("l0",), None),
-    ("dead", ("dead_fraction", "dead"), True),
-    ("CE recovered", ("ce_loss_recovered", "ce_recovered"), False),
-    ("redundancy@0.9", ("redundancy_ratio@0.9", "redundancy@0.9", "redundancy_ratio_0.9"), True),
-    ("load entropy", ("expert_load_entropy", "load_entropy"), False),
+from engine.metrics import names
+
+# (column label, metric key, lower is better?)
+COLUMNS: list[tuple[str, str, bool | None]] = [
+    ("MSE", names.MSE, True),
+    ("FVU", names.FVU, True),
+    ("L0", names.L0, None),
+    ("dead", names.DEAD_FRACTION, True),
+    ("CE recovered", names.CE_LOSS_RECOVERED, False),
+    (f"redundancy@{names.HEADLINE_TAU}", names.redundancy(names.HEADLINE_TAU), True),
+    ("load entropy", names.EXPERT_LOAD_ENTROPY, False),
 ]
 
 
-def metric(metrics: Mapping, *names: str) -> float | None:
-    """The first of `names` found in `metrics` (also `base@tau` as `metrics[base][tau]`)."""
-    for name in names:
-        v = metrics.get(name)
-        if v is None and "@" in name:
-            base, tau = name.split("@", 1)
-            nested = metrics.get(base)
-            if isinstance(nested, Mapping):
-                v = nested.get(tau, nested.get(float(tau)) if _is_float(tau) else None)
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-            return float(v)
+def metric(metrics: Mapping, name: str) -> float | None:
+    """metrics[name] when it is a finite number, else None."""
+    v = metrics.get(name)
+    if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
     return None
-
-
-def _is_float(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
 
 
 def metrics_rows(saes: Sequence[Mapping]) -> list[dict]:
@@ -51,7 +39,7 @@ def metrics_rows(saes: Sequence[Mapping]) -> list[dict]:
     for s in saes:
         m = dict(s.get("metrics") or {})
         if s.get("load_entropy") is not None:
-            m.setdefault("expert_load_entropy", s["load_entropy"])
+            m.setdefault(names.EXPERT_LOAD_ENTROPY, s["load_entropy"])
         row = {
             "SAE": s["sae"],
             "arch": s["arch"],
@@ -60,8 +48,8 @@ def metrics_rows(saes: Sequence[Mapping]) -> list[dict]:
             "active e": s.get("active"),
             "k": s.get("k"),
         }
-        for label, names, _ in COLUMNS:
-            row[label] = metric(m, *names)
+        for label, key, _ in COLUMNS:
+            row[label] = metric(m, key)
         rows.append(row)
     return rows
 
@@ -135,6 +123,6 @@ def reading(rows: Sequence[Mapping]) -> str:
             "Many dead features in " + ", ".join(f"{r['SAE']} ({r['dead']:.0%})" for r in dead) + "."
         )
     if not sentences:
-        names = ", ".join(str(r["SAE"]) for r in rows)
-        sentences.append(f"This build holds {len(rows)} SAEs ({names}); no evaluation metrics were recorded.")
+        listed = ", ".join(str(r["SAE"]) for r in rows)
+        sentences.append(f"This build holds {len(rows)} SAEs ({listed}); no evaluation metrics were recorded.")
     return " ".join(sentences)

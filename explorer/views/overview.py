@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from engine.metrics import names
 from explorer import data, plots, session, summary
 
 db = session.db()
@@ -51,8 +52,8 @@ if not logs:
     st.caption("No training logs in this build (imported SAEs have none).")
 else:
     keys = {k for rows_ in logs.values() for r in rows_ for k, v in r.items() if isinstance(v, int | float)}
-    preferred = [k for k in ("fvu", "mse", "l0", "dead_fraction", "expert_load_entropy", "lb_loss",
-                             "auxk_loss", "loss") if k in keys]
+    preferred = [k for k in (names.FVU, names.MSE, names.L0, names.DEAD_FRACTION,
+                             names.EXPERT_LOAD_ENTROPY, "lb_loss", "auxk_loss", "loss") if k in keys]
     others = sorted(keys - set(preferred) - {"step", "tokens"})
     shown = st.multiselect("Curves", preferred + others, default=preferred[:4])
     x_axis = "tokens" if "tokens" in keys else "step"

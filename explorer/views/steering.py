@@ -4,7 +4,7 @@ then which features and experts fire on each. Presets save and reload a whole se
 
 Features arrive from other pages through `st.session_state["steer_features"]` (a list of
 (sae, feature) pairs) or the query parameter `?steer=3,17` (features of the chosen SAE).
-Generation runs the model live (engine.steer); results are cached in the sidecar file beside
+Generation runs the model live (engine.steering); results are cached in the sidecar file beside
 the build (`<db>.steer.duckdb`), never in the build itself, which stays read-only.
 """
 
@@ -15,17 +15,10 @@ import json
 import streamlit as st
 
 from engine.errors import UserError
-from engine.steer import (
-    SteerResult,
-    SteerSpec,
-    cached_steer,
-    sae_fingerprint,
-    spec_key,
-    steer,
-    strength_options,
-    target_from_info,
-    token_diff,
-)
+from engine.steering.cache import cached_steer, result_key
+from engine.steering.run import SteerResult, steer, token_diff
+from engine.steering.spec import SteerSpec, strength_options
+from engine.steering.target import target_from_info
 from explorer import data, live, render, session
 
 FEATURES_KEY = session.STEER_FEATURES
@@ -34,7 +27,7 @@ RESULT_KEY = "steer_result"
 DEFAULT_PROMPT = "The meaning of life is"
 
 
-# -- live resources (one per process, shared by sessions; engine.steer serialises model use) -----
+# -- live resources (one per process, shared by sessions; the model's lock serialises its use) --
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _cache(db_path: str):
     from engine.store import SteeringCache
@@ -185,7 +178,7 @@ if st.button("Generate", type="primary", key="steer_generate"):
         spec.validate(width, n_experts)
         target = target_from_info(info)
         sae_obj = live.sae(target.checkpoint, str(live.model(target.model).device))
-        key = spec_key(target.model, f"{sae}@{sae_fingerprint(sae_obj)}", prompt, spec)
+        key = result_key(target.model, sae, sae_obj, prompt, spec)
         with st.spinner("Generating the default and the steered continuation…"):
             result = cached_steer(
                 _cache(db[0]), key,
