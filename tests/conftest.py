@@ -19,7 +19,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_acts(tiny_model, tmp_path_factory):
     """An ActivationStore of ~3000 tokens harvested from tiny_model at its default hook."""
-    from engine.activations import HarvestConfig, harvest
+    from engine.data.harvest import HarvestConfig, harvest
 
     out = tmp_path_factory.mktemp("acts") / "tiny"
     cfg = HarvestConfig(**TINY_ACTS_CONFIG, out=str(out))

@@ -17,7 +17,7 @@ APP = Path(__file__).resolve().parents[2] / "explorer" / "app.py"
 
 
 def _tiny_checkpoint(folder: Path) -> Path:
-    from engine.checkpoint import save_sae
+    from engine.formats import save_sae
     from engine.sae import SAEConfig, build_sae
 
     sae = build_sae(SAEConfig(arch="scale", d_in=64, width=256, experts=8, active=2, k=16))

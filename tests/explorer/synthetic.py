@@ -213,7 +213,7 @@ def _write_sae(w, rng, name, arch, M, N, active, ctx_tokens, ctx_dom, dom_of_wor
     red = float((max_cos > 0.9).mean())
     base_mse = {"topk": 1.0, "switch": 1.2, "scale": 1.05}.get(arch, 1.1)
     metrics = {"mse": base_mse, "fvu": base_mse / 10, "l0": 16.0, "dead_fraction": float((n_fires == 0).mean()),
-               "ce_loss_recovered": 0.8, "redundancy_ratio@0.9": red, "mean_max_cos": float(max_cos.mean())}
+               "ce_loss_recovered": 0.8, "redundancy_ratio_0.9": red, "mean_max_cos": float(max_cos.mean())}
     log = [{"step": s, "tokens": s * 2048, "fvu": 1 / (1 + s / 10) + 0.05 * s_i, "mse": base_mse * (1 + 10 / (s + 1)),
             "l0": 16.0, "dead_fraction": 0.5 / (1 + s), "loss": 1 / (1 + s)} for s in range(0, 100, 10)]
     config = {"arch": arch, "width": M, "experts": N, "active": active, "k": 16}

@@ -14,55 +14,30 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from explorer import launch
 
-CHROMIUM = "/usr/bin/chromium"
+from .browser import free_port, needs_chromium, wait_healthy
+from .browser import launch as chromium
+
 SHOTS = Path(os.environ.get("MOESAE_SCREENSHOTS") or tempfile.mkdtemp(prefix="moesae-shots-"))
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason=f"Debian Chromium is not installed at {CHROMIUM} (apt-get install chromium)"),
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [pytest.mark.browser, needs_chromium]
 
 
 @pytest.fixture(scope="module")
 def server(build_db):
-    port = _free_port()
+    port = free_port()
     cmd = launch.command(os.environ.get("MOESAE_BROWSER_DB") or build_db, port=port)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            out = proc.stdout.read().decode() if proc.poll() is not None else ""
-            proc.kill()
-            pytest.fail(f"explorer did not start: {out[-2000:]}")
-        time.sleep(0.3)
+    wait_healthy(url, proc)
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -76,7 +51,7 @@ def page(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = chromium(pw)
         ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
         pg = ctx.new_page()
         pg.set_default_timeout(30_000)

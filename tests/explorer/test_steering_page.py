@@ -5,23 +5,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import save_sae
+from engine.formats import save_sae
 from engine.models import TINY_MODEL, load_model
 from engine.sae import SAEConfig, build_sae
 from engine.store import BuildWriter
 from explorer import data
+
+from .browser import free_port, needs_chromium, wait_healthy
+from .browser import launch as chromium
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = str(ROOT / "explorer" / "views" / "steering.py")
@@ -140,19 +139,8 @@ def test_presets_save_and_reload(build):
 
 
 # -- in a real browser --------------------------------------------------------------------------
-CHROMIUM = "/usr/bin/chromium"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.browser
-@pytest.mark.skipif(not Path(CHROMIUM).exists() or shutil.which("streamlit") is None and
-                    not (Path(sys.executable).parent / "streamlit").exists(),
-                    reason="Debian chromium (apt-get install chromium) is needed for browser tests")
+@needs_chromium
 def test_page_in_chromium(build, tmp_path):
     """Serve the page under its own st.navigation (independent of app.py's page list), move a
     slider, Generate, and read both continuations from the rendered page."""
@@ -169,28 +157,19 @@ def test_page_in_chromium(build, tmp_path):
         "st.session_state.setdefault('steer_features', [('moe', 11)])\n"
         f"st.navigation([st.Page({PAGE!r}, title='Steering')]).run()\n"
     )
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1",
          "--server.port", str(port), "--server.headless", "true",
          "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{base}/_stcore/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_healthy(base, proc)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(
-                executable_path=CHROMIUM,
-                args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--disable-component-update", "--no-first-run"],
-            )
+            browser = chromium(pw)
             pg = browser.new_page()
             pg.goto(base, timeout=60_000)
             pg.get_by_text("feature 11 · expert 0").wait_for(timeout=120_000)
