@@ -15,14 +15,15 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def real_db(tmp_path_factory):
     from engine.build import BuildConfig, build
+    from engine.options import set_flat
 
     root = tmp_path_factory.mktemp("real-build")
-    cfg = BuildConfig(
+    cfg = set_flat(BuildConfig(), dict(
         db=str(root / "real.duckdb"), model="tiny-random", corpus="pydoc,fortunes,bible",
         tokens=6000, context_len=32, width=256, experts=8, k=8, steps=30, batch_tokens=256,
         eval_tokens=1024, analysis_contexts=40,
-        saes=[{"name": "switch", "arch": "switch"}, {"name": "scale-e2", "arch": "scale", "active": 2}],
-    )
+    ))
+    cfg.saes = [{"name": "switch", "arch": "switch"}, {"name": "scale-e2", "arch": "scale", "active": 2}]
     return build(cfg, progress=False, log=lambda *a: None)
 
 
