@@ -62,13 +62,17 @@ class Option:
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings (the string literal under each field) of a dataclass."""
+    """The attribute docstrings (the string literal under each field) of a dataclass,
+    inherited fields included."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if is_dataclass(base):
+            docs.update(field_docs(base))
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
-        return {}
+        return docs
     body = tree.body[0].body
-    docs = {}
     for node, nxt in zip(body, [*body[1:], None], strict=True):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):

@@ -20,6 +20,16 @@ from torch import Tensor, nn
 
 from .config import SAEConfig
 from .initialisation import geometric_median, unit_rows
+from .moe import (
+    TopKCodes,
+    expert_counts,
+    expert_encoder,
+    grouped_expert_encode,
+    topk_encode,
+    topk_encode_sparse,
+)
+
+KERNELS = ("fast", "reference")
 
 
 class EncoderOutput(NamedTuple):
@@ -33,10 +43,10 @@ class EncoderOutput(NamedTuple):
     """[B, e] the weights w_i those experts' codes were multiplied by (None for dense TopK)."""
     router_probs: Tensor | None
     """[B, N] router probabilities p(x) / g(x) (None for dense TopK)."""
-    candidate_acts: Tensor | None
-    """[B, C] every feature value computed before the global TopK (C = M dense, e·m MoE)."""
-    candidate_indices: Tensor | None
-    """[B, C] global feature index of each candidate (None when candidates are all M in order)."""
+    aux_acts: Tensor | None = None
+    """[B, k_aux] the largest pre-TopK values among dead features (AuxK), when asked."""
+    aux_indices: Tensor | None = None
+    """[B, k_aux] their feature indices."""
 
 
 class ForwardOutput(NamedTuple):
@@ -71,11 +81,16 @@ class SparseAutoencoder(nn.Module, ABC):
         self.b_dec = nn.Parameter(torch.zeros(d))
         # x_normalised = input_scale · x_raw  (so that E‖x‖² = d on the training set).
         self.register_buffer("input_scale", torch.ones(()))
+        self.kernels = "fast"
+        """`fast` (sparse backward; grouped GEMM where it is sync-free) or `reference` (plain
+        autograd, the test oracle); see engine/sae/moe.py. Not saved: it changes no result
+        beyond float rounding."""
 
     # -- subclasses implement ------------------------------------------------------------
     @abstractmethod
-    def encode(self, x: Tensor) -> EncoderOutput:
-        """Normalised activations [B, d] → sparse codes and routing."""
+    def encode(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int = 0) -> EncoderOutput:
+        """Normalised activations [B, d] → sparse codes and routing; with a `dead_mask` [M],
+        also the k_aux largest pre-TopK values among dead features (AuxK)."""
 
     def init_biases(self, x: Tensor) -> None:
         """Initialise b_dec (and the router's centring bias) from a batch (METHOD §3)."""
@@ -84,6 +99,18 @@ class SparseAutoencoder(nn.Module, ABC):
             self.b_dec.copy_(centre)
 
     # -- shared ----------------------------------------------------------------------------
+    def select_topk(self, x_c: Tensor, W: Tensor, b: Tensor, experts: Tensor | None,
+                    weights: Tensor | None, dead_mask: Tensor | None, k_aux: int) -> TopKCodes:
+        """z = TopK_k( concat_{i ∈ experts} w_i · ReLU(W_i x_c + b_i) ) (+ AuxK picks), by the
+        kernels this SAE is set to (engine/sae/moe.py). W [N, m, d], b [N, m]."""
+        dev = x_c.device.type
+        compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_c.dtype
+        if self.kernels == "reference":
+            return topk_encode(x_c, W, b, self.cfg.k, experts, weights, dead_mask, k_aux,
+                               encode=grouped_expert_encode)
+        return topk_encode_sparse(x_c, W, b, self.cfg.k, experts, weights, dead_mask, k_aux,
+                                  encode=expert_encoder(x_c.device, compute), compute_dtype=compute)
+
     @property
     def num_features(self) -> int:
         return self.cfg.width
@@ -94,7 +121,8 @@ class SparseAutoencoder(nn.Module, ABC):
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """x̂ = W_decᵀ z + b_dec, touching only the k selected rows per token."""
-        y = F.embedding_bag(top_indices, self.W_dec, per_sample_weights=top_acts, mode="sum")
+        y = F.embedding_bag(top_indices, self.W_dec, per_sample_weights=top_acts.to(self.W_dec.dtype),
+                            mode="sum")
         return y + self.b_dec
 
     def dense_codes(self, codes: EncoderOutput) -> Tensor:
@@ -103,7 +131,10 @@ class SparseAutoencoder(nn.Module, ABC):
         return z.scatter_(1, codes.top_indices, codes.top_acts)
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, auxk_k: int | None = None) -> ForwardOutput:
-        codes = self.encode(x)
+        """Reconstruction and losses of normalised activations x [B, d]. With a `dead_mask`
+        [M], the AuxK loss of those features (weight it in the trainer)."""
+        k_aux = (auxk_k or x.shape[-1] // 2) if dead_mask is not None else 0
+        codes = self.encode(x, dead_mask, k_aux)
         x_hat = self.decode(codes.top_acts, codes.top_indices)
         err = x - x_hat
         sq = err.pow(2).sum(-1)
@@ -112,8 +143,8 @@ class SparseAutoencoder(nn.Module, ABC):
         fvu = sq.sum() / total_var.clamp_min(1e-12)
         lb = self.load_balance_loss(codes)
         auxk = x.new_zeros(())
-        if dead_mask is not None and bool(dead_mask.any()):
-            auxk = self._auxk_loss(err.detach(), codes, dead_mask, auxk_k or x.shape[-1] // 2)
+        if codes.aux_acts is not None:
+            auxk = self._auxk_loss(err.detach(), codes) * dead_mask.any()  # 0 when none is dead
         return ForwardOutput(x_hat, codes, mse, fvu, lb, auxk)
 
     def load_balance_loss(self, codes: EncoderOutput) -> Tensor:
@@ -122,22 +153,14 @@ class SparseAutoencoder(nn.Module, ABC):
             return codes.top_acts.new_zeros(())
         N = self.cfg.experts
         top1 = codes.expert_indices[:, 0]
-        f = torch.bincount(top1, minlength=N).to(codes.router_probs.dtype) / top1.numel()
+        f = expert_counts(top1, N).to(codes.router_probs.dtype) / top1.numel()
         P = codes.router_probs.mean(0)
         return N * (f * P).sum()
 
-    def _auxk_loss(self, err: Tensor, codes: EncoderOutput, dead_mask: Tensor, k_aux: int) -> Tensor:
+    def _auxk_loss(self, err: Tensor, codes: EncoderOutput) -> Tensor:
         """AuxK (Gao et al. 2024): dead features reconstruct the residual; normalised MSE."""
-        cand = codes.candidate_acts
-        idx = codes.candidate_indices
-        dead = dead_mask[idx] if idx is not None else dead_mask.expand_as(cand)
-        masked = torch.where(dead, cand, torch.zeros_like(cand))
-        k_aux = min(k_aux, int(dead.sum(-1).max()))
-        if k_aux == 0:
-            return err.new_zeros(())
-        vals, pos = masked.topk(k_aux, dim=-1, sorted=False)
-        feat = idx.gather(1, pos) if idx is not None else pos
-        e_hat = F.embedding_bag(feat, self.W_dec, per_sample_weights=vals, mode="sum")
+        e_hat = F.embedding_bag(codes.aux_indices, self.W_dec, mode="sum",
+                                per_sample_weights=codes.aux_acts.to(self.W_dec.dtype))
         num = (e_hat - err).pow(2).sum()
         den = (err - err.mean(0)).pow(2).sum().clamp_min(1e-12)
         return num / den

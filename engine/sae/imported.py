@@ -36,12 +36,12 @@ class ImportedSAE(SparseAutoencoder):
         # θ per feature; all zeros for `standard`, where ReLU(pre)·1[pre > 0] = ReLU(pre).
         self.threshold = nn.Parameter(torch.zeros(self.cfg.width))
 
-    def encode(self, x: Tensor) -> EncoderOutput:
+    def encode(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int = 0) -> EncoderOutput:
         pre = F.linear(x - self.b_dec, self.W_enc, self.b_enc)
         z = F.relu(pre) * (pre > self.threshold).to(pre.dtype)
         k = int((z > 0).sum(-1).max()) if z.shape[0] else 0
         top_acts, top_indices = z.topk(max(k, 1), dim=-1, sorted=False)
-        return EncoderOutput(top_acts, top_indices, None, None, None, z, None)
+        return EncoderOutput(top_acts, top_indices, None, None, None)
 
     def init_biases(self, x: Tensor) -> None:
         raise ConfigError("An imported SAELens SAE is inference-only and cannot be trained.")

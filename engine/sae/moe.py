@@ -1,18 +1,47 @@
-"""Routing and expert encoding for the MoE SAEs (METHOD.md §2–3).
+"""Routing, expert encoding and the global TopK of the SAEs (METHOD.md §1–3).
 
-Only the selected experts are computed: tokens are grouped by expert and each expert's
-encoder block multiplies just its own tokens, so the encoder costs ~e/N of a dense SAE of
-the same width. This is the plain reference; faster versions live beside it under the same
-names and are tested against it.
+Only the selected experts are computed: (token, expert) pairs are grouped by expert and each
+expert's encoder block multiplies just its own tokens, so the encoder costs ~e/N of a dense
+SAE of the same width. A dense TopK SAE is the one-expert case (N = e = 1, w = 1).
+
+Each step exists twice, under the same name, and the tests hold the fast one to the plain one:
+
+| plain reference                  | fast path                                             |
+|----------------------------------|-------------------------------------------------------|
+| `grouped_expert_encode`: a Python loop of one matmul per expert, group sizes read on the host | `grouped_expert_encode_gmm`: one grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper in bf16), group offsets computed on the device — no loop, no host synchronisation |
+| `topk_encode`: ReLU, weighting and TopK with ordinary autograd, so the backward pass is dense over all computed candidates | `topk_encode_sparse`: the same forward inside one autograd Function whose backward touches only the k selected latents (and the AuxK picks), as EleutherAI sparsify's fused encoder does |
+
+`expert_encoder(device, dtype)` picks the expert encode: the grouped GEMM where it runs
+without a host synchronisation (CUDA, bf16, compute capability 9 or 10), else the loop, which
+measured as fast on the CPU (benchmarks/bench_gpu.py).
 """
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+GMM_ALIGN = 16
+"""Rows per expert group are padded to a multiple of this for the CUDA grouped GEMM."""
 
+
+class TopKCodes(NamedTuple):
+    top_acts: Tensor
+    """[B, k] the selected values z (≥ 0)."""
+    top_indices: Tensor
+    """[B, k] their global feature indices."""
+    aux_acts: Tensor | None
+    """[B, k_aux] the largest values among dead features (AuxK), when asked."""
+    aux_indices: Tensor | None
+    """[B, k_aux] their feature indices."""
+
+
+# -- routing ----------------------------------------------------------------------------------
 def route_topk(probs: Tensor, e: int, weighting: str) -> tuple[Tensor, Tensor]:
     """Pick the e most probable experts and their weights (METHOD §3, Multiple Expert Activation).
 
@@ -27,6 +56,16 @@ def route_topk(probs: Tensor, e: int, weighting: str) -> tuple[Tensor, Tensor]:
     return top_i, w
 
 
+def expert_counts(expert_idx: Tensor, N: int) -> Tensor:
+    """[N] how many entries of `expert_idx` name each expert, computed on the device
+    (`bincount` reads its output size on the host)."""
+    flat = expert_idx.reshape(-1)
+    return torch.zeros(N, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+
+
+# -- expert encode: ReLU(W[i] x + b[i]) for each (token, expert) pair ------------------------
 def grouped_expert_encode(
     x_c: Tensor, token_idx: Tensor, expert_idx: Tensor, W: Tensor, b: Tensor
 ) -> Tensor:
@@ -38,7 +77,7 @@ def grouped_expert_encode(
     """
     N, m, _ = W.shape
     order = torch.argsort(expert_idx, stable=True)
-    counts = torch.bincount(expert_idx, minlength=N).tolist()
+    counts = torch.bincount(expert_idx, minlength=N).tolist()  # host sync: the plain reference
     sorted_tokens = token_idx[order]
     # unbind: one autograd node for all experts, rather than a full-size zero gradient per
     # expert slice (which would cost N × M·d writes per backward pass).
@@ -57,3 +96,190 @@ def grouped_expert_encode(
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     return out_sorted[inverse]
+
+
+def grouped_expert_encode_gmm(
+    x_c: Tensor, token_idx: Tensor, expert_idx: Tensor, W: Tensor, b: Tensor,
+    align: int = GMM_ALIGN,
+) -> Tensor:
+    """The same as `grouped_expert_encode`, as one grouped GEMM with no host synchronisation.
+
+    Pairs are sorted by expert into a buffer whose groups start at multiples of `align` rows
+    (the CUDA kernel's alignment); its size, P + N·(align − 1) rows, is fixed in advance, so
+    nothing about the routing has to be read on the host. Rows past a group's end are zeros
+    in, and ignored out.
+    """
+    N, m, d = W.shape
+    P = expert_idx.numel()
+    order = torch.argsort(expert_idx, stable=True)
+    e_sorted = expert_idx[order]
+    counts = expert_counts(expert_idx, N)
+    padded = (counts + align - 1) // align * align
+    ends = torch.cumsum(padded, 0)
+    rank = torch.arange(P, device=x_c.device) - (torch.cumsum(counts, 0) - counts)[e_sorted]
+    dest = (ends - padded)[e_sorted] + rank  # row of each sorted pair in the buffer
+    buf = x_c.new_zeros(P + N * (align - 1), d).index_copy(0, dest, x_c[token_idx[order]])
+    # W.transpose(1, 2) is [N, d, m] in column-major layout, as the grouped GEMM wants it
+    out = torch._grouped_mm(buf, W.transpose(1, 2), offs=ends.to(torch.int32))
+    z_sorted = F.relu(out[dest] + b[e_sorted])
+    return z_sorted.new_empty(P, m).index_copy(0, order, z_sorted)
+
+
+ExpertEncode = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def expert_encoder(device: torch.device, dtype: torch.dtype) -> ExpertEncode:
+    """The expert encode for computing in `dtype` on `device` (see the module docstring)."""
+    if (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(device)[0] in (9, 10)):
+        return grouped_expert_encode_gmm
+    return grouped_expert_encode
+
+
+# -- candidates → global TopK (+ AuxK) ------------------------------------------------------
+def _candidates(x_c, W, b, experts, weights, encode: ExpertEncode):
+    """f [B, e·m] = concat_i w_i · z_i over the token's experts, z [B, e·m] before weighting,
+    and the global feature index of each candidate [B, e·m] (None: all M features in order)."""
+    N, m, _ = W.shape
+    if experts is None:  # dense: every feature is a candidate
+        z = F.relu(F.linear(x_c, W.reshape(N * m, -1), b.reshape(-1)))
+        return z, z, None
+    B, e = experts.shape
+    tokens = torch.arange(B, device=x_c.device).repeat_interleave(e)
+    z = encode(x_c, tokens, experts.reshape(-1), W, b).view(B, e * m)
+    f = (z.view(B, e, m) * weights[:, :, None]).reshape(B, e * m)
+    cand = (experts[:, :, None] * m + torch.arange(m, device=x_c.device)).reshape(B, e * m)
+    return f, z, cand
+
+
+def topk_encode(
+    x_c: Tensor, W: Tensor, b: Tensor, k: int, experts: Tensor | None = None,
+    weights: Tensor | None = None, dead: Tensor | None = None, k_aux: int = 0,
+    encode: ExpertEncode = grouped_expert_encode,
+) -> TopKCodes:
+    """The plain reference. z_i = ReLU(W_i x_c + b_i) for each expert i of the token (all of
+    W when `experts` is None); f = concat_i w_i · z_i; codes = TopK_k(f). With a `dead` mask
+    [M], also the k_aux largest f among dead features (AuxK).
+
+    x_c [B, d] centred input, W [N, m, d], b [N, m], experts/weights [B, e].
+    """
+    f, _, cand = _candidates(x_c, W, b, experts, weights, encode)
+    top_acts, pos = f.topk(k, dim=-1, sorted=False)
+    top_indices = pos if cand is None else cand.gather(1, pos)
+    aux_acts = aux_indices = None
+    if dead is not None and k_aux > 0:
+        is_dead = dead.expand_as(f) if cand is None else dead[cand]
+        masked = torch.where(is_dead, f, torch.zeros_like(f))
+        n = min(k_aux, int(is_dead.sum(-1).max()))  # host sync: the plain reference
+        if n > 0:
+            aux_acts, apos = masked.topk(n, dim=-1, sorted=False)
+            aux_indices = apos if cand is None else cand.gather(1, apos)
+    return TopKCodes(top_acts, top_indices, aux_acts, aux_indices)
+
+
+class _SparseTopK(torch.autograd.Function):
+    """Forward: `topk_encode` without autograd. Backward: only the selected latents (the k
+    TopK picks and the AuxK picks) receive gradients — the candidates that lost the TopK
+    contribute nothing to the loss, so their dense gradient would be zeros (sparsify's
+    fused encoder makes the same observation)."""
+
+    @staticmethod
+    def forward(ctx, x_c, W, b, weights, experts, dead, k, k_aux, encode, compute_dtype):
+        N, m, d = W.shape
+        with torch.no_grad():
+            xc, Wc, bc = x_c.to(compute_dtype), W.to(compute_dtype), b.to(compute_dtype)
+            wc = weights.to(compute_dtype) if weights is not None else None
+            f, z, cand = _candidates(xc, Wc, bc, experts, wc, encode)
+            top_f, pos = f.topk(k, dim=-1, sorted=False)
+            picks = [pos]
+            outs = [top_f]
+            if dead is not None and k_aux > 0:
+                is_dead = dead.expand_as(f) if cand is None else dead[cand]
+                masked = torch.where(is_dead, f, torch.zeros_like(f))
+                aux_f, apos = masked.topk(k_aux, dim=-1, sorted=False)
+                picks.append(apos)
+                outs.append(aux_f)
+            pos_all = torch.cat(picks, 1)
+            idx_all = pos_all if cand is None else cand.gather(1, pos_all)
+            # z of each pick before weighting, 0 where an AuxK pick is not dead (masked out)
+            z_all = z.gather(1, pos_all)
+            if len(picks) > 1:
+                z_all[:, k:] = torch.where(outs[1] > 0, z_all[:, k:], torch.zeros_like(outs[1]))
+            slot = pos_all // m if experts is not None else None
+        ctx.save_for_backward(x_c, W, idx_all, z_all.float(), slot,
+                              weights if weights is not None else None)
+        ctx.k = k
+        ctx.mark_non_differentiable(idx_all)
+        top_idx = idx_all[:, :k]
+        aux_idx = idx_all[:, k:] if len(picks) > 1 else None
+        aux = outs[1].to(x_c.dtype) if len(picks) > 1 else None
+        return top_f.to(x_c.dtype), top_idx, aux, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_top, _g_idx, g_aux, _g_aux_idx):
+        x_c, W, idx, z, slot, weights = ctx.saved_tensors
+        N, m, d = W.shape
+        g = g_top if g_aux is None else torch.cat([g_top, g_aux], 1)
+        g = g.float()
+        live = z > 0  # ReLU'(pre) = 1[pre > 0]
+        w_pick = weights.float().gather(1, slot) if weights is not None else torch.ones_like(g)
+        g_pre = torch.where(live, g * w_pick, torch.zeros_like(g))  # ∂loss/∂pre of each pick
+        grad_x = grad_W = grad_b = grad_w = None
+        flat_idx = idx.reshape(-1)
+        if ctx.needs_input_grad[0]:
+            # Σ_picks g_pre · W[pick]: a weighted sum of k (+ k_aux) rows per token
+            grad_x = F.embedding_bag(idx, W.reshape(N * m, d).float(),
+                                     per_sample_weights=g_pre, mode="sum").to(x_c.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_W = _scatter_rows(idx, g_pre, x_c.float(), N * m).view(N, m, d).to(W.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(N * m, dtype=torch.float32, device=W.device).index_add_(
+                0, flat_idx, g_pre.reshape(-1)).view(N, m).to(W.dtype)
+        if weights is not None and ctx.needs_input_grad[3]:
+            # ∂f/∂w_i = z_i for each pick from expert slot i
+            grad_w = torch.zeros(weights.shape, dtype=torch.float32, device=W.device).scatter_add_(
+                1, slot, g * z).to(weights.dtype)
+        return grad_x, grad_W, grad_b, grad_w, None, None, None, None, None, None
+
+
+def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int) -> Tensor:
+    """[M, d]: Σ over tokens b and picks j of g[b, j] · x[b] into row idx[b, j] — the encoder's
+    gradient from the picks alone. On the CPU as a sparse (CSR) × dense product, measured ~7×
+    faster than index_add there (benchmarks/bench_gpu.py); on CUDA as index_add (atomic adds,
+    as sparsify does), in slabs that bound the [rows·k, d] products."""
+    B, k = idx.shape
+    d = x.shape[1]
+    if x.device.type == "cpu":
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        crow = torch.zeros(M + 1, dtype=torch.long)
+        crow[1:] = torch.cumsum(expert_counts(flat, M), 0)
+        tokens = torch.arange(B).repeat_interleave(k)[order]
+        with warnings.catch_warnings():  # "CSR support is in beta": this use is covered by tests
+            warnings.simplefilter("ignore", UserWarning)
+            G = torch.sparse_csr_tensor(crow, tokens, g.reshape(-1)[order], (M, B))
+            return G @ x
+    out = torch.zeros(M, d, dtype=x.dtype, device=x.device)
+    rows = max(1, (1 << 24) // max(1, k * d))
+    for s in range(0, B, rows):
+        out.index_add_(0, idx[s : s + rows].reshape(-1), (g[s : s + rows, :, None] * x[s : s + rows, None, :]).reshape(-1, d))
+    return out
+
+
+def topk_encode_sparse(
+    x_c: Tensor, W: Tensor, b: Tensor, k: int, experts: Tensor | None = None,
+    weights: Tensor | None = None, dead: Tensor | None = None, k_aux: int = 0,
+    encode: ExpertEncode = grouped_expert_encode, compute_dtype: torch.dtype | None = None,
+) -> TopKCodes:
+    """`topk_encode` with a backward over the selected latents only; the candidates are
+    computed in `compute_dtype` (bf16 under autocast), gradients in float32. AuxK takes
+    exactly k_aux picks (zeros where fewer features are dead: they add nothing), so nothing
+    is read on the host."""
+    if compute_dtype is None:
+        dev = x_c.device.type
+        compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_c.dtype
+    with torch.autocast(x_c.device.type, enabled=False):
+        top, idx, aux, aux_idx = _SparseTopK.apply(
+            x_c, W, b, weights, experts, dead if k_aux > 0 else None, k, k_aux, encode, compute_dtype
+        )
+    return TopKCodes(top, idx, aux, aux_idx)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .base import EncoderOutput, SparseAutoencoder
 from .initialisation import geometric_median
-from .moe import grouped_expert_encode, route_topk
+from .moe import route_topk
 from .registry import Architecture, register
 
 
@@ -42,26 +42,18 @@ class ScaleSAE(SparseAutoencoder):
     def encoder_weight(self) -> Tensor:
         return self.scaled_encoder().reshape(self.cfg.width, -1)
 
-    def encode(self, x: Tensor) -> EncoderOutput:
-        N, m, e, k = self.cfg.experts, self.cfg.expert_width, self.cfg.active, self.cfg.k
-        B = x.shape[0]
+    def encode(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int = 0) -> EncoderOutput:
+        N, m, e = self.cfg.experts, self.cfg.expert_width, self.cfg.active
         # g = softmax( W_g (x − b_gate) + b_g )
         g = torch.softmax((x - self.b_gate) @ self.W_g.T + self.b_g, dim=-1)
         # S = the e experts with the largest g; w_i = softmax over {g_j : j ∈ S}
         S, w = route_topk(g, e, self.cfg.expert_weighting)  # [B, e], [B, e]
-        # z_i = ReLU( Ŵ_i (x − b_dec) + b_enc,i ) for i ∈ S only (tokens grouped by expert)
-        tokens = torch.arange(B, device=x.device).repeat_interleave(e)
-        z = grouped_expert_encode(
-            x - self.b_dec, tokens, S.reshape(-1), self.scaled_encoder(), self.b_enc.view(N, m)
-        )
-        # f = concat_i ( w_i · z_i ), zero outside S: kept as the e selected blocks [B, e·m]
-        f = (z.view(B, e, m) * w[:, :, None]).reshape(B, e * m)
-        # z = TopK_k( f ): one global TopK across the e experts
-        top_acts, pos = f.topk(k, dim=-1, sorted=False)
-        slot, local = pos // m, pos % m
-        top_indices = S.gather(1, slot) * m + local
-        cand_idx = (S[:, :, None] * m + torch.arange(m, device=x.device)).reshape(B, e * m)
-        return EncoderOutput(top_acts, top_indices, S, w, g, f, cand_idx)
+        # z_i = ReLU( Ŵ_i (x − b_dec) + b_enc,i ) for i ∈ S only (tokens grouped by expert);
+        # f = concat_i ( w_i · z_i ), zero outside S;  z = TopK_k( f ), one TopK across the e
+        codes = self.select_topk(x - self.b_dec, self.scaled_encoder(), self.b_enc.view(N, m),
+                                 S, w, dead_mask, k_aux)
+        return EncoderOutput(codes.top_acts, codes.top_indices, S, w, g,
+                             codes.aux_acts, codes.aux_indices)
 
 
 register(Architecture(

@@ -7,7 +7,6 @@ from torch import Tensor, nn
 
 from .base import EncoderOutput, SparseAutoencoder
 from .initialisation import geometric_median
-from .moe import grouped_expert_encode
 from .registry import Architecture, register
 
 
@@ -24,26 +23,18 @@ class SwitchSAE(SparseAutoencoder):
             self.b_dec.copy_(centre)
             self.b_router.copy_(centre)
 
-    def encode(self, x: Tensor) -> EncoderOutput:
-        N, m, k = self.cfg.experts, self.cfg.expert_width, self.cfg.k
-        B = x.shape[0]
+    def encode(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int = 0) -> EncoderOutput:
+        N, m = self.cfg.experts, self.cfg.expert_width
         # p(x) = softmax( W_r (x − b_router) );  i* = argmax p
         p = torch.softmax((x - self.b_router) @ self.W_r.T, dim=-1)
         p_star, i_star = p.max(dim=-1)
-        # p_{i*} · ReLU( W_enc[i*] (x − b_dec) + b_enc[i*] ), only expert i*'s m features.
-        # The factor p_{i*} is what gives the router a reconstruction gradient (METHOD §2).
-        tokens = torch.arange(B, device=x.device)
-        acts = grouped_expert_encode(
-            x - self.b_dec, tokens, i_star, self.W_enc.view(N, m, -1), self.b_enc.view(N, m)
-        )
-        acts = acts * p_star[:, None]
-        # z = TopK_k over that expert's features; indices back to the global [0, M) range.
-        top_acts, local = acts.topk(k, dim=-1, sorted=False)
-        top_indices = i_star[:, None] * m + local
-        cand_idx = i_star[:, None] * m + torch.arange(m, device=x.device)
-        return EncoderOutput(
-            top_acts, top_indices, i_star[:, None], p_star[:, None], p, acts, cand_idx
-        )
+        S, w = i_star[:, None], p_star[:, None]
+        # z = TopK_k( p_{i*} · ReLU( W_enc[i*] (x − b_dec) + b_enc[i*] ) ), only expert i*'s m
+        # features. The factor p_{i*} is what gives the router a reconstruction gradient (§2).
+        codes = self.select_topk(x - self.b_dec, self.W_enc.view(N, m, -1), self.b_enc.view(N, m),
+                                 S, w, dead_mask, k_aux)
+        return EncoderOutput(codes.top_acts, codes.top_indices, S, w, p,
+                             codes.aux_acts, codes.aux_indices)
 
 
 register(Architecture(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import EncoderOutput, SparseAutoencoder
@@ -10,11 +9,13 @@ from .registry import Architecture, register
 
 
 class TopKSAE(SparseAutoencoder):
-    def encode(self, x: Tensor) -> EncoderOutput:
-        # z = TopK_k( ReLU( W_enc (x − b_dec) + b_enc ) )
-        pre = F.relu(F.linear(x - self.b_dec, self.W_enc, self.b_enc))
-        top_acts, top_indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        return EncoderOutput(top_acts, top_indices, None, None, None, pre, None)
+    def encode(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int = 0) -> EncoderOutput:
+        M, d = self.W_enc.shape
+        # z = TopK_k( ReLU( W_enc (x − b_dec) + b_enc ) ): the one-expert case of select_topk
+        codes = self.select_topk(x - self.b_dec, self.W_enc.view(1, M, d), self.b_enc.view(1, M),
+                                 None, None, dead_mask, k_aux)
+        return EncoderOutput(codes.top_acts, codes.top_indices, None, None, None,
+                             codes.aux_acts, codes.aux_indices)
 
 
 register(Architecture(

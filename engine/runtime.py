@@ -1,0 +1,99 @@
+"""Where and in what precision the SAE computes: one `RuntimeConfig` (nested in the training,
+evaluation and analysis configs, so `--device` and `--precision` are defined once) resolved
+against the machine into a `Runtime`.
+
+Precision is about the matmuls only: weights, gradients and Adam state stay float32 (master
+weights), and `bf16` runs the encoder's matmuls under autocast (the grouped GEMM's fast path
+on Hopper is bf16); `tf32` lets float32 matmuls use TensorFloat-32 on Ampere and newer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@dataclass
+class DeviceConfig:
+    """Where a model or an SAE runs."""
+
+    device: str | None = None
+    """cpu, cuda, cuda:N (default: cuda when available)."""
+
+
+@dataclass
+class RuntimeConfig(DeviceConfig):
+    """The device and matmul precision of the SAE."""
+
+    precision: str | None = None
+    """fp32, tf32 or bf16 for the SAE's matmuls; weights and Adam state stay fp32 (default: bf16 on a CUDA GPU that has it, else fp32)."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    def autocast(self):
+        """The context the SAE's forward pass runs in."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def available_precisions(device: torch.device) -> list[str]:
+    if device.type == "cuda":
+        out = ["fp32"]
+        if torch.cuda.get_device_capability(device)[0] >= 8:
+            out.append("tf32")
+        if torch.cuda.is_bf16_supported():
+            out.append("bf16")
+        return out
+    return ["fp32", "bf16"]  # CPU autocast computes bf16 matmuls (slowly where there is no AMX)
+
+
+def default_precision(device: torch.device) -> str:
+    """bf16 on a CUDA GPU that has it (the grouped GEMM's fast path; not yet measured on a GPU
+    by this project, see the README), else fp32."""
+    return "bf16" if "bf16" in available_precisions(device) and device.type == "cuda" else "fp32"
+
+
+def resolve_device(name: str | None) -> torch.device:
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"Unknown device '{name}'; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but this machine has no CUDA GPU.")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"Device '{name}' is not supported; use cpu, cuda or cuda:N.")
+    return device
+
+
+def resolve(cfg: RuntimeConfig) -> Runtime:
+    """The device and precision to use; ConfigError (one sentence) for what this machine lacks."""
+    device = resolve_device(cfg.device)
+    precision = cfg.precision or default_precision(device)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"Unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
+    have = available_precisions(device)
+    if precision not in have:
+        where = "this CPU" if device.type == "cpu" else torch.cuda.get_device_name(device)
+        raise ConfigError(
+            f"--precision {precision} is not available on {where}; available: {', '.join(have)}."
+        )
+    if device.type == "cuda":
+        # process-wide, as torch has it; tf32 only where asked for
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    return Runtime(device, precision)
