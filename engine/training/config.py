@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..data.batches import SOURCES
 from ..options import to_flat
+from ..runtime import RuntimeConfig
 from ..sae.config import SAEConfig
 
 
@@ -41,15 +43,19 @@ class TrainConfig:
     checkpoint_every: int = 250
     """Steps between resumable checkpoints."""
     log_every: int = 25
-    """Steps between log lines."""
-    device: str | None = None
-    """cpu, cuda, … (default: cuda when available)."""
+    """Steps between log lines (statistics are read from the device only then)."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Device and precision (--device, --precision)."""
+    batches: str = field(default="auto", metadata={"choices": SOURCES})
+    """Where the training split is served from: auto, resident (on the device), pinned (host memory, prefetched), chunked (sequential reads, for harvests larger than memory) or memmap."""
+    kernels: str = field(default="fast", metadata={"choices": ("fast", "reference")})
+    """fast (sparse backward; grouped GEMM where it needs no host sync) or reference (plain autograd: the test oracle)."""
 
     def identity(self) -> dict:
         """The options that define what is trained (not where, how often it logs or on what
         device), flat: the run folder's name in a build is a hash of this."""
         d = to_flat(self)
-        for key in ("out", "checkpoint_every", "log_every", "device"):
+        for key in ("out", "checkpoint_every", "log_every", "device", "batches", "kernels"):
             d.pop(key)
         d["acts"] = str(Path(self.acts).resolve())
         return d

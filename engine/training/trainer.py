@@ -5,6 +5,12 @@ from a `BatchSource` (engine.data.batches) and keeps everything on disk in a `Ru
 A run killed with `kill -9` and started again with the same command resumes from its last
 checkpoint and finishes with the same number of steps, seeing the same data it would have
 seen (batches depend only on seed and step; the Adam state is checkpointed).
+
+Nothing inside a step waits for the device: losses, expert load, firing counts and the
+first non-finite loss accumulate on it and are read at log and checkpoint steps only. Two
+consequences: a NaN is reported at the next log step (with the step it happened at; the
+last good checkpoint is kept), and AuxK starts at the first log step at which a feature is
+dead (whether any is, is read there).
 """
 
 from __future__ import annotations
@@ -15,24 +21,14 @@ from pathlib import Path
 
 import torch
 
-from ..data.batches import BatchSource, HarvestBatches
+from ..data.batches import BatchSource, harvest_batches
 from ..errors import ConfigError, TrainingError
+from ..runtime import Runtime, resolve
 from ..sae import SparseAutoencoder, build_sae, registry
 from .config import TrainConfig
 from .log import Window, redundancy_row
 from .run_folder import RunFolder
 from .schedule import lr_at, lr_for_width, make_adam
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """The training device: `name`, or cuda when available; ConfigError for nonsense."""
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ConfigError(f"Unknown device '{name}'; use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but this machine has no CUDA GPU.")
-    return device
 
 
 class Trainer:
@@ -53,11 +49,15 @@ class Trainer:
                 f"A {cfg.sae.arch} SAE cannot be trained here; choose one of "
                 f"{', '.join(registry.trainable())}."
             )
-        self.device = resolve_device(cfg.device)
+        if cfg.kernels not in ("fast", "reference"):
+            raise ConfigError(f"Unknown kernels '{cfg.kernels}'; choose fast or reference.")
+        self.rt: Runtime = resolve(cfg.runtime)
+        self.device = self.rt.device
         if source is None:
             from ..data.activation_store import ActivationStore
 
-            source = HarvestBatches(ActivationStore(cfg.acts), cfg.batch_tokens, cfg.seed, self.device)
+            source = harvest_batches(ActivationStore(cfg.acts), cfg.batch_tokens, cfg.seed,
+                                     self.device, cfg.batches)
         self.source = source
         self.d_in = source.d_in
         self.sae_cfg = replace(cfg.sae, d_in=self.d_in).normalised().validate()
@@ -71,6 +71,10 @@ class Trainer:
     def _meta(self) -> dict:
         return {**self.source.describe(), "d_in": self.d_in, "train_config": self.cfg.identity()}
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # -- the loop ----------------------------------------------------------------------------
     def run_training(self) -> Path:
         cfg, run = self.cfg, self.run
@@ -80,6 +84,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         sae: SparseAutoencoder = build_sae(self.sae_cfg).to(self.device)
+        sae.kernels = cfg.kernels
         sae.input_scale.fill_(self.source.norm_scale)
         opt = make_adam(sae.parameters(), self.lr)
         M = self.sae_cfg.width
@@ -98,7 +103,10 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=start, desc=f"train {self.sae_cfg.arch}", unit="step")
-        window = Window(self.sae_cfg.experts)
+        window = Window(self.sae_cfg.experts, self.device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        any_dead = bool((since_fired > cfg.dead_tokens).any()) and cfg.auxk_alpha > 0
+        self._sync()
         t_last = time.perf_counter()
         tokens_since = 0
         last_good = start
@@ -108,14 +116,12 @@ class Trainer:
                 lr = lr_at(step, cfg.steps, self.lr, cfg.decay_fraction)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                dead = since_fired > cfg.dead_tokens if cfg.auxk_alpha > 0 else None
-                out = sae(x, dead_mask=dead)
+                dead = since_fired > cfg.dead_tokens if any_dead else None
+                with self.rt.autocast():
+                    out = sae(x, dead_mask=dead)
                 loss = out.mse + self.lb_weight * out.lb_loss + cfg.auxk_alpha * out.auxk_loss
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"Training stopped at step {step}: the loss became {loss.item()}; "
-                        f"the last good checkpoint (step {last_good}) is kept in {run.state}."
-                    )
+                bad = ~torch.isfinite(loss.detach())
+                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 sae.remove_gradient_parallel_to_decoder()
@@ -124,25 +130,38 @@ class Trainer:
                 sae.set_decoder_norm_to_unit()
 
                 # TopK may pick zeros when fewer than k candidates are positive: not a firing.
-                live = out.codes.top_acts > 0
-                fired = torch.bincount(out.codes.top_indices[live], minlength=M) > 0
-                since_fired += x.shape[0]
-                since_fired[fired] = 0
+                fired = torch.zeros(M, device=self.device).scatter_add_(
+                    0, out.codes.top_indices.reshape(-1), (out.codes.top_acts > 0).reshape(-1).float()
+                )
+                since_fired = torch.where(fired > 0, torch.zeros_like(since_fired), since_fired + x.shape[0])
                 window.add(out, loss)
                 tokens_since += x.shape[0]
                 done = step + 1
                 if bar is not None:
                     bar.update(1)
-                if done % cfg.log_every == 0 or done == cfg.steps:
+                log_now = done % cfg.log_every == 0 or done == cfg.steps
+                ckpt_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+                if not (log_now or ckpt_now):
+                    continue
+                bad_at = int(first_bad)  # the host reads the device here, and only here
+                if bad_at >= 0:
+                    raise TrainingError(
+                        f"Training stopped at step {bad_at}: the loss became NaN or infinite; "
+                        f"the last good checkpoint (step {last_good}) is kept in {run.state}."
+                    )
+                dead_now = since_fired > cfg.dead_tokens
+                any_dead = cfg.auxk_alpha > 0 and bool(dead_now.any())
+                if log_now:
+                    self._sync()
                     now = time.perf_counter()
-                    tps = tokens_since / max(now - t_last, 1e-9)
+                    tps = tokens_since / max(now - t_last, 1e-9)  # checkpoints included
                     t_last, tokens_since = now, 0
-                    dead_fraction = float((since_fired > cfg.dead_tokens).float().mean())
+                    dead_fraction = float(dead_now.float().mean())
                     row = window.summary(done, done * cfg.batch_tokens, lr, tps, sae, dead_fraction)
                     run.append_log(row)
                     if bar is not None:
                         bar.set_postfix(tok_s=f"{tps:,.0f}", fvu=f"{row['fvu']:.3f}")
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                if ckpt_now:
                     # METHOD §5: duplicates appear only late in training, so track them.
                     run.append_log(redundancy_row(sae, done, done * cfg.batch_tokens))
                     run.save_state(sae, opt, done, {"since_fired": since_fired}, self._meta())
@@ -150,6 +169,9 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            close = getattr(self.source, "close", None)
+            if close is not None:
+                close()
 
         run.save_final(sae, self._meta(), cfg.to_dict(), cfg.steps)
         return run.path

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.data.batches import HarvestBatches, batch_indices
+from engine.data.batches import batch_indices
 from engine.errors import ConfigError, TrainingError
 from engine.formats import load_sae
 from engine.options import set_flat
 from engine.training.config import TrainConfig
 from engine.training.schedule import lr_at
-from engine.training.trainer import train
+from engine.training.trainer import Trainer, train
 
 
 def small_cfg(acts, out, **kw) -> TrainConfig:
@@ -79,13 +79,13 @@ def test_second_run_is_a_noop_and_other_config_is_refused(tiny_acts, tmp_path):
 
 
 def test_nan_stops_with_step_number_and_keeps_last_checkpoint(tiny_acts, tmp_path, monkeypatch):
-    real_batch = HarvestBatches.batch
+    real_batch = Trainer.batch
 
     def poisoned(self, step):
         x = real_batch(self, step)
         return x * 1e30 if step == 27 else x  # finite input whose squared error overflows
 
-    monkeypatch.setattr(HarvestBatches, "batch", poisoned)
+    monkeypatch.setattr(Trainer, "batch", poisoned)
     with pytest.raises(TrainingError, match="step 27.*step 20"):
         train(small_cfg(tiny_acts.path, tmp_path / "nan"), progress=False)
     state = json.loads((tmp_path / "nan" / "state" / "state.json").read_text())
