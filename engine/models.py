@@ -135,10 +135,13 @@ def _ensure_tiny() -> Path:
                          kind="a converted model folder")
 
 
-def _boot(source: str, device: str):
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _boot(source: str, device: str, dtype: torch.dtype):
     from transformer_lens.model_bridge import TransformerBridge
 
-    return TransformerBridge.boot_transformers(source, device=device, dtype=torch.float32)
+    return TransformerBridge.boot_transformers(source, device=device, dtype=dtype)
 
 
 def _short(e: BaseException) -> str:
@@ -146,10 +149,13 @@ def _short(e: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def load_model(name: str | None = None, device: str | None = None) -> LoadedModel:
+def load_model(name: str | None = None, device: str | None = None,
+               dtype: str = "float32") -> LoadedModel:
     """Load `name` (DEFAULT_MODEL when None): an offline name, a local HF folder or a hub name."""
     name = name or DEFAULT_MODEL
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype not in MODEL_DTYPES:
+        raise ConfigError(f"Unknown model dtype '{dtype}'; choose one of {', '.join(MODEL_DTYPES)}.")
     if name == DEFAULT_MODEL:
         source = str(_ensure_smollm2())
     elif name == TINY_MODEL:
@@ -165,7 +171,7 @@ def load_model(name: str | None = None, device: str | None = None) -> LoadedMode
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a 1-2 s weight load needs no bar of its own
-        bridge = _boot(source, device)
+        bridge = _boot(source, device, MODEL_DTYPES[dtype])
     except Exception as e:  # noqa: BLE001 - any failure here is the user's model name or network
         if source == name:
             raise ModelError(
@@ -174,17 +180,19 @@ def load_model(name: str | None = None, device: str | None = None) -> LoadedMode
                 f"(offline or unknown name: {_short(e)})."
             ) from e
         raise ModelError(f"Could not load model '{name}' from {source} ({_short(e)}).") from e
-    return LoadedModel(bridge, name=name, device=device)
+    return LoadedModel(bridge, name=name, device=device, dtype=dtype)
 
 
 class LoadedModel:
     """A TransformerLens model plus what the engine needs to know about it."""
 
-    def __init__(self, model, name: str, device: str):
+    def __init__(self, model, name: str, device: str, dtype: str = "float32"):
         self.model = model
         """The TransformerBridge (TransformerLens hooks, run_with_cache, run_with_hooks)."""
         self.name = name
         self.device = device
+        self.dtype = dtype
+        """float32, bfloat16 or float16: the weights and activations."""
         self.tokenizer = model.tokenizer
         self.d_model: int = int(model.cfg.d_model)
         self.n_layers: int = int(model.cfg.n_layers)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..runtime import RuntimeConfig
+
 
 @dataclass
 class AnalysisConfig:
@@ -35,3 +37,5 @@ class AnalysisConfig:
     """Seed for the map, the clusters and the band samples."""
     chunk_tokens: int = 4096
     """Tokens encoded per chunk by every SAE."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Device and precision of the SAEs' encode (--device, --precision)."""

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from ..metrics.geometry import decoder_geometry
+from ..runtime import Runtime, resolve
 from ..sae import registry
 from ..store import BuildWriter
 from .config import AnalysisConfig
@@ -65,7 +66,9 @@ def analyze(
     training_logs = training_logs or {}
     t_start = time.perf_counter()
     tokens = analysis_tokens(acts, cfg.analysis_contexts)
+    rt = resolve(cfg.runtime)
     for name, sae, _meta in runs:
+        sae.to(rt.device)
         if sae.cfg.d_in != acts.d_in:
             raise DataError(
                 f"SAE '{name}' reads width {sae.cfg.d_in} but the activations have width {acts.d_in}."
@@ -88,7 +91,7 @@ def analyze(
                 name, sae, meta, Path(tmpdir.name) / str(i), tokens.n, len(tokens.domain_names),
                 len(tokens.vocab), cfg.top_examples, cfg.hist_bins,
             ))
-        read_seconds = _encode_all(passes, acts, tokens, cfg.chunk_tokens, progress)
+        read_seconds = _encode_all(passes, acts, tokens, cfg.chunk_tokens, rt, progress)
         tokens.decode_strings(model)
 
         meta = {"build_hash": build_hash or "", "n_tokens": str(tokens.n),
@@ -124,7 +127,8 @@ def analyze(
     return db_path
 
 
-def _encode_all(passes: list[SAEPass], acts, tokens: AnalysisTokens, chunk: int, progress: bool) -> float:
+def _encode_all(passes: list[SAEPass], acts, tokens: AnalysisTokens, chunk: int, rt: Runtime,
+                progress: bool) -> float:
     """Pass 1: encode every chunk with every SAE; update statistics and spill the codes."""
     ev = acts.split("eval")
     bar = tqdm(total=tokens.n, desc="analyse", unit="tok", unit_scale=True, dynamic_ncols=True,
@@ -141,10 +145,8 @@ def _encode_all(passes: list[SAEPass], acts, tokens: AnalysisTokens, chunk: int,
         for p in passes:
             sae = p.sae
             t0 = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), rt.autocast():
                 codes = sae.encode(sae.normalise(x_raw.to(sae.W_dec.device, sae.W_dec.dtype)))
-            # the statistics run on the CPU; the candidates (up to [B, M]) are not needed there
-            codes = codes._replace(candidate_acts=None, candidate_indices=None)
             codes = type(codes)(*[c.detach().cpu() if isinstance(c, torch.Tensor) else c for c in codes])
             top_acts = codes.top_acts.float()
             t1 = time.perf_counter()

@@ -19,7 +19,7 @@ def add(sub) -> None:
     p.add_argument("--acts", help="activation folder (default: the first run's)")
     p.add_argument("--model", help="model (default: the one the activations came from)")
     add_options(p, AnalysisConfig)
-    add_options(p, EvalConfig)
+    add_options(p, EvalConfig, skip=("runtime",))  # --device/--precision: one pair for both
     p.set_defaults(func=run)
 
 

@@ -34,7 +34,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
         if o.default not in (None, ""):
             help_ += f" (default: {o.default})"
         parser.add_argument(*flags, dest=o.name, type=_parser_for(o), default=o.default,
-                            metavar=o.field.metadata.get("metavar"), help=help_)
+                            metavar=o.field.metadata.get("metavar"),
+                            choices=o.field.metadata.get("choices"), help=help_)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> Any:

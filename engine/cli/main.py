@@ -13,8 +13,15 @@ VERBS = (harvest, train, eval, analyze, build, serve, demo, steer, import_sae, e
 """In the order `moesae --help` lists them."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends like every other user error: one sentence, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message[:1].upper()}{message[1:]}; see `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="moesae",
         description="Train, evaluate and explore Mixture-of-Experts sparse autoencoders.",
     )

@@ -8,12 +8,13 @@ same config. Splits are by context, so eval tokens never share a context with tr
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError
 from ..models import DEFAULT_MODEL, LoadedModel, load_model
 from ..paths import atomic_write, data_dir
+from ..runtime import DeviceConfig
 from .activation_store import FORMAT_VERSION, SPLITS, ActivationStore, open_shard, read_manifest
 
 OUTLIER_FACTOR = 10.0
@@ -49,8 +51,8 @@ class HarvestConfig:
     """Seed for document order, context shuffling and the split."""
     eval_fraction: float = 0.1
     """Fraction of contexts held out for evaluation."""
-    batch_contexts: int = 8
-    """Contexts per forward pass."""
+    batch_contexts: int | None = None
+    """Contexts per forward pass (default: 8 on the CPU, 64 on a GPU)."""
     dtype: str = "float16"
     """Storage dtype: float16 or float32."""
     drop_outliers: bool = True
@@ -59,6 +61,10 @@ class HarvestConfig:
     """Output folder (default: data/acts/<name from the config>)."""
     shard_mb: float = 64.0
     """Approximate size of one shard file in MB."""
+    model_dtype: str = "float32"
+    """The model's weights and activations: float32, bfloat16 or float16 (on a GPU, bf16/fp16 are several times faster)."""
+    runtime: DeviceConfig = field(default_factory=DeviceConfig)
+    """Where the model runs (--device)."""
 
 
 def default_out(cfg: HarvestConfig, hook: str) -> Path:
@@ -76,7 +82,7 @@ def _check(cfg: HarvestConfig) -> None:
         raise ConfigError(f"context_len must be at least 2, got {cfg.context_len}.")
     if not 0.0 <= cfg.eval_fraction < 1.0:
         raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}.")
-    if cfg.batch_contexts < 1:
+    if cfg.batch_contexts is not None and cfg.batch_contexts < 1:
         raise ConfigError(f"batch_contexts must be positive, got {cfg.batch_contexts}.")
     if cfg.dtype not in ("float16", "float32"):
         raise ConfigError(f"dtype must be float16 or float32, got {cfg.dtype!r}.")
@@ -113,10 +119,15 @@ def _write_error(path: Path, e: OSError) -> DataError:
 # ---- harvest ---------------------------------------------------------------------------
 
 
+NOT_IDENTITY = ("out", "batch_contexts", "runtime")
+"""Options that change how a harvest runs, not what it stores."""
+
+
 def _identity(cfg: HarvestConfig, lm: LoadedModel, hook: str) -> dict:
-    """What must match for a folder to be resumed (everything but the folder itself)."""
+    """What must match for a folder to be resumed."""
     ident = asdict(cfg)
-    ident.pop("out")
+    for key in NOT_IDENTITY:
+        ident.pop(key)
     ident.update(hook=hook, model=lm.name, format=FORMAT_VERSION)
     if cfg.corpus is None:
         from .corpus import available_sources
@@ -186,7 +197,7 @@ def harvest(
     _check(cfg)
     if model is not None and model.name != cfg.model:
         raise ConfigError(f"harvest was given model {model.name} but the config names {cfg.model}.")
-    lm = model or load_model(cfg.model)
+    lm = model or load_model(cfg.model, device=cfg.runtime.device, dtype=cfg.model_dtype)
     hook = lm.resolve_hook(cfg.hook)
     out = Path(cfg.out).expanduser() if cfg.out else default_out(cfg, hook)
     identity = _identity(cfg, lm, hook)
@@ -195,8 +206,11 @@ def harvest(
 
     if (out / "manifest.json").exists():
         manifest = read_manifest(out)
-        if manifest["config"] != identity:
-            diff = [k for k in identity if manifest["config"].get(k) != identity[k]]
+        # a harvest made before an option existed was made with that option's default
+        defaults = {f.name: f.default for f in fields(HarvestConfig)}
+        old = {k: manifest["config"].get(k, defaults.get(k)) for k in identity}
+        if old != identity:
+            diff = [k for k in identity if old.get(k) != identity[k]]
             raise DataError(
                 f"The folder {out} holds a harvest with a different configuration "
                 f"({', '.join(diff) or 'format'}); choose another output folder or delete it."
@@ -257,28 +271,49 @@ def harvest(
         disable=not progress,
         dynamic_ncols=True,
     )
+    batch_contexts = cfg.batch_contexts or (64 if str(lm.device).startswith("cuda") else 8)
+    # Shards are written by one background thread while the model computes the next one; the
+    # manifest lists a shard only once its files are on disk, so a kill still resumes cleanly.
+    writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shards")
+    pending: concurrent.futures.Future | None = None
+
+    def commit(planned: dict, acts: np.ndarray, index: np.ndarray, norms: np.ndarray, dropped: int):
+        name = planned["file"]
+        _save_npy(out / f"{name}.norms.npy", norms)
+        _save_npy(out / f"{name}.idx.npy", index)
+        _save_npy(out / f"{name}.npy", acts)
+        sum_sq = float(np.square(acts, dtype=np.float64).sum())
+        manifest["shards"].append(
+            {**planned, "n_tokens": int(len(acts)), "dropped": dropped, "sum_sq": sum_sq}
+        )
+        _write_json(out / "manifest.json", manifest)
+        if on_shard is not None:
+            on_shard(len(manifest["shards"]))
+
     try:
         for planned in plan[len(done) :]:
             rows, index, norms_seen = [], [], []
             dropped = 0
             lo, hi = planned["contexts"]
-            for start in range(lo, hi, cfg.batch_contexts):
-                stop = min(start + cfg.batch_contexts, hi)
+            for start in range(lo, hi, batch_contexts):
+                stop = min(start + batch_contexts, hi)
                 x = lm.activations(torch.from_numpy(tokens[start:stop].astype(np.int64)), hook)
-                if not torch.isfinite(x).all():
+                x = x[:, first_pos:, :].reshape(-1, d)
+                norms_t = x.float().norm(dim=1)
+                if not torch.isfinite(norms_t).all():
                     raise DataError(
                         f"Model {lm.name} produced NaN or infinite activations at {hook} "
                         f"(contexts {start}-{stop - 1}); check the model weights and dtype."
                     )
-                x = x[:, first_pos:, :].reshape(-1, d).float().cpu().numpy()
-                norms = np.linalg.norm(x, axis=1).astype(np.float32)
+                norms = norms_t.cpu().numpy()
+                x = x.to(torch.float16 if dtype == "float16" else torch.float32).cpu().numpy()
                 keep = np.ones(len(x), dtype=bool)
                 if cfg.drop_outliers:
                     median = float(np.median(np.concatenate([history, norms])))
                     keep = norms <= OUTLIER_FACTOR * median
                     dropped += int((~keep).sum())
                 history = np.concatenate([history, norms])[-MEDIAN_WINDOW:]
-                stored = x[keep].astype(dtype)
+                stored = x[keep]
                 if not np.isfinite(stored).all():
                     raise DataError(
                         f"Activations at {hook} overflow {dtype}; harvest again with dtype float32."
@@ -289,19 +324,14 @@ def harvest(
                 index.append(np.stack([ctx, pos], axis=1)[keep])
                 norms_seen.append(norms)
                 bar.update((stop - start) * body)
-            acts = np.concatenate(rows)
-            name = planned["file"]
-            _save_npy(out / f"{name}.norms.npy", np.concatenate(norms_seen))
-            _save_npy(out / f"{name}.idx.npy", np.concatenate(index))
-            _save_npy(out / f"{name}.npy", acts)
-            sum_sq = float(np.square(acts, dtype=np.float64).sum())
-            manifest["shards"].append(
-                {**planned, "n_tokens": int(len(acts)), "dropped": dropped, "sum_sq": sum_sq}
-            )
-            _write_json(out / "manifest.json", manifest)
-            if on_shard is not None:
-                on_shard(len(manifest["shards"]))
+            if pending is not None:
+                pending.result()  # at most one shard in flight; its errors surface here
+            pending = writer.submit(commit, planned, np.concatenate(rows), np.concatenate(index),
+                                    np.concatenate(norms_seen).astype(np.float32), dropped)
+        if pending is not None:
+            pending.result()
     finally:
+        writer.shutdown(wait=True)
         bar.close()
 
     train = [s for s in manifest["shards"] if s["split"] == "train"]

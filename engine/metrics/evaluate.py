@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import DataError
+from ..runtime import RuntimeConfig, resolve
 from . import names
 from .ce import ce_metrics
 from .geometry import decoder_metrics
@@ -30,6 +31,8 @@ class EvalConfig:
     """Tokens per SAE forward pass while evaluating."""
     ce_batch: int = 4
     """Contexts per model forward pass for CE/KL."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Device and precision of the SAE (--device, --precision)."""
 
 
 @torch.no_grad()
@@ -43,22 +46,25 @@ def evaluate(
     are None. NaN values are returned as None (valid JSON).
     """
     cfg = cfg or EvalConfig()
-    sae.eval()
+    rt = resolve(cfg.runtime)
+    sae.to(rt.device).eval()
     if getattr(acts, "d_in", sae.cfg.d_in) != sae.cfg.d_in:
         raise DataError(
             f"The SAE reads d_in={sae.cfg.d_in} but the activations have width {acts.d_in}; "
             "evaluate it on activations from the hook it was trained on."
         )
-    rec = reconstruction_metrics(
-        sae, acts.split("eval"), cfg.eval_tokens, cfg.dead_eval_tokens, cfg.eval_batch, progress
-    )
+    with rt.autocast():
+        rec = reconstruction_metrics(
+            sae, acts.split("eval"), cfg.eval_tokens, cfg.dead_eval_tokens, cfg.eval_batch, progress
+        )
     metrics: dict[str, Any] = {
         k: rec[k] for k in (names.MSE, names.FVU, names.EXPLAINED_VARIANCE, names.L0,
                             names.DEAD_FRACTION, names.DEAD_FRACTION_TOKENS)
     }
     metrics.update(dict.fromkeys(names.CE_KEYS))
     if model is not None and getattr(model, "has_lm_head", False):
-        metrics.update(ce_metrics(sae, acts, model, cfg.ce_contexts, cfg.ce_batch))
+        with rt.autocast():
+            metrics.update(ce_metrics(sae, acts, model, cfg.ce_contexts, cfg.ce_batch))
     metrics.update(decoder_metrics(sae, block))
     for k in (names.EXPERT_LOAD_TOP1, names.EXPERT_LOAD_TOPK, names.EXPERT_LOAD_ENTROPY):
         metrics[k] = rec[k]

@@ -70,7 +70,8 @@ def test_engine_parts_form_no_cycle():
     # the low layers stay low
     assert graph.get("sae", set()) <= {"errors"}
     assert graph.get("store", set()) <= {"errors"}
-    assert graph.get("metrics", set()) <= {"errors"}
+    assert graph.get("metrics", set()) <= {"errors", "runtime"}
+    assert graph.get("runtime", set()) <= {"errors"}
 
 
 def test_engine_never_imports_streamlit():
