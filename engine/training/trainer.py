@@ -10,7 +10,7 @@ Nothing inside a step waits for the device: losses, expert load, firing counts a
 first non-finite loss accumulate on it and are read at log and checkpoint steps only. Two
 consequences: a NaN is reported at the next log step (with the step it happened at; the
 last good checkpoint is kept), and AuxK starts at the first log step at which a feature is
-dead (whether any is, is read there).
+dead (whether any is, and how many — k_aux = min(d/2, #dead) — is read there).
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=start, desc=f"train {self.sae_cfg.arch}", unit="step")
         window = Window(self.sae_cfg.experts, self.device)
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        any_dead = bool((since_fired > cfg.dead_tokens).any()) and cfg.auxk_alpha > 0
+        # AuxK: on once some feature is dead, with k_aux = min(d/2, #dead), both read at log steps
+        n_dead = int((since_fired > cfg.dead_tokens).sum()) if cfg.auxk_alpha > 0 else 0
         self._sync()
         t_last = time.perf_counter()
         tokens_since = 0
@@ -116,9 +117,9 @@ class Trainer:
                 lr = lr_at(step, cfg.steps, self.lr, cfg.decay_fraction)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                dead = since_fired > cfg.dead_tokens if any_dead else None
+                dead = since_fired > cfg.dead_tokens if n_dead else None
                 with self.rt.autocast():
-                    out = sae(x, dead_mask=dead)
+                    out = sae(x, dead_mask=dead, auxk_k=min(self.d_in // 2, n_dead) or None)
                 loss = out.mse + self.lb_weight * out.lb_loss + cfg.auxk_alpha * out.auxk_loss
                 bad = ~torch.isfinite(loss.detach())
                 first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
@@ -150,7 +151,7 @@ class Trainer:
                         f"the last good checkpoint (step {last_good}) is kept in {run.state}."
                     )
                 dead_now = since_fired > cfg.dead_tokens
-                any_dead = cfg.auxk_alpha > 0 and bool(dead_now.any())
+                n_dead = int(dead_now.sum()) if cfg.auxk_alpha > 0 else 0
                 if log_now:
                     self._sync()
                     now = time.perf_counter()
