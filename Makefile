@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
-SYSTEM_PACKAGES := chromium chromium-driver fortunes bible-kjv
+SYSTEM_PACKAGES := chromium chromium-driver fortunes bible-kjv linux-doc-6.1 python3.11-doc
 
 .PHONY: setup system-deps demo test test-slow test-all lint bench clean-data
 

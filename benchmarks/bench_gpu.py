@@ -167,12 +167,12 @@ def bench_harvest(device: torch.device, tokens: int, dtype: str) -> dict:
                                              model_dtype=dtype, device=str(device)))
         from engine.models import load_model
 
-        lm = load_model(cfg.model, device=str(device), dtype=dtype)
+        lm = load_model(cfg.source.model_name, device=str(device), dtype=dtype)
         t = time.perf_counter()
         store = harvest(cfg, progress=False, model=lm)
         secs = time.perf_counter() - t
         n = store.split("train").n_tokens + store.split("eval").n_tokens
-    return {"model": cfg.model, "model_dtype": dtype, "tokens": n, "seconds": secs,
+    return {"model": cfg.source.model_name, "model_dtype": dtype, "tokens": n, "seconds": secs,
             "tokens_per_s": n / secs, "note": "includes tokenising the corpus (done up front)"}
 
 

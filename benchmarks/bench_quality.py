@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
 
     data = Path(args.data)
-    hcfg = HarvestConfig(tokens=args.tokens, out=str(data / "acts"))
+    hcfg = set_flat(HarvestConfig(), dict(tokens=args.tokens, out=str(data / "acts")))
     t0 = time.perf_counter()
     acts = harvest(hcfg)
     harvest_s = time.perf_counter() - t0

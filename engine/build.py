@@ -18,14 +18,14 @@ import hashlib
 import json
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .analysis.config import AnalysisConfig
 from .data.harvest import HarvestConfig
 from .errors import ConfigError, DataError
 from .metrics.evaluate import EvalConfig
-from .options import names, set_flat
+from .options import names, set_flat, to_flat
 from .paths import REPO_ROOT, atomic_write_json, data_dir
 from .training.config import TrainConfig
 from .training.run_folder import RunFolder
@@ -52,6 +52,10 @@ class BuildConfig:
     """What every SAE is trained with unless its [[sae]] table says otherwise."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    stream: bool = False
+    """Train straight from the model (no harvest on disk): one pass of the model feeds every SAE."""
+    max_cpu_hours: float = 4.0
+    """On a CPU, refuse a build whose training would take longer than this (measured, not guessed)."""
     saes: list[dict] = field(default_factory=lambda: [dict(s) for s in DEFAULT_SAES])
     """One table per SAE ([[sae]] in TOML): a unique `name` plus any `moesae train` option."""
 
@@ -79,7 +83,7 @@ class BuildConfig:
         cfg = set_flat(cls(), raw, where=str(p))
         if saes is not None:
             cfg.saes = saes
-        sae_keys = names(TrainConfig) - set(COMPUTED)
+        sae_keys = names(TrainConfig) - set(COMPUTED) | {"stream"}
         seen = set()
         for s in cfg.saes:
             name = s.get("name")
@@ -93,8 +97,48 @@ class BuildConfig:
 
     def train_config(self, spec: dict) -> TrainConfig:
         """The TrainConfig of one [[sae]] table: the build's training defaults, then its keys."""
-        spec = {k: v for k, v in spec.items() if k != "name"}
+        spec = {k: v for k, v in spec.items() if k not in ("name", "stream")}
         return set_flat(copy.deepcopy(self.train), spec, where=f"[[sae]] '{spec.get('name', '')}'")
+
+
+def check_cpu_budget(tcs: list[TrainConfig], max_hours: float, log=print) -> None:
+    """On a CPU, a build far larger than the demo is timed before it starts: one step of each
+    SAE, on random activations of the model's width. ConfigError (one sentence) when the whole
+    training would take longer than `max_hours`."""
+    import time
+
+    import torch
+
+    from .runtime import resolve_device
+    from .sae import build_sae
+    from .training.schedule import make_adam
+
+    if not tcs or resolve_device(tcs[0].runtime.device).type != "cpu":
+        return
+    work = sum(tc.steps * tc.batch_tokens * tc.sae.width for tc in tcs)
+    if work < 5e11:  # the demo is ~1e10: nothing to time
+        return
+    d = 576  # the default model's width; a step's cost does not depend on the data
+    seconds = 0.0
+    for tc in tcs:
+        sae = build_sae(replace(tc.sae, d_in=d))
+        opt = make_adam(sae.parameters(), 1e-4)
+        x = torch.randn(tc.batch_tokens, d)
+        t = time.perf_counter()
+        for _ in range(2):
+            out = sae(x)
+            opt.zero_grad()
+            (out.mse + out.lb_loss).backward()
+            opt.step()
+        seconds += (time.perf_counter() - t) / 2 * tc.steps
+    hours = seconds / 3600
+    log(f"[0/4] budget    about {hours:.1f} h of training on this CPU (measured)")
+    if hours > max_hours:
+        raise ConfigError(
+            f"This build would train for about {hours:.0f} hours on this CPU (measured: one step "
+            f"of each SAE), more than max_cpu_hours = {max_hours:g}; run it on a GPU, or run "
+            "docs/paper-cpu.toml, its scaled-down version."
+        )
 
 
 def _hash(obj) -> str:
@@ -107,7 +151,7 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
     from .data.activation_store import ActivationStore
     from .data.harvest import harvest
     from .models import LazyModel
-    from .training.trainer import train
+    from .training.trainer import train_many
 
     cfg = copy.deepcopy(cfg)
     cfg.db = str(Path(cfg.db) if cfg.db else data_dir() / "demo.duckdb")
@@ -115,27 +159,48 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
     root = db.parent  # caches live beside the DB file: acts/<hash>, runs/<name>-<hash>
     t0 = time.perf_counter()
 
-    h_identity = {k: v for k, v in asdict(cfg.harvest).items() if k != "out"}
-    cfg.harvest.out = str(root / "acts" / _hash(h_identity))
-    try:
-        acts = ActivationStore(cfg.harvest.out)
-        log(f"[1/4] harvest   cached: {cfg.harvest.out}")
-    except DataError:  # missing or unfinished: harvest (resumes from complete shards)
-        log(f"[1/4] harvest   running: {cfg.harvest.out}")
-        acts = harvest(cfg.harvest, progress=progress)
+    h_identity = {k: v for k, v in to_flat(cfg.harvest).items() if k not in ("out", "device")}
+    tcs: list[tuple[str, TrainConfig]] = []
+    streamed: set[str] = set()
+    for spec in cfg.saes:
+        tc = cfg.train_config(spec)
+        if spec.get("stream", cfg.stream):
+            tc.source = copy.deepcopy(cfg.harvest.source)
+            streamed.add(spec["name"])
+        tcs.append((spec["name"], tc))
+    check_cpu_budget([tc for _, tc in tcs], cfg.max_cpu_hours, log)
+
+    stream_dir = root / "streams" / _hash(h_identity)
+    if len(streamed) == len(tcs):
+        log(f"[1/4] harvest   none: training streams from the model ({stream_dir})")
+    else:
+        cfg.harvest.out = str(root / "acts" / _hash(h_identity))
+        try:
+            acts = ActivationStore(cfg.harvest.out)
+            log(f"[1/4] harvest   cached: {cfg.harvest.out}")
+        except DataError:  # missing or unfinished: harvest (resumes from complete shards)
+            log(f"[1/4] harvest   running: {cfg.harvest.out}")
+            acts = harvest(cfg.harvest, progress=progress)
 
     runs: list[tuple[str, RunFolder]] = []
-    for spec in cfg.saes:
-        name = spec["name"]
-        tc = cfg.train_config(spec)
-        tc.acts = cfg.harvest.out
+    for name, tc in tcs:
+        tc.acts = "" if name in streamed else cfg.harvest.out
         tc.out = str(root / "runs" / f"{name}-{_hash(tc.identity())}")
         run = RunFolder(tc.out)
         log(f"[2/4] train     {name:<12} {'cached' if run.is_finished() else 'running'}: {tc.out}")
-        train(tc, progress=progress)
         runs.append((name, run))
+    # SAEs that share their batches train together: one pass over the data (or the model) for all
+    groups: dict[tuple, list[TrainConfig]] = {}
+    for _, tc in tcs:
+        groups.setdefault((tc.batch_tokens, tc.seed, tc.acts, json.dumps(to_flat(tc.source))), []).append(tc)
+    for group in groups.values():
+        todo = [tc for tc in group if not RunFolder(tc.out).is_finished()]
+        if todo:
+            train_many(todo, progress=progress, stream_dir=stream_dir)
+    if len(streamed) == len(tcs):
+        acts = ActivationStore(stream_dir / "heldout")
 
-    model = LazyModel(cfg.harvest.model)
+    model = LazyModel(cfg.harvest.source.model_name)
     metrics: dict[str, dict] = {}
     loaded = []
     for name, run in runs:

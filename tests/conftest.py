@@ -20,7 +20,8 @@ def tiny_model():
 def tiny_acts(tiny_model, tmp_path_factory):
     """An ActivationStore of ~3000 tokens harvested from tiny_model at its default hook."""
     from engine.data.harvest import HarvestConfig, harvest
+    from engine.options import set_flat
 
     out = tmp_path_factory.mktemp("acts") / "tiny"
-    cfg = HarvestConfig(**TINY_ACTS_CONFIG, out=str(out))
+    cfg = set_flat(HarvestConfig(), {**TINY_ACTS_CONFIG, "out": str(out)})
     return harvest(cfg, progress=False, model=tiny_model)

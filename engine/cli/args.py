@@ -23,8 +23,13 @@ def _parser_for(o: Option):
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One flag per option of config class `cls` (nested configs included), in field order."""
+    """One flag per option of config class `cls` (nested configs included), in field order; a
+    name that occurs twice (the stream's and the trainer's seed) is one flag setting both."""
+    seen: set[str] = set()
     for o in options(cls, skip):
+        if o.name in seen:
+            continue
+        seen.add(o.name)
         flags = [o.flag, *o.field.metadata.get("aliases", ())]
         help_ = o.doc
         if o.kind is bool:

@@ -51,7 +51,8 @@ class BatchSource(Protocol):
         """What a checkpoint records about the data: model, hook, acts."""
 
     def batch(self, step: int) -> torch.Tensor:
-        """[batch_tokens, d] normalised activations for `step`, on the training device."""
+        """[batch_tokens / processes, d] normalised activations for `step` (this process's
+        slice of the global batch), on the training device."""
 
 
 def batch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
@@ -93,12 +94,17 @@ def _check(store: ActivationStore, batch_tokens: int) -> TokenSet:
 
 
 class _FromStore:
-    """What every source of a harvest folder shares."""
+    """What every source of a harvest folder shares. With several processes (rank of world),
+    each serves its consecutive slice of every global batch."""
 
-    def __init__(self, store: ActivationStore, batch_tokens: int, seed: int, device: torch.device):
+    def __init__(self, store: ActivationStore, batch_tokens: int, seed: int, device: torch.device,
+                 rank: int = 0, world: int = 1):
         self.store = store
         self.data = _check(store, batch_tokens)
         self.batch_tokens, self.seed, self.device = batch_tokens, seed, device
+        self.rank, self.world = rank, world
+        self.local = batch_tokens // world
+        self.part = slice(rank * self.local, (rank + 1) * self.local)
         self.d_in = store.d_in
         self.norm_scale = store.norm_scale
         self.n_tokens = self.data.n_tokens
@@ -122,14 +128,14 @@ class MemmapBatches(_FromStore):
     """Rows read from the memory-mapped shards at every step."""
 
     def batch(self, step: int) -> torch.Tensor:
-        return self._finish(torch.from_numpy(self.data.read(self.order.indices(step))), step)
+        return self._finish(torch.from_numpy(self.data.read(self.order.indices(step)[self.part])), step)
 
 
 class ResidentBatches(_FromStore):
     """The whole training split on the training device; each epoch's order moves there once."""
 
-    def __init__(self, store, batch_tokens, seed, device):
-        super().__init__(store, batch_tokens, seed, device)
+    def __init__(self, store, batch_tokens, seed, device, rank=0, world=1):
+        super().__init__(store, batch_tokens, seed, device, rank, world)
         self.x = _load_split(self.data, device)
         self._epoch: int | None = None
         self._order_dev: torch.Tensor | None = None
@@ -139,22 +145,22 @@ class ResidentBatches(_FromStore):
         if epoch != self._epoch:
             self._order_dev = torch.from_numpy(self.order.epoch_batches(epoch)).to(self.device)
             self._epoch = epoch
-        return self._finish(self.x[self._order_dev[offset]], step)
+        return self._finish(self.x[self._order_dev[offset, self.part]], step)
 
 
 class PinnedBatches(_FromStore):
     """The training split in pinned host memory; a background thread gathers the next
     `depth` batches and, on CUDA, starts their copies to the device on a side stream."""
 
-    def __init__(self, store, batch_tokens, seed, device, depth: int = 3):
-        super().__init__(store, batch_tokens, seed, device)
+    def __init__(self, store, batch_tokens, seed, device, rank=0, world=1, depth: int = 3):
+        super().__init__(store, batch_tokens, seed, device, rank, world)
         self.cuda = device.type == "cuda"
         self.x = _load_split(self.data, torch.device("cpu"), pin=self.cuda)
         self._stream = torch.cuda.Stream(device) if self.cuda else None
         self._prefetch = _Prefetcher(self._make, lambda s: range(s + 1, s + depth + 1))
 
     def _make(self, step: int):
-        rows = self.x.index_select(0, torch.from_numpy(self.order.indices(step)))
+        rows = self.x.index_select(0, torch.from_numpy(self.order.indices(step)[self.part]))
         if not self.cuda:
             return rows
         rows = rows.pin_memory()
@@ -185,9 +191,9 @@ class ChunkedBatches(_FromStore):
     slices of a window (a window holds whole batches), so each token is seen at most once
     per epoch."""
 
-    def __init__(self, store, batch_tokens, seed, device, chunk_tokens: int = 1 << 16,
-                 window: int = 64):
-        super().__init__(store, batch_tokens, seed, device)
+    def __init__(self, store, batch_tokens, seed, device, rank=0, world=1,
+                 chunk_tokens: int = 1 << 16, window: int = 64):
+        super().__init__(store, batch_tokens, seed, device, rank, world)
         self.chunk = max(chunk_tokens, batch_tokens)
         self.n_chunks = max(1, self.n_tokens // self.chunk)
         if self.n_chunks * self.chunk < batch_tokens:
@@ -227,7 +233,7 @@ class ChunkedBatches(_FromStore):
         key, b = self._locate(step)
         chunks, shuffle = self.window_index(key)
         rows = (chunks[:, None] * self.chunk + np.arange(self.chunk)).reshape(-1)[shuffle]
-        return rows[b * self.batch_tokens : (b + 1) * self.batch_tokens]
+        return rows[b * self.batch_tokens : (b + 1) * self.batch_tokens][self.part]
 
     def _window_rows(self, key: tuple[int, int]) -> torch.Tensor:
         chunks, shuffle = self.window_index(key)
@@ -238,8 +244,8 @@ class ChunkedBatches(_FromStore):
         key, b = self._locate(step)
         if self._current is None or self._current[0] != key:
             self._current = (key, self._prefetch.get(key))
-        rows = self._current[1]
-        return self._finish(rows[b * self.batch_tokens : (b + 1) * self.batch_tokens], step)
+        rows = self._current[1][b * self.batch_tokens : (b + 1) * self.batch_tokens]
+        return self._finish(rows[self.part], step)
 
     def close(self) -> None:
         self._prefetch.close()
@@ -337,7 +343,7 @@ def choose_source(n_tokens: int, d: int, device: torch.device, asked: str = "aut
 
 
 def harvest_batches(store: ActivationStore, batch_tokens: int, seed: int, device: torch.device,
-                    source: str = "auto") -> BatchSource:
+                    source: str = "auto", rank: int = 0, world: int = 1) -> BatchSource:
     """The batch source `source` (or the one `auto` picks) over a harvest folder's train split."""
     if source not in SOURCES:
         raise ConfigError(f"Unknown batch source '{source}'; choose one of {', '.join(SOURCES)}.")
@@ -353,4 +359,4 @@ def harvest_batches(store: ActivationStore, batch_tokens: int, seed: int, device
             )
     cls = {"resident": ResidentBatches, "pinned": PinnedBatches, "chunked": ChunkedBatches,
            "memmap": MemmapBatches}[kind]
-    return cls(store, batch_tokens, seed, device)
+    return cls(store, batch_tokens, seed, device, rank, world)

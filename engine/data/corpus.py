@@ -1,14 +1,17 @@
 """Text sources → fixed-length token contexts, each labelled with the domain it came from.
 
 Sources (comma-separated in a spec): `pydoc` (the standard library's own docstrings and
-`pydoc_data.topics`), `fortunes` (Debian fortunes), `bible` (KJV via `bible-kjv`), a local
-.txt/.jsonl file or folder, `hf:NAME[:split]`. Distinct domains make expert specialisation
+`pydoc_data.topics`), `fortunes` (Debian fortunes), `bible` (KJV via `bible-kjv`),
+`linux-docs` (the Linux kernel's Documentation, Debian `linux-doc-6.1`), `python-manual` (the
+Python manual's reST sources, Debian `python3.11-doc`), a local .txt/.jsonl file or folder,
+`hf:NAME[:split]`. Distinct domains make expert specialisation
 visible, so the default mix is every built-in domain available, balanced by tokens.
 """
 
 from __future__ import annotations
 
 import ast
+import gzip
 import json
 import os
 import shutil
@@ -22,10 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..paths import data_dir
+from ..paths import atomic_write, data_dir
 
-BUILTIN_SOURCES = ("pydoc", "fortunes", "bible")
+BUILTIN_SOURCES = ("pydoc", "fortunes", "bible", "linux-docs", "python-manual")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
+DOC_DIR = Path("/usr/share/doc")
+"""Where Debian puts linux-doc-<version>/Documentation and python3.<minor>/html/_sources."""
 HF_MAX_DOCS = 50_000
 _SKIP_STDLIB_DIRS = {
     "test",
@@ -65,37 +70,28 @@ def _pydoc_documents() -> list[Document]:
     """One document per stdlib module (its module, class and function docstrings, read with
     `ast` so nothing is imported) plus one per `pydoc_data.topics` entry. Cached as JSONL
     because parsing the stdlib takes several seconds."""
-    cache = (
-        data_dir() / "corpora" / f"pydoc-py{sys.version_info.major}{sys.version_info.minor}.jsonl"
-    )
-    if cache.exists():
-        return _read_jsonl(cache, default_domain="pydoc")
-    docs: list[Document] = []
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d for d in dirnames if d not in _SKIP_STDLIB_DIRS and not d.startswith("config-")
-        )
-        for fname in sorted(filenames):
-            if not fname.endswith(".py"):
-                continue
-            path = Path(dirpath) / fname
-            text = _module_docs(path, ".".join(path.relative_to(root).with_suffix("").parts))
-            if text:
-                docs.append(Document(text, "pydoc"))
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:  # some distributions strip pydoc_data; the module docstrings remain
-        topics = {}
-    docs += [Document(topics[k].strip(), "pydoc") for k in sorted(topics) if topics[k].strip()]
-    if docs:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for d in docs:
-                f.write(json.dumps({"text": d.text}) + "\n")
-        os.replace(tmp, cache)
-    return docs
+    def make() -> list[Document]:
+        docs: list[Document] = []
+        root = Path(sysconfig.get_paths()["stdlib"])
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(
+                d for d in dirnames if d not in _SKIP_STDLIB_DIRS and not d.startswith("config-")
+            )
+            for fname in sorted(filenames):
+                if not fname.endswith(".py"):
+                    continue
+                path = Path(dirpath) / fname
+                text = _module_docs(path, ".".join(path.relative_to(root).with_suffix("").parts))
+                if text:
+                    docs.append(Document(text, "pydoc"))
+        try:
+            from pydoc_data.topics import topics
+        except ImportError:  # some distributions strip pydoc_data; the module docstrings remain
+            topics = {}
+        docs += [Document(topics[k].strip(), "pydoc") for k in sorted(topics) if topics[k].strip()]
+        return docs
+
+    return _cached(f"pydoc-py{sys.version_info.major}{sys.version_info.minor}", "pydoc", make)
 
 
 def _module_docs(path: Path, module: str) -> str:
@@ -170,6 +166,63 @@ def _bible_documents() -> list[Document]:
     return [Document(" ".join(v), "bible") for v in chapters.values()]
 
 
+def _newest(pattern: str) -> Path | None:
+    found = sorted(DOC_DIR.glob(pattern))
+    return found[-1] if found else None
+
+
+def _cached(name: str, domain: str, make) -> list[Document]:
+    """Documents cached as JSONL under data/corpora (reading thousands of files takes seconds)."""
+    cache = data_dir() / "corpora" / f"{name}.jsonl"
+    if cache.exists():
+        return _read_jsonl(cache, default_domain=domain)
+    docs = make()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps({"text": d.text, "domain": d.domain}) + "\n" for d in docs)
+    atomic_write(cache, lambda f: f.write(lines))
+    return docs
+
+
+def _linux_doc_documents() -> list[Document]:
+    """One document per file of the kernel's Documentation (*.rst.gz)."""
+    root = _newest("linux-doc-*/Documentation")
+    if root is None:
+        raise DataError(
+            "The linux-docs corpus is not installed (no /usr/share/doc/linux-doc-*/Documentation; "
+            "apt-get install linux-doc-6.1)."
+        )
+
+    def make() -> list[Document]:
+        docs = []
+        for f in sorted(root.rglob("*.rst.gz")):
+            text = gzip.decompress(f.read_bytes()).decode("utf-8", errors="replace")
+            if text.strip():
+                docs.append(Document(text, "linux-docs"))
+        return docs
+
+    return _cached(f"linux-docs-{root.parent.name}", "linux-docs", make)
+
+
+def _python_manual_documents() -> list[Document]:
+    """One document per reST source page of the Python manual."""
+    root = _newest("python3.*/html/_sources")
+    if root is None:
+        raise DataError(
+            "The python-manual corpus is not installed (no /usr/share/doc/python3.*/html/_sources; "
+            "apt-get install python3.11-doc)."
+        )
+
+    def make() -> list[Document]:
+        docs = []
+        for f in sorted(root.rglob("*.txt")):
+            text = f.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                docs.append(Document(text, "python-manual"))
+        return docs
+
+    return _cached(f"python-manual-{root.parent.parent.name}", "python-manual", make)
+
+
 def _read_jsonl(path: Path, default_domain: str) -> list[Document]:
     docs = []
     with open(path, encoding="utf-8") as f:
@@ -239,6 +292,10 @@ def available_sources() -> list[str]:
         found.append("fortunes")
     if shutil.which("bible"):
         found.append("bible")
+    if _newest("linux-doc-*/Documentation") is not None:
+        found.append("linux-docs")
+    if _newest("python3.*/html/_sources") is not None:
+        found.append("python-manual")
     return found
 
 
@@ -254,13 +311,17 @@ def load_corpus(spec: str | None = None) -> list[Document]:
             docs += _fortune_documents()
         elif part == "bible":
             docs += _bible_documents()
+        elif part == "linux-docs":
+            docs += _linux_doc_documents()
+        elif part == "python-manual":
+            docs += _python_manual_documents()
         elif part.startswith("hf:"):
             docs += _hf_documents(part)
         elif Path(part).expanduser().exists():
             docs += _file_documents(Path(part).expanduser())
         else:
             raise DataError(
-                f"Unknown corpus source '{part}'; use pydoc, fortunes, bible, a .txt/.jsonl "
+                f"Unknown corpus source '{part}'; use {', '.join(BUILTIN_SOURCES)}, a .txt/.jsonl "
                 "file or folder, or hf:NAME[:split]."
             )
     if not docs:
@@ -330,6 +391,11 @@ def make_contexts(
             domains.append(name)
     if not rows:
         raise DataError(f"The corpus is shorter than one context of {context_len} tokens.")
+    if want is not None and len(rows) < want:
+        raise DataError(
+            f"The corpus holds {len(rows) * body_len:,} tokens (in {context_len}-token contexts), "
+            f"fewer than the {n_tokens:,} asked for; ask for fewer --tokens or add text."
+        )
     order = rng.permutation(len(rows))
     tokens = np.asarray(rows, dtype=np.int32)[order]
     return Contexts(tokens=tokens, domains=[domains[i] for i in order])

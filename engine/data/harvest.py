@@ -14,7 +14,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from ..models import DEFAULT_MODEL, LoadedModel, load_model
+from ..options import to_flat
 from ..paths import atomic_write, data_dir
 from ..runtime import DeviceConfig
 from .activation_store import FORMAT_VERSION, SPLITS, ActivationStore, open_shard, read_manifest
@@ -34,17 +35,18 @@ MEDIAN_WINDOW = 65_536
 
 
 @dataclass
-class HarvestConfig:
-    """One harvest: which model, hook and corpus, how many tokens, stored how."""
+class SourceConfig:
+    """Where activations come from: a model, a hook, a corpus, how many tokens. A harvest stores
+    them; `moesae train` without --acts streams them (engine.data.stream)."""
 
-    model: str = DEFAULT_MODEL
-    """Model name, local HF folder or hub name."""
+    model: str | None = None
+    """Model name, local HF folder or hub name (default: the offline SmolLM2-135M-Instruct)."""
     hook: str | None = None
     """TransformerLens hook name (default: the middle layer's residual stream)."""
     corpus: str | None = None
-    """Comma-separated sources: pydoc, fortunes, bible, a .txt/.jsonl path, hf:NAME[:split] (default: every built-in domain available)."""
+    """Comma-separated sources: pydoc, fortunes, bible, linux-docs, python-manual, a .txt/.jsonl path, hf:NAME[:split] (default: every built-in domain installed)."""
     tokens: int = 200_000
-    """Number of tokens to harvest (train + eval)."""
+    """Number of tokens (train + eval)."""
     context_len: int = 128
     """Tokens per context, BOS included."""
     seed: int = 0
@@ -53,37 +55,54 @@ class HarvestConfig:
     """Fraction of contexts held out for evaluation."""
     batch_contexts: int | None = None
     """Contexts per forward pass (default: 8 on the CPU, 64 on a GPU)."""
-    dtype: str = "float16"
-    """Storage dtype: float16 or float32."""
     drop_outliers: bool = True
     """Drop tokens whose norm is > 10x the running median."""
-    out: str | None = None
-    """Output folder (default: data/acts/<name from the config>)."""
-    shard_mb: float = 64.0
-    """Approximate size of one shard file in MB."""
     model_dtype: str = "float32"
     """The model's weights and activations: float32, bfloat16 or float16 (on a GPU, bf16/fp16 are several times faster)."""
     runtime: DeviceConfig = field(default_factory=DeviceConfig)
     """Where the model runs (--device)."""
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DEFAULT_MODEL
+
+
+@dataclass
+class HarvestConfig:
+    """One harvest: the source of the activations and how they are stored."""
+
+    source: SourceConfig = field(default_factory=SourceConfig)
+    """The model, hook, corpus and token count (--model, --hook, --corpus, --tokens, …)."""
+    dtype: str = "float16"
+    """Storage dtype: float16 or float32."""
+    out: str | None = None
+    """Output folder (default: data/acts/<name from the config>)."""
+    shard_mb: float = 64.0
+    """Approximate size of one shard file in MB."""
 
 
 def default_out(cfg: HarvestConfig, hook: str) -> Path:
     def slug(s: str) -> str:
         return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")
 
-    name = f"{slug(cfg.model)}__{slug(hook)}__{slug(cfg.corpus or 'mix')}__{cfg.tokens}t-L{cfg.context_len}-s{cfg.seed}"
+    src = cfg.source
+    name = f"{slug(src.model_name)}__{slug(hook)}__{slug(src.corpus or 'mix')}__{src.tokens}t-L{src.context_len}-s{src.seed}"
     return data_dir() / "acts" / name
 
 
+def check_source(src: SourceConfig) -> None:
+    if src.tokens < 1:
+        raise ConfigError(f"tokens must be positive, got {src.tokens}.")
+    if src.context_len < 2:
+        raise ConfigError(f"context_len must be at least 2, got {src.context_len}.")
+    if not 0.0 <= src.eval_fraction < 1.0:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {src.eval_fraction}.")
+    if src.batch_contexts is not None and src.batch_contexts < 1:
+        raise ConfigError(f"batch_contexts must be positive, got {src.batch_contexts}.")
+
+
 def _check(cfg: HarvestConfig) -> None:
-    if cfg.tokens < 1:
-        raise ConfigError(f"tokens must be positive, got {cfg.tokens}.")
-    if cfg.context_len < 2:
-        raise ConfigError(f"context_len must be at least 2, got {cfg.context_len}.")
-    if not 0.0 <= cfg.eval_fraction < 1.0:
-        raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}.")
-    if cfg.batch_contexts is not None and cfg.batch_contexts < 1:
-        raise ConfigError(f"batch_contexts must be positive, got {cfg.batch_contexts}.")
+    check_source(cfg.source)
     if cfg.dtype not in ("float16", "float32"):
         raise ConfigError(f"dtype must be float16 or float32, got {cfg.dtype!r}.")
     if cfg.shard_mb <= 0:
@@ -119,17 +138,17 @@ def _write_error(path: Path, e: OSError) -> DataError:
 # ---- harvest ---------------------------------------------------------------------------
 
 
-NOT_IDENTITY = ("out", "batch_contexts", "runtime")
+NOT_IDENTITY = ("out", "batch_contexts", "device")
 """Options that change how a harvest runs, not what it stores."""
 
 
 def _identity(cfg: HarvestConfig, lm: LoadedModel, hook: str) -> dict:
-    """What must match for a folder to be resumed."""
-    ident = asdict(cfg)
+    """What must match for a folder to be resumed (flat option names)."""
+    ident = to_flat(cfg)
     for key in NOT_IDENTITY:
         ident.pop(key)
     ident.update(hook=hook, model=lm.name, format=FORMAT_VERSION)
-    if cfg.corpus is None:
+    if cfg.source.corpus is None:
         from .corpus import available_sources
 
         ident["corpus"] = "mix:" + ",".join(available_sources())
@@ -155,8 +174,28 @@ def _plan(split: list[str], per_shard: int) -> list[dict]:
     return plan
 
 
+def split_contexts(src: SourceConfig, lm: LoadedModel) -> tuple[np.ndarray, list[str], list[str]]:
+    """(tokens [n, L], domain per context, 'train'|'eval' per context) from the corpus: the
+    contexts are shuffled, the last `eval_fraction` of them held out."""
+    from .corpus import load_corpus, make_contexts
+
+    contexts = make_contexts(lm, load_corpus(src.corpus), context_len=src.context_len,
+                             n_tokens=src.tokens, seed=src.seed)
+    n_ctx = len(contexts)
+    n_eval = min(n_ctx - 1, round(n_ctx * src.eval_fraction)) if src.eval_fraction > 0 else 0
+    if src.eval_fraction > 0 and n_ctx > 1:
+        n_eval = max(1, n_eval)
+    split = ["train"] * (n_ctx - n_eval) + ["eval"] * n_eval  # contexts are already shuffled
+    return contexts.tokens, contexts.domains, split
+
+
+def save_contexts(out: Path, tokens: np.ndarray, domains: list[str], split: list[str]) -> None:
+    _save_npy(out / "contexts.npy", tokens)
+    _write_json(out / "contexts.json", {"domains": domains, "split": split})
+
+
 def _prepare_contexts(
-    cfg: HarvestConfig, lm: LoadedModel, out: Path
+    src: SourceConfig, lm: LoadedModel, out: Path
 ) -> tuple[np.ndarray, list[str], list[str]]:
     tok_path, meta_path = out / "contexts.npy", out / "contexts.json"
     # Saved contexts are trusted only once a manifest vouches for the config they came from.
@@ -168,19 +207,9 @@ def _prepare_contexts(
             raise DataError(
                 f"The contexts saved in {out} are corrupt; delete the folder and harvest again."
             ) from e
-    from .corpus import load_corpus, make_contexts
-
-    contexts = make_contexts(
-        lm, load_corpus(cfg.corpus), context_len=cfg.context_len, n_tokens=cfg.tokens, seed=cfg.seed
-    )
-    n_ctx = len(contexts)
-    n_eval = min(n_ctx - 1, round(n_ctx * cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
-    if cfg.eval_fraction > 0 and n_ctx > 1:
-        n_eval = max(1, n_eval)
-    split = ["train"] * (n_ctx - n_eval) + ["eval"] * n_eval  # contexts are already shuffled
-    _save_npy(tok_path, contexts.tokens)
-    _write_json(meta_path, {"domains": contexts.domains, "split": split})
-    return contexts.tokens, contexts.domains, split
+    tokens, domains, split = split_contexts(src, lm)
+    save_contexts(out, tokens, domains, split)
+    return tokens, domains, split
 
 
 def harvest(
@@ -190,24 +219,23 @@ def harvest(
     model: LoadedModel | None = None,
     on_shard: Callable[[int], None] | None = None,
 ) -> ActivationStore:
-    """Run the model over the corpus and store activations at cfg.hook; resumes a folder
+    """Run the model over the corpus and store activations at the hook; resumes a folder
     harvested with the same config, refuses one harvested with another.
-    `model`: an already loaded model named cfg.model (saves a reload); `on_shard(n_done)`:
-    called after each committed shard (tests use it to simulate a crash)."""
+    `model`: an already loaded model named as the config names it (saves a reload);
+    `on_shard(n_done)`: called after each committed shard (tests use it to simulate a crash)."""
     _check(cfg)
-    if model is not None and model.name != cfg.model:
-        raise ConfigError(f"harvest was given model {model.name} but the config names {cfg.model}.")
-    lm = model or load_model(cfg.model, device=cfg.runtime.device, dtype=cfg.model_dtype)
-    hook = lm.resolve_hook(cfg.hook)
+    src = cfg.source
+    if model is not None and model.name != src.model_name:
+        raise ConfigError(f"harvest was given model {model.name} but the config names {src.model_name}.")
+    lm = model or load_model(src.model_name, device=src.runtime.device, dtype=src.model_dtype)
+    hook = lm.resolve_hook(src.hook)
     out = Path(cfg.out).expanduser() if cfg.out else default_out(cfg, hook)
     identity = _identity(cfg, lm, hook)
-    d, dtype = lm.d_model, cfg.dtype
-    first_pos = 1 if lm.bos_token_id is not None else 0
 
     if (out / "manifest.json").exists():
         manifest = read_manifest(out)
         # a harvest made before an option existed was made with that option's default
-        defaults = {f.name: f.default for f in fields(HarvestConfig)}
+        defaults = to_flat(HarvestConfig())
         old = {k: manifest["config"].get(k, defaults.get(k)) for k in identity}
         if old != identity:
             diff = [k for k in identity if old.get(k) != identity[k]]
@@ -217,12 +245,26 @@ def harvest(
             )
     else:
         out.mkdir(parents=True, exist_ok=True)
-        manifest = None
+    tokens, domains, split = _prepare_contexts(src, lm, out)
+    return write_shards(lm, hook, out, identity, tokens, split, cfg.dtype, cfg.shard_mb,
+                        src.batch_contexts, src.drop_outliers, progress, on_shard)
 
-    tokens, domains, split = _prepare_contexts(cfg, lm, out)
+
+def write_shards(
+    lm: LoadedModel, hook: str, out: Path, identity: dict, tokens: np.ndarray, split: list[str],
+    dtype: str = "float16", shard_mb: float = 64.0, batch_contexts: int | None = None,
+    drop_outliers: bool = True, progress: bool = True,
+    on_shard: Callable[[int], None] | None = None, norm_scale: float | None = None,
+) -> ActivationStore:
+    """The activations of the saved contexts of `out` (contexts.npy/.json), shard by shard,
+    resuming after the last complete one. `norm_scale`: given (a held-out set of a stream, which
+    has no training split of its own), else computed from the training split."""
+    d = lm.d_model
+    first_pos = 1 if lm.bos_token_id is not None else 0
+    manifest = read_manifest(out) if (out / "manifest.json").exists() else None
     body = tokens.shape[1] - first_pos
     itemsize = np.dtype(dtype).itemsize
-    per_shard = max(1, int(cfg.shard_mb * 2**20 // (body * d * itemsize)))
+    per_shard = max(1, int(shard_mb * 2**20 // (body * d * itemsize)))
     plan = _plan(split, per_shard)
     if manifest is None:
         manifest = {
@@ -271,7 +313,7 @@ def harvest(
         disable=not progress,
         dynamic_ncols=True,
     )
-    batch_contexts = cfg.batch_contexts or (64 if str(lm.device).startswith("cuda") else 8)
+    batch_contexts = batch_contexts or (64 if str(lm.device).startswith("cuda") else 8)
     # Shards are written by one background thread while the model computes the next one; the
     # manifest lists a shard only once its files are on disk, so a kill still resumes cleanly.
     writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shards")
@@ -308,7 +350,7 @@ def harvest(
                 norms = norms_t.cpu().numpy()
                 x = x.to(torch.float16 if dtype == "float16" else torch.float32).cpu().numpy()
                 keep = np.ones(len(x), dtype=bool)
-                if cfg.drop_outliers:
+                if drop_outliers:
                     median = float(np.median(np.concatenate([history, norms])))
                     keep = norms <= OUTLIER_FACTOR * median
                     dropped += int((~keep).sum())
@@ -334,14 +376,15 @@ def harvest(
         writer.shutdown(wait=True)
         bar.close()
 
-    train = [s for s in manifest["shards"] if s["split"] == "train"]
-    n_train = sum(s["n_tokens"] for s in train)
-    if n_train == 0:
-        raise DataError(f"No training tokens were kept in {out}; harvest more tokens.")
-    mean_sq = sum(s["sum_sq"] for s in train) / n_train
+    if norm_scale is None:
+        train = [s for s in manifest["shards"] if s["split"] == "train"]
+        n_train = sum(s["n_tokens"] for s in train)
+        if n_train == 0:
+            raise DataError(f"No training tokens were kept in {out}; harvest more tokens.")
+        norm_scale = math.sqrt(d / (sum(s["sum_sq"] for s in train) / n_train))
     manifest.update(
         complete=True,
-        norm_scale=math.sqrt(d / mean_sq),
+        norm_scale=norm_scale,
         n_tokens={
             name: sum(s["n_tokens"] for s in manifest["shards"] if s["split"] == name)
             for name in SPLITS

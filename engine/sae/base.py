@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -30,6 +31,17 @@ from .moe import (
 )
 
 KERNELS = ("fast", "reference")
+Reduce = Callable[[Tensor], Tensor]
+"""Sums a tensor over the processes of data-parallel training (differentiably)."""
+
+
+def _centred_sq_sum(v: Tensor, reduce: Reduce | None) -> Tensor:
+    """Σ ‖v − mean(v)‖² over the rows of every process."""
+    if reduce is None:
+        return (v - v.mean(0)).pow(2).sum()
+    n = reduce(v.new_tensor(float(v.shape[0])))
+    s1 = reduce(v.sum(0))
+    return reduce(v.pow(2).sum()) - s1.pow(2).sum() / n
 
 
 class EncoderOutput(NamedTuple):
@@ -130,40 +142,50 @@ class SparseAutoencoder(nn.Module, ABC):
         z = codes.top_acts.new_zeros(codes.top_acts.shape[0], self.cfg.width)
         return z.scatter_(1, codes.top_indices, codes.top_acts)
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None, auxk_k: int | None = None) -> ForwardOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, auxk_k: int | None = None,
+                reduce: Reduce | None = None) -> ForwardOutput:
         """Reconstruction and losses of normalised activations x [B, d]. With a `dead_mask`
-        [M], the AuxK loss of those features (weight it in the trainer)."""
+        [M], the AuxK loss of those features (weight it in the trainer). In data-parallel
+        training, `reduce` sums a tensor over all processes (differentiably), so that the
+        losses that are not plain means over tokens use the whole global batch."""
         k_aux = (auxk_k or x.shape[-1] // 2) if dead_mask is not None else 0
         codes = self.encode(x, dead_mask, k_aux)
         x_hat = self.decode(codes.top_acts, codes.top_indices)
         err = x - x_hat
         sq = err.pow(2).sum(-1)
         mse = sq.mean()
-        total_var = (x - x.mean(0)).pow(2).sum()
-        fvu = sq.sum() / total_var.clamp_min(1e-12)
-        lb = self.load_balance_loss(codes)
+        sse = sq.sum().detach()
+        fvu = (reduce(sse) if reduce else sse) / _centred_sq_sum(x, reduce).clamp_min(1e-12)
+        lb = self.load_balance_loss(codes, reduce)
         auxk = x.new_zeros(())
         if codes.aux_acts is not None:
-            auxk = self._auxk_loss(err.detach(), codes) * dead_mask.any()  # 0 when none is dead
+            auxk = self._auxk_loss(err.detach(), codes, reduce) * dead_mask.any()  # 0 if none dead
         return ForwardOutput(x_hat, codes, mse, fvu, lb, auxk)
 
-    def load_balance_loss(self, codes: EncoderOutput) -> Tensor:
+    def load_balance_loss(self, codes: EncoderOutput, reduce: Reduce | None = None) -> Tensor:
         """L_lb = N · Σ_i f_i · P_i with f_i from the top-1 expert (METHOD §2)."""
         if codes.router_probs is None:
             return codes.top_acts.new_zeros(())
         N = self.cfg.experts
         top1 = codes.expert_indices[:, 0]
-        f = expert_counts(top1, N).to(codes.router_probs.dtype) / top1.numel()
-        P = codes.router_probs.mean(0)
+        counts = expert_counts(top1, N).to(codes.router_probs.dtype)
+        if reduce is None:
+            f = counts / top1.numel()
+            P = codes.router_probs.mean(0)
+        else:  # over the global batch
+            n = reduce(counts.sum())
+            f = reduce(counts) / n
+            P = reduce(codes.router_probs.sum(0)) / n
         return N * (f * P).sum()
 
-    def _auxk_loss(self, err: Tensor, codes: EncoderOutput) -> Tensor:
+    def _auxk_loss(self, err: Tensor, codes: EncoderOutput, reduce: Reduce | None = None) -> Tensor:
         """AuxK (Gao et al. 2024): dead features reconstruct the residual; normalised MSE."""
         e_hat = F.embedding_bag(codes.aux_indices, self.W_dec, mode="sum",
                                 per_sample_weights=codes.aux_acts.to(self.W_dec.dtype))
         num = (e_hat - err).pow(2).sum()
-        den = (err - err.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return num / den
+        if reduce is not None:
+            num = reduce(num)
+        return num / _centred_sq_sum(err, reduce).clamp_min(1e-12)
 
     @torch.no_grad()
     def set_decoder_norm_to_unit(self) -> None:

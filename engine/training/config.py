@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..data.batches import SOURCES
+from ..data.harvest import SourceConfig
 from ..options import to_flat
 from ..runtime import RuntimeConfig
 from ..sae.config import SAEConfig
@@ -17,11 +18,19 @@ class TrainConfig:
     """One training run. Defaults are the recommended values (METHOD.md §3)."""
 
     acts: str = ""
-    """Activation folder written by `moesae harvest`."""
+    """Activation folder written by `moesae harvest`; without it, activations are computed from the model while training (--model, --corpus, --tokens …)."""
     out: str = ""
     """Run folder (created; an interrupted run in it is resumed)."""
     sae: SAEConfig = field(default_factory=SAEConfig)
     """The architecture (its fields are flags of their own: --arch, --width, …)."""
+    source: SourceConfig = field(default_factory=SourceConfig)
+    """Without --acts: the model, hook, corpus and token count to stream from."""
+    buffer_tokens: int | None = None
+    """Without --acts: tokens held in the mixing buffer on the device (default: 2^21 on a GPU, 2^17 on the CPU)."""
+    refill_fraction: float = 0.5
+    """Without --acts: the share of the buffer that is new at each refill (1/2: every batch mixes three stretches of the stream)."""
+    heldout_tokens: int = 100_000
+    """Without --acts: held-out tokens harvested into the run folder for eval and analysis."""
     steps: int = 2000
     """Optimiser steps."""
     batch_tokens: int = 4096
@@ -48,6 +57,8 @@ class TrainConfig:
     """Device and precision (--device, --precision)."""
     batches: str = field(default="auto", metadata={"choices": SOURCES})
     """Where the training split is served from: auto, resident (on the device), pinned (host memory, prefetched), chunked (sequential reads, for harvests larger than memory) or memmap."""
+    dist_backend: str | None = None
+    """Under torchrun: gloo or nccl (default: nccl on CUDA, gloo on the CPU)."""
     kernels: str = field(default="fast", metadata={"choices": ("fast", "reference")})
     """fast (sparse backward; grouped GEMM where it needs no host sync) or reference (plain autograd: the test oracle)."""
 
@@ -55,9 +66,15 @@ class TrainConfig:
         """The options that define what is trained (not where, how often it logs or on what
         device), flat: the run folder's name in a build is a hash of this."""
         d = to_flat(self)
-        for key in ("out", "checkpoint_every", "log_every", "device", "batches", "kernels"):
+        for key in ("out", "checkpoint_every", "log_every", "device", "batches", "kernels",
+                    "batch_contexts", "dist_backend"):
             d.pop(key)
-        d["acts"] = str(Path(self.acts).resolve())
+        if self.acts:  # a harvest: the stream's options do not apply
+            for key in ("model", "hook", "corpus", "tokens", "context_len", "eval_fraction",
+                        "drop_outliers", "model_dtype", "buffer_tokens", "refill_fraction",
+                        "heldout_tokens"):
+                d.pop(key)
+            d["acts"] = str(Path(self.acts).resolve())
         return d
 
     def to_dict(self) -> dict:

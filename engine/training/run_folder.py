@@ -130,6 +130,13 @@ class RunFolder:
         opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
         return int(meta["step"]), extra
 
+    def load_source_state(self) -> dict | None:
+        """Where the batch source stood at the checkpoint (streams only; None otherwise)."""
+        try:
+            return json.loads((self.state / "sae" / CFG_FILE).read_text()).get("source_state")
+        except (OSError, ValueError):
+            return None
+
     # -- the result ------------------------------------------------------------------------
     def save_final(self, sae, meta: dict, config: dict, steps: int) -> None:
         save_sae(sae, self.final, meta)

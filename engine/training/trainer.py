@@ -1,21 +1,29 @@
 """The trainer shared by every architecture (METHOD.md §3 "shared training recipe").
 
 One loop for dense TopK, Switch and Scale so that comparisons are fair. It takes its batches
-from a `BatchSource` (engine.data.batches) and keeps everything on disk in a `RunFolder`.
+from a `BatchSource` — a harvest folder (engine.data.batches) or the model itself
+(engine.data.stream) — and keeps everything on disk in a `RunFolder`. `train_many` trains
+several SAEs in lockstep on one source: one pass of the model feeds them all.
+
 A run killed with `kill -9` and started again with the same command resumes from its last
 checkpoint and finishes with the same number of steps, seeing the same data it would have
-seen (batches depend only on seed and step; the Adam state is checkpointed).
+seen (batches depend only on seed and step; the Adam state and the source's position are
+checkpointed).
 
 Nothing inside a step waits for the device: losses, expert load, firing counts and the
 first non-finite loss accumulate on it and are read at log and checkpoint steps only. Two
 consequences: a NaN is reported at the next log step (with the step it happened at; the
 last good checkpoint is kept), and AuxK starts at the first log step at which a feature is
 dead (whether any is, and how many — k_aux = min(d/2, #dead) — is read there).
+
+Under `torchrun` (engine.training.distributed) each process trains on its slice of every
+global batch; rank 0 alone writes.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,50 +31,49 @@ import torch
 
 from ..data.batches import BatchSource, harvest_batches
 from ..errors import ConfigError, TrainingError
-from ..runtime import Runtime, resolve
+from ..runtime import Runtime, RuntimeConfig, resolve
 from ..sae import SparseAutoencoder, build_sae, registry
 from .config import TrainConfig
+from .distributed import Dist, from_environment
 from .log import Window, redundancy_row
 from .run_folder import RunFolder
 from .schedule import lr_at, lr_for_width, make_adam
 
 
-class Trainer:
-    def __init__(self, cfg: TrainConfig, progress: bool = True, source: BatchSource | None = None):
-        self.cfg = cfg
-        self.progress = progress
-        if source is None and not cfg.acts:
-            raise ConfigError("Give the activation folder with --acts (made by `moesae harvest`).")
-        if not cfg.out:
-            raise ConfigError("Give the run folder with --out.")
-        for name in ("steps", "batch_tokens", "checkpoint_every", "log_every"):
-            if getattr(cfg, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer.")
-        if not 0 <= cfg.decay_fraction <= 1:
-            raise ConfigError("--decay-fraction must be between 0 and 1.")
-        if not registry.get(cfg.sae.arch).trainable:
-            raise ConfigError(
-                f"A {cfg.sae.arch} SAE cannot be trained here; choose one of "
-                f"{', '.join(registry.trainable())}."
-            )
-        if cfg.kernels not in ("fast", "reference"):
-            raise ConfigError(f"Unknown kernels '{cfg.kernels}'; choose fast or reference.")
-        self.rt: Runtime = resolve(cfg.runtime)
-        self.device = self.rt.device
-        if source is None:
-            from ..data.activation_store import ActivationStore
+def check_config(cfg: TrainConfig) -> None:
+    """One sentence for anything impossible, before anything heavy is loaded."""
+    if not cfg.out:
+        raise ConfigError("Give the run folder with --out.")
+    for name in ("steps", "batch_tokens", "checkpoint_every", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer.")
+    if not 0 <= cfg.decay_fraction <= 1:
+        raise ConfigError("--decay-fraction must be between 0 and 1.")
+    if not registry.get(cfg.sae.arch).trainable:
+        raise ConfigError(
+            f"A {cfg.sae.arch} SAE cannot be trained here; choose one of "
+            f"{', '.join(registry.trainable())}."
+        )
+    if cfg.kernels not in ("fast", "reference"):
+        raise ConfigError(f"Unknown kernels '{cfg.kernels}'; choose fast or reference.")
 
-            source = harvest_batches(ActivationStore(cfg.acts), cfg.batch_tokens, cfg.seed,
-                                     self.device, cfg.batches)
-        self.source = source
+
+class Trainer:
+    """The training of one SAE: `start`, then `step` for each step, then `finish`."""
+
+    def __init__(self, cfg: TrainConfig, source: BatchSource, rt: Runtime, dist: Dist,
+                 progress: bool = True):
+        check_config(cfg)
+        self.cfg, self.source, self.rt, self.dist = cfg, source, rt, dist
+        self.progress = progress
+        self.device = rt.device
         self.d_in = source.d_in
         self.sae_cfg = replace(cfg.sae, d_in=self.d_in).normalised().validate()
         self.lr = cfg.lr if cfg.lr is not None else lr_for_width(self.sae_cfg.width)
         self.lb_weight = cfg.lb_weight if cfg.lb_weight is not None else 0.01 * self.d_in
         self.run = RunFolder(cfg.out)
-
-    def batch(self, step: int) -> torch.Tensor:
-        return self.source.batch(step)
+        self.done = False
+        self.bar = None
 
     def _meta(self) -> dict:
         return {**self.source.describe(), "d_in": self.d_in, "train_config": self.cfg.identity()}
@@ -75,109 +82,222 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # -- the loop ----------------------------------------------------------------------------
-    def run_training(self) -> Path:
-        cfg, run = self.cfg, self.run
-        run.claim(cfg.identity(), cfg.to_dict())
+    # -- start --------------------------------------------------------------------------------
+    def start(self) -> int:
+        """Build or restore the SAE; returns the first step still to train (steps when done)."""
+        cfg, run, dist = self.cfg, self.run, self.dist
+        if dist.is_main:
+            run.claim(cfg.identity(), cfg.to_dict())
+        dist.barrier()
+        if not dist.is_main:
+            run.claim(cfg.identity(), cfg.to_dict())  # reads only: the folder exists now
         if run.is_finished():
-            return run.path  # already trained: nothing to do
-
+            self.done = True
+            return cfg.steps
         torch.manual_seed(cfg.seed)
         sae: SparseAutoencoder = build_sae(self.sae_cfg).to(self.device)
         sae.kernels = cfg.kernels
         sae.input_scale.fill_(self.source.norm_scale)
-        opt = make_adam(sae.parameters(), self.lr)
-        M = self.sae_cfg.width
-        start = 0
-        since_fired = torch.zeros(M, dtype=torch.long, device=self.device)
+        self.sae = sae
+        self.opt = make_adam(sae.parameters(), self.lr)
+        self.since_fired = torch.zeros(self.sae_cfg.width, dtype=torch.long, device=self.device)
+        self.start_step = 0
         if run.has_state():
-            start, extra = run.load_state(sae, opt, self.device)
-            since_fired = extra["since_fired"].to(self.device)
+            self.start_step, extra = run.load_state(sae, self.opt, self.device)
+            self.since_fired = extra["since_fired"].to(self.device)
         else:
-            # METHOD §3: b_dec (and the router's centring bias) at the geometric median.
-            sae.init_biases(self.batch(0)[:4096])
-        run.truncate_log(start)
+            # METHOD §3: b_dec (and the router's centring bias) at the geometric median of the
+            # first 4,096 tokens of the first (global) batch.
+            sae.init_biases(self._global_rows(self.source.batch(0), 4096))
+        self.model = sae
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-        bar = None
-        if self.progress:
+            self.model = DDP(sae, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if dist.is_main:
+            run.truncate_log(self.start_step)
+        self.window = Window(self.sae_cfg.experts, self.device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.n_dead = int((self.since_fired > cfg.dead_tokens).sum()) if cfg.auxk_alpha > 0 else 0
+        self.last_good = self.start_step
+        self.bar = None
+        if self.progress and dist.is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=start, desc=f"train {self.sae_cfg.arch}", unit="step")
-        window = Window(self.sae_cfg.experts, self.device)
-        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        # AuxK: on once some feature is dead, with k_aux = min(d/2, #dead), both read at log steps
-        n_dead = int((since_fired > cfg.dead_tokens).sum()) if cfg.auxk_alpha > 0 else 0
+            self.bar = tqdm(total=cfg.steps, initial=self.start_step,
+                            desc=f"train {self.sae_cfg.arch}", unit="step")
         self._sync()
-        t_last = time.perf_counter()
-        tokens_since = 0
-        last_good = start
-        try:
-            for step in range(start, cfg.steps):
-                x = self.batch(step)
-                lr = lr_at(step, cfg.steps, self.lr, cfg.decay_fraction)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                dead = since_fired > cfg.dead_tokens if n_dead else None
-                with self.rt.autocast():
-                    out = sae(x, dead_mask=dead, auxk_k=min(self.d_in // 2, n_dead) or None)
-                loss = out.mse + self.lb_weight * out.lb_loss + cfg.auxk_alpha * out.auxk_loss
-                bad = ~torch.isfinite(loss.detach())
-                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                sae.remove_gradient_parallel_to_decoder()
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-                opt.step()
-                sae.set_decoder_norm_to_unit()
+        self.t_last, self.tokens_since = time.perf_counter(), 0
+        return self.start_step
 
-                # TopK may pick zeros when fewer than k candidates are positive: not a firing.
-                fired = torch.zeros(M, device=self.device).scatter_add_(
-                    0, out.codes.top_indices.reshape(-1), (out.codes.top_acts > 0).reshape(-1).float()
-                )
-                since_fired = torch.where(fired > 0, torch.zeros_like(since_fired), since_fired + x.shape[0])
-                window.add(out, loss)
-                tokens_since += x.shape[0]
-                done = step + 1
-                if bar is not None:
-                    bar.update(1)
-                log_now = done % cfg.log_every == 0 or done == cfg.steps
-                ckpt_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
-                if not (log_now or ckpt_now):
-                    continue
-                bad_at = int(first_bad)  # the host reads the device here, and only here
-                if bad_at >= 0:
-                    raise TrainingError(
-                        f"Training stopped at step {bad_at}: the loss became NaN or infinite; "
-                        f"the last good checkpoint (step {last_good}) is kept in {run.state}."
-                    )
-                dead_now = since_fired > cfg.dead_tokens
-                n_dead = int(dead_now.sum()) if cfg.auxk_alpha > 0 else 0
-                if log_now:
-                    self._sync()
-                    now = time.perf_counter()
-                    tps = tokens_since / max(now - t_last, 1e-9)  # checkpoints included
-                    t_last, tokens_since = now, 0
-                    dead_fraction = float(dead_now.float().mean())
-                    row = window.summary(done, done * cfg.batch_tokens, lr, tps, sae, dead_fraction)
-                    run.append_log(row)
-                    if bar is not None:
-                        bar.set_postfix(tok_s=f"{tps:,.0f}", fvu=f"{row['fvu']:.3f}")
-                if ckpt_now:
-                    # METHOD §5: duplicates appear only late in training, so track them.
-                    run.append_log(redundancy_row(sae, done, done * cfg.batch_tokens))
-                    run.save_state(sae, opt, done, {"since_fired": since_fired}, self._meta())
-                    last_good = done
-        finally:
-            if bar is not None:
-                bar.close()
-            close = getattr(self.source, "close", None)
-            if close is not None:
-                close()
+    def _global_rows(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The first n rows of the global batch whose local slice is x."""
+        if not self.dist.enabled:
+            return x[:n]
+        import torch.distributed as td
 
-        run.save_final(sae, self._meta(), cfg.to_dict(), cfg.steps)
-        return run.path
+        parts = [torch.empty_like(x) for _ in range(self.dist.world)]
+        td.all_gather(parts, x.contiguous())
+        return torch.cat(parts)[:n]
+
+    # -- one step -----------------------------------------------------------------------------
+    def step(self, step: int, x: torch.Tensor) -> None:
+        """One optimisation step on x, this process's [batch_tokens / processes, d] slice."""
+        cfg, sae, dist = self.cfg, self.sae, self.dist
+        if step < self.start_step or self.done:
+            return
+        lr = lr_at(step, cfg.steps, self.lr, cfg.decay_fraction)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        dead = self.since_fired > cfg.dead_tokens if self.n_dead else None
+        with self.rt.autocast():
+            out = self.model(x, dead_mask=dead, auxk_k=min(self.d_in // 2, self.n_dead) or None,
+                             reduce=dist.sum if dist.enabled else None)
+        loss = out.mse + self.lb_weight * out.lb_loss + cfg.auxk_alpha * out.auxk_loss
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad & (self.first_bad < 0),
+                                     torch.full_like(self.first_bad, step), self.first_bad)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.opt.step()
+        sae.set_decoder_norm_to_unit()
+
+        # TopK may pick zeros when fewer than k candidates are positive: not a firing.
+        M = self.sae_cfg.width
+        fired = torch.zeros(M, device=self.device).scatter_add_(
+            0, out.codes.top_indices.reshape(-1), (out.codes.top_acts > 0).reshape(-1).float()
+        )
+        dist.sum_(fired)
+        global_tokens = x.shape[0] * dist.world
+        self.since_fired = torch.where(fired > 0, torch.zeros_like(self.since_fired),
+                                       self.since_fired + global_tokens)
+        self.window.add(out, loss)
+        self.tokens_since += global_tokens
+        if self.bar is not None:
+            self.bar.update(1)
+        done = step + 1
+        log_now = done % cfg.log_every == 0 or done == cfg.steps
+        ckpt_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if log_now or ckpt_now:
+            self._report(done, lr, log_now, ckpt_now)
+
+    def _report(self, done: int, lr: float, log_now: bool, ckpt_now: bool) -> None:
+        cfg, run, dist = self.cfg, self.run, self.dist
+        bad_at = int(dist.max_(self.first_bad.clone()))  # the host reads the device here, only here
+        if bad_at >= 0:
+            raise TrainingError(
+                f"Training stopped at step {bad_at}: the loss became NaN or infinite; "
+                f"the last good checkpoint (step {self.last_good}) is kept in {run.state}."
+            )
+        dead_now = self.since_fired > cfg.dead_tokens
+        self.n_dead = int(dead_now.sum()) if cfg.auxk_alpha > 0 else 0
+        if log_now:
+            self._sync()
+            now = time.perf_counter()
+            tps = self.tokens_since / max(now - self.t_last, 1e-9)  # checkpoints included
+            self.t_last, self.tokens_since = now, 0
+            if dist.enabled:  # every process's window, averaged
+                dist.sum_(self.window.sums)
+                self.window.sums /= dist.world
+                dist.sum_(self.window.load)
+            row = self.window.summary(done, done * cfg.batch_tokens, lr, tps, self.sae,
+                                      float(dead_now.float().mean()))
+            if dist.is_main:
+                run.append_log(row)
+            if self.bar is not None:
+                self.bar.set_postfix(tok_s=f"{tps:,.0f}", fvu=f"{row['fvu']:.3f}")
+        if ckpt_now:
+            if dist.is_main:
+                # METHOD §5: duplicates appear only late in training, so track them.
+                run.append_log(redundancy_row(self.sae, done, done * cfg.batch_tokens))
+                extra = {"since_fired": self.since_fired}
+                state = getattr(self.source, "state_dict", None)
+                meta = self._meta()
+                if state is not None:
+                    meta["source_state"] = state()
+                run.save_state(self.sae, self.opt, done, extra, meta)
+            dist.barrier()
+            self.last_good = done
+
+    def finish(self) -> Path:
+        if self.bar is not None:
+            self.bar.close()
+        if not self.done:
+            if self.dist.is_main:
+                self.run.save_final(self.sae, self._meta(), self.cfg.to_dict(), self.cfg.steps)
+            self.dist.barrier()
+            self.done = True
+        return self.run.path
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def make_source(cfg: TrainConfig, rt: Runtime, dist: Dist, progress: bool,
+                stream_dir: Path | None = None) -> BatchSource:
+    """The batch source a config asks for: its harvest folder, or the model itself (whose
+    contexts and held-out set are kept in `stream_dir`, by default the run folder)."""
+    if cfg.batch_tokens % dist.world:
+        raise ConfigError(
+            f"The global batch of {cfg.batch_tokens} tokens does not split evenly across "
+            f"{dist.world} processes; choose --batch-tokens divisible by {dist.world}."
+        )
+    if cfg.acts:
+        from ..data.activation_store import ActivationStore
+
+        return harvest_batches(ActivationStore(cfg.acts), cfg.batch_tokens, cfg.seed, rt.device,
+                               cfg.batches, rank=dist.rank, world=dist.world)
+    from ..data.stream import stream_source
+
+    return stream_source(cfg, stream_dir or Path(cfg.out), rt.device, dist, progress)
+
+
+def train_many(cfgs: Sequence[TrainConfig], source: BatchSource | None = None,
+               progress: bool = True, stream_dir: Path | None = None) -> list[Path]:
+    """Train several SAEs in lockstep on one batch source (they must share seed, batch size
+    and data); each keeps its own run folder, checkpoints and resumes on its own."""
+    if not cfgs:
+        return []
+    first = cfgs[0]
+    for c in cfgs:
+        check_config(c)
+        if (c.batch_tokens, c.seed, c.acts) != (first.batch_tokens, first.seed, first.acts):
+            raise ConfigError("SAEs trained together must share --batch-tokens, --seed and --acts.")
+    dist, device = from_environment(first.runtime.device, first.dist_backend)
+    rt = resolve(RuntimeConfig(device=device, precision=first.runtime.precision))
+    if source is None:
+        source = make_source(first, rt, dist, progress, stream_dir)
+    trainers = [Trainer(c, source, resolve(RuntimeConfig(device=device, precision=c.runtime.precision)),
+                        dist, progress) for c in cfgs]
+    try:
+        starts = [t.start() for t in trainers]
+        first_step = min(starts)
+        last_step = max(c.steps for c in cfgs)
+        restore = getattr(source, "load_state_dict", None)
+        if restore is not None and first_step > 0:
+            states = [t.run.load_source_state() for t, s in zip(trainers, starts, strict=True)
+                      if s == first_step]
+            if states and states[0] is not None:
+                restore(states[0])
+        for step in range(first_step, last_step):
+            if all(step >= c.steps for c in cfgs):
+                break
+            x = source.batch(step)
+            for t in trainers:
+                if step < t.cfg.steps:
+                    t.step(step, x)
+        return [t.finish() for t in trainers]
+    finally:
+        for t in trainers:
+            t.close()
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
 
 
 def train(cfg: TrainConfig, progress: bool = True, source: BatchSource | None = None) -> Path:
     """Train (or resume, or skip when already done) one SAE; returns the run folder."""
-    return Trainer(cfg, progress=progress, source=source).run_training()
+    return train_many([cfg], source, progress)[0]

@@ -38,7 +38,7 @@ def test_every_option_is_defined_once_per_tree():
 
 def test_set_flat_sets_every_place_and_checks_types():
     cfg = set_flat(BuildConfig(), {"seed": 3, "width": 64, "lr": 1})
-    assert cfg.harvest.seed == cfg.train.seed == 3
+    assert cfg.harvest.source.seed == cfg.train.seed == cfg.train.source.seed == 3
     assert cfg.train.sae.width == 64 and get(cfg, "width") == 64
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     with pytest.raises(ConfigError, match="Unknown option"):

@@ -65,3 +65,25 @@ def test_bad_jsonl_is_a_data_error(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
     with pytest.raises(DataError, match="Line 1 of"):
         load_corpus(str(tmp_path / "bad.jsonl"))
+
+
+@pytest.mark.parametrize("name", ["linux-docs", "python-manual"])
+def test_debian_documentation_domains(name):
+    if name not in available_sources():
+        pytest.skip(f"{name} is not installed here (make system-deps installs it as root)")
+    docs = load_corpus(name)
+    assert len(docs) > 400 and {d.domain for d in docs} == {name}
+    assert sum(len(d.text) for d in docs) > 5_000_000
+    again = load_corpus(name)  # from the JSONL cache the first call wrote
+    assert [d.text for d in again] == [d.text for d in docs]
+
+
+def test_unknown_source_lists_the_built_in_ones():
+    with pytest.raises(DataError, match="linux-docs, python-manual"):
+        load_corpus("wikipedia")
+
+
+def test_a_corpus_too_small_for_the_tokens_asked_says_how_many_it_holds(tiny_model):
+    docs = [Document("one two three four five six seven eight nine ten " * 40, "tiny")]
+    with pytest.raises(DataError, match=r"holds [\d,]+ tokens .* fewer than the 100,000 asked for"):
+        make_contexts(tiny_model, docs, context_len=32, n_tokens=100_000)

@@ -9,11 +9,12 @@ import torch
 from engine.data.activation_store import ActivationStore
 from engine.data.harvest import HarvestConfig, harvest
 from engine.errors import DataError
+from engine.options import set_flat
 from tests.conftest import TINY_ACTS_CONFIG
 
 
 def _cfg(out, **kw):
-    return HarvestConfig(**{**TINY_ACTS_CONFIG, **kw}, out=str(out))
+    return set_flat(HarvestConfig(), {**TINY_ACTS_CONFIG, **kw, "out": str(out)})
 
 
 def _all_arrays(store):

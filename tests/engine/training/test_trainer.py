@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.data.batches import batch_indices
+from engine.data.batches import batch_indices, harvest_batches
 from engine.errors import ConfigError, TrainingError
 from engine.formats import load_sae
 from engine.options import set_flat
 from engine.training.config import TrainConfig
 from engine.training.schedule import lr_at
-from engine.training.trainer import Trainer, train
+from engine.training.trainer import train
 
 
 def small_cfg(acts, out, **kw) -> TrainConfig:
@@ -78,16 +78,19 @@ def test_second_run_is_a_noop_and_other_config_is_refused(tiny_acts, tmp_path):
         train(small_cfg(tiny_acts.path, tmp_path / "r", steps=20, k=4), progress=False)
 
 
-def test_nan_stops_with_step_number_and_keeps_last_checkpoint(tiny_acts, tmp_path, monkeypatch):
-    real_batch = Trainer.batch
+def test_nan_stops_with_step_number_and_keeps_last_checkpoint(tiny_acts, tmp_path):
+    real = harvest_batches(tiny_acts, 256, 0, torch.device("cpu"))
 
-    def poisoned(self, step):
-        x = real_batch(self, step)
-        return x * 1e30 if step == 27 else x  # finite input whose squared error overflows
+    class Poisoned:  # a batch source whose step 27 is finite but overflows the squared error
+        def __getattr__(self, name):
+            return getattr(real, name)
 
-    monkeypatch.setattr(Trainer, "batch", poisoned)
+        def batch(self, step):
+            x = real.batch(step)
+            return x * 1e30 if step == 27 else x
+
     with pytest.raises(TrainingError, match="step 27.*step 20"):
-        train(small_cfg(tiny_acts.path, tmp_path / "nan"), progress=False)
+        train(small_cfg(tiny_acts.path, tmp_path / "nan"), progress=False, source=Poisoned())
     state = json.loads((tmp_path / "nan" / "state" / "state.json").read_text())
     assert state["step"] == 20
     assert not (tmp_path / "nan" / "final").exists()
