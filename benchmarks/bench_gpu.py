@@ -176,6 +176,32 @@ def bench_harvest(device: torch.device, tokens: int, dtype: str) -> dict:
             "tokens_per_s": n / secs, "note": "includes tokenising the corpus (done up front)"}
 
 
+def bench_stream(size: dict, device: torch.device, tokens: int, steps: int, batch: int) -> dict:
+    """Scale e=2 trained from a resident harvest vs straight from the model, same size."""
+    from engine.data.harvest import HarvestConfig, harvest
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="moesae-stream-") as tmp:
+        common = dict(arch="scale", active=2, width=size["width"], experts=size["experts"],
+                      k=size["k"], batch_tokens=batch, steps=steps, log_every=max(1, steps // 5),
+                      checkpoint_every=steps, device=str(device), tokens=tokens,
+                      model_dtype="bfloat16" if device.type == "cuda" else "float32")
+        hcfg = set_flat(HarvestConfig(), {k: common[k] for k in ("tokens", "model_dtype", "device")}
+                        | {"out": str(Path(tmp) / "acts")})
+        harvest(hcfg, progress=False)
+        for name, extra in (("resident harvest", {"acts": hcfg.out, "batches": "resident"}),
+                            ("stream from the model", {"buffer_tokens": min(tokens // 4, 1 << 21)})):
+            cfg = set_flat(TrainConfig(), {**{k: v for k, v in common.items()
+                                              if k not in ("tokens", "model_dtype") or "acts" not in extra},
+                                           **extra, "out": str(Path(tmp) / name.split()[0])})
+            t = time.perf_counter()
+            train(cfg, progress=False)
+            out[name] = steps * batch / (time.perf_counter() - t)
+            print(f"{name}: {out[name]:,.0f} tokens/s end to end", flush=True)
+    out["ratio"] = out["stream from the model"] / out["resident harvest"]
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -203,7 +229,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--size", choices=list(SIZES), help="default: paper on a GPU, cpu on the CPU")
-    ap.add_argument("--parts", default="step,trainer,harvest")
+    ap.add_argument("--parts", default="step,trainer,harvest,stream")
     ap.add_argument("--steps", type=int, default=0, help="steps per step-time repeat")
     ap.add_argument("--repeats", type=int, default=0, help="default: 5 on a GPU, 3 on the CPU")
     ap.add_argument("--train-tokens", type=int, default=0, help="synthetic harvest size")
@@ -222,7 +248,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if gpu
         else f"CPU {platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "size": size_name, "config": size, "precisions": precisions,
-        "steps": [], "trainer": [], "harvest": None,
+        "steps": [], "trainer": [], "harvest": None, "stream": None,
     }
     if "step" in parts:
         print(f"step times at {size_name} size {size} on {result['device']}")
@@ -240,6 +266,13 @@ def main() -> None:
         except Exception as exc:  # no offline model here: said, not hidden
             result["harvest"] = {"error": f"{type(exc).__name__}: {exc}"}
             print(result["harvest"])
+    if "stream" in parts:
+        try:
+            result["stream"] = bench_stream(size, device, 1_000_000 if gpu else 30_000,
+                                            200 if gpu else 10, size["batch"] if gpu else 1024)
+        except Exception as exc:  # no offline model here: said, not hidden
+            result["stream"] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(result["stream"])
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
