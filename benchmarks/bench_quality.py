@@ -1,13 +1,17 @@
-"""The paper's comparison (METHOD.md §5) at a scale that fits a 2-core CPU.
+"""The paper's k-sweep (METHOD.md §5) at a scale that fits a 2-core CPU.
 
-Dense TopK, Switch, Scale e=2, Scale e=4 and Scale e=2 without Feature Scaling, trained on
-the *same* activations (the default model's middle layer), same width M, experts N and k,
-same steps and batch; evaluated on the same held-out tokens: MSE, FVU, redundancy@0.9,
-CE loss recovered. Prints a table next to the paper's numbers, writes
-benchmarks/results/quality.json and a plot benchmarks/results/quality.png.
+For each k ∈ {2, 8, 32}: the original Switch SAE, the authors' Switch stand-in (their Scale
+code with e = 1: its router learns only from load balancing), Scale e=2 and e=8, each with and
+without Feature Scaling for e = 2 and 8 — trained on the *same* activations (the default
+model's middle layer), same width M, experts N, steps and batch, long enough for duplicates to
+appear (~4M tokens; redundancy is logged at every checkpoint), and evaluated on the same
+held-out tokens: MSE, FVU, redundancy@{0.7, 0.8, 0.9} overall / within / across experts, dead
+fraction, CE loss recovered. Prints a table next to the paper's and the authors' numbers, writes
+benchmarks/results/quality.json and a plot benchmarks/results/quality.png. Dense TopK is
+available with --variants.
 
-    python benchmarks/bench_quality.py [--tokens 300000] [--width 4608] [--experts 16]
-        [--ks 8,32] [--steps 600] [--batch 4096] [--data data/bench]
+    python benchmarks/bench_quality.py [--tokens 500000] [--width 4608] [--experts 16]
+        [--ks 2,8,32] [--steps 1000] [--batch 4096] [--data data/bench]
 """
 
 from __future__ import annotations
@@ -31,29 +35,38 @@ from engine.training.config import TrainConfig
 from engine.training.trainer import train
 
 VARIANTS = [
-    ("TopK", dict(arch="topk")),
     ("Switch", dict(arch="switch")),
+    ("stand-in (Scale e=1)", dict(arch="scale", active=1)),
     ("Scale e=2", dict(arch="scale", active=2)),
-    ("Scale e=4", dict(arch="scale", active=4)),
+    ("Scale e=8", dict(arch="scale", active=8)),
     ("Scale e=2, no FS", dict(arch="scale", active=2, feature_scaling=False)),
+    ("Scale e=8, no FS", dict(arch="scale", active=8, feature_scaling=False)),
+    ("TopK", dict(arch="topk")),
 ]
+DEFAULT_VARIANTS = [name for name, _ in VARIANTS if name != "TopK"]
 
-# METHOD.md §5 (GPT-2 small layer 8, M = 24,576, N = 64): MSE and redundancy@0.9.
+# METHOD.md §5 (GPT-2 small layer 8, M = 24,576, N = 64). The paper's "Switch" is the authors'
+# stand-in (their Scale code with e = 1), so its redundancy row belongs to that variant.
 PAPER_MSE = {
-    "TopK": {2: 4262, 8: 3084, 32: 2241, 128: 1437},
-    "Switch": {2: 4422, 8: 2908, 32: 2076, 128: 1447},
-    "Scale e=2": {2: 4019, 8: 2360, 32: 1304, 128: 826},
+    "TopK": {2: 4262, 8: 3084, 32: 2241},
+    "stand-in (Scale e=1)": {2: 4422, 8: 2908, 32: 2076},
+    "Scale e=2": {2: 4019, 8: 2360, 32: 1304},
+    "Scale e=8": {2: 4228, 8: 2668, 32: 1446},
 }
-PAPER_RED = {"Switch": {2: 0.120, 8: 0.049, 32: 0.0077}}
+PAPER_RED = {
+    "stand-in (Scale e=1)": {2: 0.11991, 8: 0.04928, 32: 0.00769},
+    "Scale e=2": {2: 0.00033, 8: 0.00346, 32: 0.00505},
+    "Scale e=8": {2: 0.00024, 8: 0.00008, 32: 0.00073},
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, default=300_000)
+    ap.add_argument("--tokens", type=int, default=500_000)
     ap.add_argument("--width", type=int, default=4608)
     ap.add_argument("--experts", type=int, default=16)
-    ap.add_argument("--ks", default="8,32")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--ks", default="2,8,32")
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--eval-tokens", type=int, default=30_000)
     ap.add_argument("--data", default="data/bench")
@@ -68,7 +81,7 @@ def main() -> None:
     harvest_s = time.perf_counter() - t0
     acts = ActivationStore(hcfg.out)
     model = load_model(acts.model_name)
-    wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
+    wanted = {v.strip() for v in args.variants.split(",") if v.strip()} or set(DEFAULT_VARIANTS)
 
     rows = []
     for k in [int(v) for v in args.ks.split(",")]:
@@ -88,9 +101,7 @@ def main() -> None:
             log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
             rows.append({
                 "model": name, "k": k, "mse": m["mse"], "fvu": m["fvu"],
-                "redundancy_ratio_0.9": m["redundancy_ratio_0.9"],
-                "redundancy_ratio_0.8": m["redundancy_ratio_0.8"],
-                "mean_max_cos": m["mean_max_cos"],
+                **{key: v for key, v in m.items() if key.startswith(("redundancy_", "mean_max_cos"))},
                 "ce_loss_recovered": m["ce_loss_recovered"], "dead_fraction": m["dead_fraction"],
                 "expert_load_entropy": m.get("expert_load_entropy"),
                 "train_seconds": train_s,
@@ -106,15 +117,18 @@ def main() -> None:
     print(f"\nMoE-SAE comparison on {acts.model_name} {acts.hook}: M={args.width}, N={args.experts}, "
           f"{args.steps} steps × {args.batch} tokens ({args.steps * args.batch:,} tokens) on "
           f"{acts.split('train').n_tokens:,} harvested training tokens")
-    hdr = f"{'model':<18}{'k':>4}{'MSE':>10}{'FVU':>8}{'red@0.9':>9}{'CE rec':>8}{'dead':>7}   paper MSE  paper red@0.9"
+    hdr = (f"{'model':<22}{'k':>4}{'MSE':>9}{'FVU':>7}{'red@.7':>8}{'red@.8':>8}{'red@.9':>8}"
+           f"{'w/in@.9':>8}{'acr@.9':>8}{'CE rec':>8}{'dead':>7}  paper MSE, red@.9")
     print(hdr)
     for r in rows:
         pm = PAPER_MSE.get(r["model"], {}).get(r["k"], "")
         pr = PAPER_RED.get(r["model"], {}).get(r["k"], "")
         ce = r["ce_loss_recovered"]
-        print(f"{r['model']:<18}{r['k']:>4}{r['mse']:>10.2f}{r['fvu']:>8.3f}"
-              f"{r['redundancy_ratio_0.9']:>9.4f}{(ce if ce is not None else float('nan')):>8.3f}"
-              f"{r['dead_fraction']:>7.3f}   {pm!s:>9}  {pr!s:>12}")
+        across = r.get("redundancy_across_0.9")
+        print(f"{r['model']:<22}{r['k']:>4}{r['mse']:>9.1f}{r['fvu']:>7.3f}"
+              f"{r['redundancy_ratio_0.7']:>8.4f}{r['redundancy_ratio_0.8']:>8.4f}{r['redundancy_ratio_0.9']:>8.4f}"
+              f"{r['redundancy_within_0.9']:>8.4f}{(across if across is not None else float('nan')):>8.4f}"
+              f"{(ce if ce is not None else float('nan')):>8.3f}{r['dead_fraction']:>7.3f}  {pm!s} {pr!s}")
     result = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -137,25 +151,23 @@ def plot(rows, path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    ks = sorted({r["k"] for r in rows})
-    fig, axes = plt.subplots(1, len(ks) + 1, figsize=(5 * (len(ks) + 1), 4))
-    for ax, k in zip(axes, ks, strict=False):
-        for r in rows:
-            if r["k"] == k and r["curve"]:
-                ax.plot([c["step"] for c in r["curve"]], [c["fvu"] for c in r["curve"]], label=r["model"])
-        ax.set_title(f"training FVU, k={k}")
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    ax = axes[-1]
-    for r in rows:  # redundancy is tracked at every checkpoint: duplicates appear late
-        curve = r.get("redundancy_curve") or []
-        if curve:
-            ax.plot([c["step"] for c in curve], [c["mean_max_cos"] for c in curve],
-                     label=f"{r['model']} k={r['k']}")
-    ax.set_title("mean max decoder cosine during training")
-    ax.set_xlabel("step")
-    ax.legend(fontsize=7)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name in models:
+        mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["k"])
+        ks = [r["k"] for r in mine]
+        axes[0].plot(ks, [r["mse"] for r in mine], marker="o", label=name)
+        axes[1].plot(ks, [r["redundancy_ratio_0.9"] for r in mine], marker="o", label=name)
+        for r in mine:  # redundancy is tracked at every checkpoint: duplicates appear late
+            curve = r.get("redundancy_curve") or []
+            if curve and r["k"] == max(ks):
+                axes[2].plot([c["step"] for c in curve], [c["redundancy_ratio_0.9"] for c in curve],
+                             label=f"{name} k={r['k']}")
+    axes[0].set(title="held-out MSE (model units)", xlabel="k", xscale="log")
+    axes[1].set(title="redundancy@0.9", xlabel="k", xscale="log")
+    axes[2].set(title="redundancy@0.9 during training (largest k)", xlabel="step")
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 

@@ -32,9 +32,23 @@ def metric(metrics: Mapping, name: str) -> float | None:
     return None
 
 
+def role(arch: str, active: int | None) -> str:
+    """What an SAE is in the paper's comparison, in words (the README names the same)."""
+    arch = str(arch).lower()
+    if arch == "switch":
+        return "Switch SAE (the original: router-probability scaling)"
+    if arch == "scale" and (active or 1) == 1:
+        return "the authors' Switch stand-in (their Scale code with e = 1)"
+    if arch == "scale":
+        return f"Scale SAE, e = {active}"
+    if arch == "topk":
+        return "dense TopK"
+    return arch
+
+
 def metrics_rows(saes: Sequence[Mapping]) -> list[dict]:
-    """One row per SAE: name, arch, width, experts, k and the COLUMNS (None when unmeasured).
-    Each input is {sae, arch, width, experts, active, k, metrics, load_entropy}."""
+    """One row per SAE: name, what it is, width, experts, k and the COLUMNS (None when
+    unmeasured). Each input is {sae, arch, width, experts, active, k, metrics, load_entropy}."""
     rows = []
     for s in saes:
         m = dict(s.get("metrics") or {})
@@ -43,6 +57,7 @@ def metrics_rows(saes: Sequence[Mapping]) -> list[dict]:
         row = {
             "SAE": s["sae"],
             "arch": s["arch"],
+            "what it is": role(s["arch"], s.get("active")),
             "features": s.get("width"),
             "experts": s.get("experts"),
             "active e": s.get("active"),
@@ -71,39 +86,22 @@ def reading(rows: Sequence[Mapping]) -> str:
     for r in rows:
         by_arch.setdefault(str(r["arch"]).lower(), []).append(r)
     switch = by_arch.get("switch", [None])[0]
-    scale = by_arch.get("scale", [None])[0]
+    scales = [r for r in by_arch.get("scale", []) if (r.get("active e") or 1) > 1]
+    scale = min(scales, key=lambda r: r.get("active e") or 0) if scales else None
+    standin = next((r for r in by_arch.get("scale", []) if (r.get("active e") or 1) == 1), None)
+    red = f"redundancy@{names.HEADLINE_TAU}"
     if switch is not None and scale is not None:
-        same = switch["features"] == scale["features"]
-        width = f"at the same width ({switch['features']:,} features)" if same else (
-            f"({scale['features']:,} vs {switch['features']:,} features)"
+        sentences += _compare(scale, f"Scale e={scale['active e']}", switch, "Switch", red)
+    if standin is not None and (switch is not None or scale is not None):
+        other = scale if scale is not None else switch
+        label = f"Scale e={other['active e']}" if other is scale else "Switch"
+        sentences += _compare(other, label, standin, "the authors' stand-in", red)
+    if switch is not None and standin is not None:
+        sentences.append(
+            f"{switch['SAE']} is the original Switch SAE (its router is trained by reconstruction "
+            f"through p_i*); {standin['SAE']} is the baseline the paper calls Switch, whose "
+            "router learns only from load balancing."
         )
-        rs, rw = scale.get("redundancy@0.9"), switch.get("redundancy@0.9")
-        if rs is not None and rw is not None:
-            if rs <= 0 and rw <= 0:
-                sentences.append(
-                    f"Neither {scale['SAE']} (Scale) nor {switch['SAE']} (Switch) has duplicate "
-                    f"features at cosine 0.9 {width}; duplicates only appear after a few million "
-                    "training tokens (METHOD.md), so this run may be too short to separate them."
-                )
-            elif rs <= 0:
-                sentences.append(
-                    f"{scale['SAE']} (Scale) has no duplicate features at cosine 0.9, against "
-                    f"{rw:.2%} of features for {switch['SAE']} (Switch) {width}."
-                )
-            else:
-                times = rw / rs
-                words = f"{times:.1f}× fewer" if times >= 1 else f"{1 / times:.1f}× more"
-                sentences.append(
-                    f"{scale['SAE']} (Scale) has {words} duplicate features than "
-                    f"{switch['SAE']} (Switch) {width}: redundancy@0.9 {rs:.2%} vs {rw:.2%}."
-                )
-        ms, mw = scale.get("MSE"), switch.get("MSE")
-        if ms is not None and mw is not None and mw > 0:
-            delta = (ms - mw) / mw
-            sentences.append(
-                f"Its reconstruction MSE is {abs(delta):.0%} {'lower' if delta < 0 else 'higher'} "
-                f"({ms:.4g} vs {mw:.4g})."
-            )
     scored = [r for r in rows if r.get("FVU") is not None]
     if len(scored) >= 2:
         best = min(scored, key=lambda r: r["FVU"])
@@ -126,3 +124,35 @@ def reading(rows: Sequence[Mapping]) -> str:
         listed = ", ".join(str(r["SAE"]) for r in rows)
         sentences.append(f"This build holds {len(rows)} SAEs ({listed}); no evaluation metrics were recorded.")
     return " ".join(sentences)
+
+
+def _compare(a: Mapping, a_label: str, b: Mapping, b_label: str, red: str) -> list[str]:
+    """Two sentences comparing SAE a with SAE b: duplicates, then reconstruction, both named."""
+    same = a["features"] == b["features"]
+    width = f"at the same width ({a['features']:,} features)" if same else (
+        f"({a['features']:,} vs {b['features']:,} features)"
+    )
+    out = []
+    ra, rb = a.get(red), b.get(red)
+    if ra is not None and rb is not None:
+        if ra <= 0 and rb <= 0:
+            out.append(
+                f"Neither {a['SAE']} ({a_label}) nor {b['SAE']} ({b_label}) has duplicate features "
+                f"at cosine 0.9 {width}; duplicates only appear after a few million training "
+                "tokens, so this run may be too short to separate them."
+            )
+        elif ra <= 0:
+            out.append(f"{a['SAE']} ({a_label}) has no duplicate features at cosine 0.9, against "
+                       f"{rb:.2%} of features for {b['SAE']} ({b_label}) {width}.")
+        else:
+            times = rb / ra
+            words = f"{times:.1f}× fewer" if times >= 1 else f"{1 / times:.1f}× more"
+            out.append(f"{a['SAE']} ({a_label}) has {words} duplicate features than {b['SAE']} "
+                       f"({b_label}) {width}: {red} {ra:.2%} vs {rb:.2%}.")
+    ma, mb = a.get("MSE"), b.get("MSE")
+    if ma is not None and mb is not None and mb > 0:
+        delta = (ma - mb) / mb
+        out.append(f"The reconstruction MSE of {a['SAE']} is {abs(delta):.0%} "
+                   f"{'lower' if delta < 0 else 'higher'} than that of {b['SAE']} "
+                   f"({ma:.4g} vs {mb:.4g}, in the model's units).")
+    return out

@@ -1,10 +1,11 @@
-"""`moesae import`: a foreign SAE checkpoint (SAELens today) → our format."""
+"""`moesae import`: a foreign SAE checkpoint (SAELens; the reference codes' dictionary_learning
+layout) → our format."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-HELP = "import an SAELens SAE folder"
+HELP = "import an SAE: SAELens, or the Scale / Switch reference codes' dictionary_learning folders"
 
 
 def add(sub) -> None:

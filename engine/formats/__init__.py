@@ -1,7 +1,8 @@
 """SAE checkpoint formats behind one registry of loaders.
 
 `load_sae(folder)` reads any registered format: our own (`native`), and foreign ones that
-`moesae import` converts (`saelens` today). Adding a format is one module with a `detect`
+`moesae import` converts: `saelens`, and `dictionary_learning` (the checkpoints of the Scale
+SAE authors' code and of the Switch SAE reference). Adding a format is one module with a `detect`
 and a `load` function plus one `register_format(...)` line below.
 """
 
@@ -15,7 +16,7 @@ import torch
 
 from ..errors import DataError
 from ..sae import SparseAutoencoder
-from . import native, saelens
+from . import dictionary_learning, native, saelens
 from .native import save_sae
 
 
@@ -39,6 +40,8 @@ def register_format(fmt: Format) -> None:
 
 register_format(Format("native", native.is_native, native.load_native, foreign=False))
 register_format(Format("saelens", saelens.is_saelens, saelens.import_saelens, foreign=True))
+register_format(Format("dictionary_learning", dictionary_learning.is_dictionary_learning,
+                       dictionary_learning.import_dictionary_learning, foreign=True))
 
 
 def detect(folder: str | Path) -> Format | None:

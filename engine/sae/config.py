@@ -8,6 +8,7 @@ from ..errors import ConfigError
 from . import registry
 
 WEIGHTINGS = ("softmax", "binary")
+SCALING_FORMS = ("t_mean", "plain_mean")
 
 
 @dataclass
@@ -29,7 +30,9 @@ class SAEConfig:
     feature_scaling: bool = True
     """Scale only: learnable T and ω (METHOD §3); --no-feature-scaling for the ablation."""
     expert_weighting: str = "softmax"
-    """Scale only: softmax over selected probabilities, or binary 0/1 weights (ablation)."""
+    """softmax: Scale weights its experts by a softmax over the selected probabilities and Switch by p_{i*}; binary: weight 1 (the ablation; the reference codes' heaviside)."""
+    scaling_form: str = field(default="t_mean", metadata={"choices": SCALING_FORMS})
+    """Feature Scaling's high-frequency part: t_mean, H_i = W_i − T·mean (METHOD §3, the authors' code), or plain_mean, W_i − mean (checkpoints saved before 2026-11-25 load with it)."""
 
     @property
     def expert_width(self) -> int:
@@ -49,6 +52,10 @@ class SAEConfig:
 
     def validate(self) -> SAEConfig:
         registry.get(self.arch)  # unknown names fail with the list of known ones
+        if self.scaling_form not in SCALING_FORMS:
+            raise ConfigError(
+                f"Unknown scaling form '{self.scaling_form}'; choose {' or '.join(SCALING_FORMS)}."
+            )
         if self.expert_weighting not in WEIGHTINGS:
             raise ConfigError(
                 f"Unknown expert weighting '{self.expert_weighting}'; choose softmax or binary."
@@ -75,5 +82,9 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SAEConfig:
+        """From a checkpoint's cfg.json. One saved before Feature Scaling's form was recorded
+        (2026-11-25) used the plain mean, and keeps it, so it gives the outputs it gave."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k in known}
+        d.setdefault("scaling_form", "plain_mean")
+        return cls(**d)

@@ -36,7 +36,10 @@ class ScaleSAE(SparseAutoencoder):
             return W
         mean = W.mean(dim=1, keepdim=True)  # mean_j W_i[j,:]          [N, 1, d]
         A = mean @ self.T.T  # Ā_i = T · mean_j W_i[j,:]               [N, 1, d]
-        H = W - mean  # H_i = W_i − mean (high-frequency part)        [N, m, d]
+        if self.cfg.scaling_form == "t_mean":
+            H = W - A  # H_i = W_i − Ā_i (METHOD §3, as the authors' code)   [N, m, d]
+        else:  # "plain_mean": checkpoints saved before 2026-11-25 computed H_i = W_i − mean
+            H = W - mean
         return A + (1 + self.omega)[:, None, None] * H  # Ŵ_i = Ā_i + (1 + ω_i) · H_i
 
     def encoder_weight(self) -> Tensor:

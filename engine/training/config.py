@@ -39,6 +39,10 @@ class TrainConfig:
     """Adam learning rate; default 2e-4 / sqrt(M / 2^14)."""
     lb_weight: float | None = None
     """α for the load-balancing loss; default 0.01·d (METHOD §2, inputs with E‖x‖² = d)."""
+    lb_weight_raw: float | None = None
+    """α in the authors' convention, where the MSE is in the model's raw units (their code: 3·d); converted to ours as α = s²·α_raw, s the input scale. Overrides --lb-weight."""
+    normalise: bool = True
+    """Scale inputs so that E‖x‖² = d (METHOD §3); --no-normalise trains on raw activations, as the authors' code does."""
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss on dead features (Gao et al. 2024); 0 turns it off."""
     dead_tokens: int = 500_000

@@ -70,7 +70,13 @@ class Trainer:
         self.d_in = source.d_in
         self.sae_cfg = replace(cfg.sae, d_in=self.d_in).normalised().validate()
         self.lr = cfg.lr if cfg.lr is not None else lr_for_width(self.sae_cfg.width)
-        self.lb_weight = cfg.lb_weight if cfg.lb_weight is not None else 0.01 * self.d_in
+        # x_norm = scale · x_raw; without normalisation the SAE reads raw activations
+        self.scale = source.norm_scale if cfg.normalise else 1.0
+        self.unscale = 1.0 if cfg.normalise else 1.0 / source.norm_scale
+        if cfg.lb_weight_raw is not None:  # their MSE is raw, ours scaled by s²: α = s²·α_raw
+            self.lb_weight = cfg.lb_weight_raw * self.scale**2
+        else:
+            self.lb_weight = cfg.lb_weight if cfg.lb_weight is not None else 0.01 * self.d_in
         self.run = RunFolder(cfg.out)
         self.done = False
         self.bar = None
@@ -97,7 +103,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         sae: SparseAutoencoder = build_sae(self.sae_cfg).to(self.device)
         sae.kernels = cfg.kernels
-        sae.input_scale.fill_(self.source.norm_scale)
+        sae.input_scale.fill_(self.scale)
         self.sae = sae
         self.opt = make_adam(sae.parameters(), self.lr)
         self.since_fired = torch.zeros(self.sae_cfg.width, dtype=torch.long, device=self.device)
@@ -108,7 +114,7 @@ class Trainer:
         else:
             # METHOD §3: b_dec (and the router's centring bias) at the geometric median of the
             # first 4,096 tokens of the first (global) batch.
-            sae.init_biases(self._global_rows(self.source.batch(0), 4096))
+            sae.init_biases(self._global_rows(self.source.batch(0), 4096) * self.unscale)
         self.model = sae
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -149,6 +155,8 @@ class Trainer:
         lr = lr_at(step, cfg.steps, self.lr, cfg.decay_fraction)
         for group in self.opt.param_groups:
             group["lr"] = lr
+        if self.unscale != 1.0:
+            x = x * self.unscale
         dead = self.since_fired > cfg.dead_tokens if self.n_dead else None
         with self.rt.autocast():
             out = self.model(x, dead_mask=dead, auxk_k=min(self.d_in // 2, self.n_dead) or None,

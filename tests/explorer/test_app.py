@@ -48,7 +48,7 @@ def test_every_page_renders(app, page):
 def test_overview_compares_switch_and_scale(app):
     at = _open(app, "overview")
     reading = at.info[0].value
-    assert "scale-e2 (Scale)" in reading and "switch (Switch)" in reading
+    assert "scale-e2 (Scale e=2)" in reading and "switch (Switch)" in reading
     assert "duplicate features" in reading
     assert len(at.dataframe) == 1
     assert at.get("plotly_chart"), "training curves are drawn"
@@ -187,3 +187,26 @@ def test_other_schema_version_message(monkeypatch, tmp_path):
 def test_empty_build_message(monkeypatch, tmp_path):
     path = make_build(tmp_path / "empty.duckdb", saes=(), n_contexts=3)
     assert "holds no analysed SAE" in _message(monkeypatch, path)
+
+
+def test_the_reading_names_both_switch_baselines():
+    from explorer.summary import metrics_rows, reading
+
+    rows = metrics_rows([
+        {"sae": "sw", "arch": "switch", "width": 64, "experts": 4, "active": 1, "k": 8,
+         "metrics": {"mse": 4.0, "redundancy_ratio_0.9": 0.004}},
+        {"sae": "stand", "arch": "scale", "width": 64, "experts": 4, "active": 1, "k": 8,
+         "metrics": {"mse": 5.0, "redundancy_ratio_0.9": 0.012}},
+        {"sae": "sc", "arch": "scale", "width": 64, "experts": 4, "active": 2, "k": 8,
+         "metrics": {"mse": 3.0, "redundancy_ratio_0.9": 0.002}},
+    ])
+    assert [r["what it is"] for r in rows] == [
+        "Switch SAE (the original: router-probability scaling)",
+        "the authors' Switch stand-in (their Scale code with e = 1)",
+        "Scale SAE, e = 2",
+    ]
+    text = reading(rows)
+    assert "sc (Scale e=2) has 2.0× fewer duplicate features than sw (Switch)" in text
+    assert "sc (Scale e=2) has 6.0× fewer duplicate features than stand (the authors' stand-in)" in text
+    assert "The reconstruction MSE of sc is 25% lower than that of sw" in text
+    assert "stand is the baseline the paper calls Switch" in text

@@ -186,3 +186,24 @@ def test_never_pickles():
     for src in Path(formats.__file__).parent.glob("*.py"):
         text = src.read_text()
         assert "torch.load" not in text and "import pickle" not in text, src
+
+
+def test_a_checkpoint_from_before_the_scaling_form_was_recorded_gives_its_old_outputs(tmp_path):
+    """Checkpoints saved before 2026-11-25 computed Feature Scaling with the plain mean; their
+    cfg.json has no scaling_form, and they load with that form and the outputs they gave."""
+    sae = random_sae(CONFIGS["scale"])
+    sae.cfg.scaling_form = "plain_mean"
+    with torch.no_grad():
+        sae.T.add_(0.2 * torch.randn_like(sae.T))
+        sae.omega.normal_(0, 0.5)
+    x = torch.randn(16, 8)
+    want = sae(x).x_hat
+    save_sae(sae, tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "cfg.json").read_text())
+    del cfg["scaling_form"]  # what an old checkpoint looks like
+    (tmp_path / "old" / "cfg.json").write_text(json.dumps(cfg))
+    loaded, _ = load_sae(tmp_path / "old")
+    assert loaded.cfg.scaling_form == "plain_mean"
+    assert torch.allclose(loaded(x).x_hat, want, atol=1e-6)
+    fresh = build_sae(CONFIGS["scale"])
+    assert fresh.cfg.scaling_form == "t_mean"  # new SAEs follow METHOD §3

@@ -45,14 +45,20 @@ def test_feature_scaling_identity_at_init_and_hand_case():
     sae = make("scale")
     W = sae.W_enc.view(4, 8, 8)
     assert torch.allclose(sae.scaled_encoder(), W, atol=1e-6)  # ω = 0, T = I → plain encoder
+    g = torch.Generator().manual_seed(1)
+    T = torch.eye(8) + 0.3 * torch.randn(8, 8, generator=g)  # T ≠ I
     with torch.no_grad():
         sae.omega.copy_(torch.tensor([1.0, 0.0, -0.5, 2.0]))
-        sae.T.mul_(3.0)
-    mu = W.mean(1, keepdim=True)
-    want = 3 * mu + (1 + sae.omega)[:, None, None] * (W - mu)
+        sae.T.copy_(T)
+    omega = sae.omega.detach()[:, None, None]
+    mean = W.mean(1, keepdim=True)
+    # METHOD §3: H_i = W_i − T·mean, so Ŵ_i = (1 + ω_i) W_i − ω_i · T·mean_j W_i[j,:]
+    want = (1 + omega) * W - omega * (mean @ T.T)
     assert torch.allclose(sae.scaled_encoder(), want, atol=1e-5)
-    # the expert mean of Ŵ is T·mean (the high-frequency part averages to zero)
-    assert torch.allclose(sae.scaled_encoder().mean(1, keepdim=True), 3 * mu, atol=1e-5)
+    # a checkpoint of the plain-mean form (saved before 2026-11-25) keeps H_i = W_i − mean
+    sae.cfg.scaling_form = "plain_mean"
+    old = mean @ T.T + (1 + omega) * (W - mean)
+    assert torch.allclose(sae.scaled_encoder(), old, atol=1e-5)
 
 
 def test_load_balance_is_one_when_balanced_and_N_when_collapsed():
@@ -186,9 +192,18 @@ def test_switch_router_gets_reconstruction_gradient():
 
 
 def test_scale_feature_scaling_parameters_learn():
+    """ω learns from the start; T through ω (Ŵ_i = (1 + ω_i) W_i − ω_i·T·mean), so at ω = 0
+    its gradient is exactly zero and it starts learning once ω moves (as in the authors' code)."""
     sae = make("scale")
+    with torch.no_grad():
+        sae.omega.zero_()
     sae(torch.randn(32, 8)).mse.backward()
-    assert sae.T.grad.abs().sum() > 0 and sae.omega.grad.abs().sum() > 0
+    assert sae.omega.grad.abs().sum() > 0 and sae.T.grad.abs().sum() == 0
+    sae.zero_grad()
+    with torch.no_grad():
+        sae.omega.fill_(0.1)
+    sae(torch.randn(32, 8)).mse.backward()
+    assert sae.T.grad.abs().sum() > 0
 
 
 def test_auxk_loss_uses_dead_features_only():

@@ -137,3 +137,16 @@ def test_kill_9_then_same_command_resumes_to_identical_weights(tiny_acts, tmp_pa
     b, _ = load_sae(ref / "final")
     for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.allclose(p, q, atol=1e-5), name
+
+
+def test_the_authors_recipe_raw_inputs_and_their_lb_weight(tiny_acts, tmp_path):
+    """--no-normalise trains on raw activations (input scale 1) and --lb-weight-raw takes α in
+    the authors' units; both are recorded in the run's identity."""
+    cfg = small_cfg(tiny_acts.path, tmp_path / "authors", steps=20, auxk_alpha=0.0,
+                    normalise=False, lb_weight_raw=3.0 * 64)
+    run = train(cfg, progress=False)
+    sae, meta = load_sae(run / "final")
+    assert float(sae.input_scale) == 1.0
+    assert meta["train_config"]["normalise"] is False and meta["train_config"]["lb_weight_raw"] == 192.0
+    rows = [r for r in read_log(run) if r["kind"] == "train"]
+    assert rows[-1]["auxk_loss"] == 0.0 and rows[-1]["fvu"] < rows[0]["fvu"]
