@@ -145,8 +145,37 @@ def _boot(source: str, device: str, dtype: torch.dtype):
 
 
 def _short(e: BaseException) -> str:
+    """The error's text on one line, cut at a word boundary (with …) when long."""
     text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
+    if len(text) <= 160:
+        return text.rstrip(".")
+    return text[:160].rsplit(" ", 1)[0].rstrip(".,;:") + " …"
+
+
+def _in_hf_cache(name: str) -> bool:
+    """Whether the Hugging Face cache already holds this hub model's config."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid repo name is simply not cached
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the hub, instead of the libraries' ~30 s of retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def load_model(name: str | None = None, device: str | None = None,
@@ -167,8 +196,16 @@ def load_model(name: str | None = None, device: str | None = None,
         source = str(folder)
     else:
         source = name
+        if not _in_hf_cache(name) and not _hub_reachable():
+            raise ModelError(
+                f"Could not load model '{name}': it is neither {DEFAULT_MODEL}, {TINY_MODEL}, a "
+                "local folder nor in the Hugging Face cache, and the hub cannot be reached from "
+                "this machine."
+            )
     try:
         from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # failures are reported below, in one sentence
 
         hf_logging.disable_progress_bar()  # a 1-2 s weight load needs no bar of its own
         bridge = _boot(source, device, MODEL_DTYPES[dtype])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,11 @@ def serve(db_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8501,
     Binds to localhost unless told otherwise (the explorer has no authentication)."""
     print(f"MoE-SAE Explorer on http://{host}:{port}  (build: {db_path}; Ctrl-C to stop)", flush=True)
     proc = subprocess.Popen(command(db_path, host, port, open_browser))
+
+    def stop(signum, frame):  # SIGTERM (a supervisor, `kill`) stops the server like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -39,3 +45,5 @@ def serve(db_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8501,
         except subprocess.TimeoutExpired:
             proc.kill()
             return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

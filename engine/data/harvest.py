@@ -190,6 +190,7 @@ def split_contexts(src: SourceConfig, lm: LoadedModel) -> tuple[np.ndarray, list
 
 
 def save_contexts(out: Path, tokens: np.ndarray, domains: list[str], split: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     _save_npy(out / "contexts.npy", tokens)
     _write_json(out / "contexts.json", {"domains": domains, "split": split})
 
@@ -243,9 +244,7 @@ def harvest(
                 f"The folder {out} holds a harvest with a different configuration "
                 f"({', '.join(diff) or 'format'}); choose another output folder or delete it."
             )
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-    tokens, domains, split = _prepare_contexts(src, lm, out)
+    tokens, domains, split = _prepare_contexts(src, lm, out)  # makes `out` once there is text
     return write_shards(lm, hook, out, identity, tokens, split, cfg.dtype, cfg.shard_mb,
                         src.batch_contexts, src.drop_outliers, progress, on_shard)
 

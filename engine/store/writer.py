@@ -118,3 +118,18 @@ class BuildWriter:
     def _remove_tmp(self) -> None:
         for p in (self.tmp, self.tmp.with_name(self.tmp.name + ".wal")):
             p.unlink(missing_ok=True)
+        # and those of builds of this file whose process no longer exists (a kill -9)
+        for p in self.path.parent.glob(f"{self.path.name}.tmp-*"):
+            pid = p.name[len(self.path.name) + 5 :].split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

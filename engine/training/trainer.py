@@ -22,6 +22,7 @@ global batch; rank 0 alone writes.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -111,6 +112,9 @@ class Trainer:
         if run.has_state():
             self.start_step, extra = run.load_state(sae, self.opt, self.device)
             self.since_fired = extra["since_fired"].to(self.device)
+            if dist.is_main:
+                print(f"resumed {run.path} from step {self.start_step:,} of {cfg.steps:,}",
+                      file=sys.stderr, flush=True)
         else:
             # METHOD §3: b_dec (and the router's centring bias) at the geometric median of the
             # first 4,096 tokens of the first (global) batch.

@@ -43,12 +43,12 @@ def _neutral(mode: str) -> float:
     return 1.0 if mode == "scale" else 0.0
 
 
+# Widget values live in session state (set before the widgets exist) so a preset can set them.
 WIDGET_DEFAULTS = {
     "steer_mode": "add", "steer_positions": "all", "steer_expert_action": "none", "steer_expert": 0,
     "steer_max_new": 24, "steer_temperature": 0.0, "steer_top_p": 1.0, "steer_seed": 0,
     "steer_prompt": DEFAULT_PROMPT,
 }
-"""Widget values live in session state (set before the widgets exist) so a preset can set them."""
 
 
 def apply_preset(preset: dict, n_experts: int) -> None:

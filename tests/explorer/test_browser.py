@@ -90,7 +90,25 @@ KEY = {  # page title in the sidebar → (screenshot name, a selector that must 
 }
 
 
+def _bare_strings() -> list[str]:
+    """Every string a page script states on its own (not as a docstring): Streamlit's magic
+    would render it as text, so none may reach the page."""
+    import ast
+
+    found = []
+    for f in (Path(launch.__file__).parent / "views").glob("*.py"):
+        tree = ast.parse(f.read_text())
+        docstrings = {id(n.body[0]) for n in ast.walk(tree)
+                      if isinstance(n, ast.Module | ast.FunctionDef | ast.ClassDef) and n.body}
+        for n in ast.walk(tree):
+            if (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+                    and isinstance(n.value.value, str) and id(n) not in docstrings):
+                found.append(" ".join(n.value.value.split())[:40])
+    return found
+
+
 def test_every_page_in_a_browser(server, page):
+    notes = _bare_strings() + ["Widget values live in session state"]
     page.goto(f"{server}/?sae=switch")
     _settle(page)
     # Until the first script run registers st.navigation, Streamlit shows the pages/ folder.
@@ -107,6 +125,8 @@ def test_every_page_in_a_browser(server, page):
         _settle(page)
         page.wait_for_selector(selector)
         _no_exception(page, title)
+        shown = page.locator('[data-testid="stMain"]').inner_text()
+        assert not [n for n in notes if n in shown], f"a code note is rendered on {title}"
         if title != "Inspect text":  # shot below, on the SAE that has a checkpoint
             _shot(page, name)
 

@@ -110,6 +110,22 @@ def test_empty_corpus(tmp_path):
     empty.write_text("")
     assert_one_sentence(moesae("harvest", *TINY, "--corpus", empty, "--tokens", 100,
                                "--out", tmp_path / "a", check=False), "empty")
+    assert not (tmp_path / "a").exists()  # nothing left behind
+
+
+def test_unknown_hub_model_is_one_sentence_without_hub_retries(tmp_path):
+    proc = moesae("eval", tmp_path, "--model", "someone/some-model", check=False)
+    assert_one_sentence(proc)
+    proc = moesae("harvest", "--model", "someone/some-model", "--tokens", 100, "--out",
+                  tmp_path / "h", check=False)
+    assert_one_sentence(proc, "hub cannot be reached")
+    assert not proc.stderr.rstrip().endswith("…).") or "…" not in proc.stderr
+
+
+def test_help_shows_real_defaults_only():
+    out = moesae("train", "--help").stdout
+    assert "(default: )" not in out and "model default" not in out and "(default: None)" not in out
+    assert "(default: 4608)" in out
 
 
 @pytest.mark.parametrize(

@@ -182,3 +182,21 @@ def test_steering_cache_sidecar_while_db_is_open_read_only(tmp_path):
         cache.put("k", {"text": "it's"})
         assert cache.get("k") == {"text": "it's"}
     assert (tmp_path / "b.duckdb.steer.duckdb").exists()
+
+
+def test_temporaries_of_a_killed_build_are_removed_by_the_next(tmp_path):
+    """kill -9 during a build leaves FILE.tmp-<pid> (and .wal); the next build removes those of
+    processes that no longer exist, and never a live one's."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    path = tmp_path / "b.duckdb"
+    stale = [tmp_path / f"b.duckdb.tmp-{dead}", tmp_path / f"b.duckdb.tmp-{dead}.wal"]
+    live = tmp_path / f"b.duckdb.tmp-{os.getppid()}"
+    for p in [*stale, live]:
+        p.write_bytes(b"half a build")
+    write_small(path)
+    assert not any(p.exists() for p in stale) and live.exists()

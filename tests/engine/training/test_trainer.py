@@ -122,6 +122,7 @@ def test_kill_9_then_same_command_resumes_to_identical_weights(tiny_acts, tmp_pa
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert f"resumed {out} from step {killed_at:,} of 400" in done.stderr
     rows = [r for r in read_log(out) if r["kind"] == "train"]
     assert [r["step"] for r in rows] == list(range(10, 401, 10))  # no step lost or repeated
 
