@@ -11,8 +11,10 @@ from ..runtime import RuntimeConfig
 class AnalysisConfig:
     """How much the one-pass analysis reads, and how much of what it finds it stores."""
 
-    analysis_contexts: int = field(default=400, metadata={"aliases": ("--contexts",)})
-    """Held-out contexts the analysis pass reads (top examples, densities, routing come from these)."""
+    analysis_contexts: int = field(default=2000, metadata={"aliases": ("--contexts",)})
+    """Harvested contexts the analysis pass reads (top examples, densities, routing come from these; 0 = all). Their activations are on disk, so each costs only the SAEs' encode."""
+    analysis_split: str = field(default="all", metadata={"choices": ("all", "eval")})
+    """Which harvested contexts: all (training and held-out) or eval (held-out only)."""
     top_examples: int = 20
     """Top-activating examples kept per feature."""
     bands: int = 10
@@ -27,6 +29,10 @@ class AnalysisConfig:
     """Duplicate pairs are stored down to this decoder cosine (the lowest τ of METHOD §4)."""
     max_pairs: int = 200_000
     """At most this many duplicate pairs per SAE (the most similar)."""
+    min_pairs: int = 500
+    """The most similar pairs kept whatever their cosine, so the duplicate browser always has pairs to show."""
+    compare: bool = True
+    """Match the features of every two SAEs of the build by decoder cosine (the Compare page)."""
     logit_tokens: int = 10
     """Promoted and suppressed output tokens kept per feature."""
     umap: bool = True

@@ -36,7 +36,15 @@ from .examples import sample_bands, write_examples
 from .logits import logit_effects
 from .map import map_coordinates, spherical_kmeans
 from .state import SAEPass
-from .tables import write_bands, write_experts, write_features, write_geometry, write_sae_row
+from .tables import (
+    write_bands,
+    write_context_codes,
+    write_experts,
+    write_features,
+    write_geometry,
+    write_matches,
+    write_sae_row,
+)
 from .tokens import AnalysisTokens, analysis_tokens
 
 
@@ -65,7 +73,7 @@ def analyze(
     metrics = metrics or {}
     training_logs = training_logs or {}
     t_start = time.perf_counter()
-    tokens = analysis_tokens(acts, cfg.analysis_contexts)
+    tokens = analysis_tokens(acts, cfg.analysis_contexts, cfg.analysis_split)
     rt = resolve(cfg.runtime)
     for name, sae, _meta in runs:
         sae.to(rt.device)
@@ -108,6 +116,7 @@ def analyze(
             w.insert("contexts", {
                 "id": tokens.chosen.astype(np.int32),
                 "domain": tokens.context_domains,
+                "split": tokens.context_splits,
                 "token_ids": tokens.context_tokens.astype(np.int32),
                 "tokens": [[tokens.strings[int(t)] for t in row] for row in tokens.context_tokens],
             })
@@ -116,6 +125,12 @@ def analyze(
                                    training_logs.get(p.name, []))
                 for p in passes
             }
+            if cfg.compare:
+                t0 = time.perf_counter()
+                for i, a in enumerate(passes):
+                    for b in passes[i + 1 :]:
+                        write_matches(w, a, b)
+                timing["compare_seconds"] = round(time.perf_counter() - t0, 3)
             total = time.perf_counter() - t_start
             w.execute("INSERT INTO meta VALUES ('analysis_seconds', ?)", [f"{total:.1f}"])
             w.execute("INSERT INTO meta VALUES ('timing', ?)", [json.dumps({
@@ -130,14 +145,13 @@ def analyze(
 def _encode_all(passes: list[SAEPass], acts, tokens: AnalysisTokens, chunk: int, rt: Runtime,
                 progress: bool) -> float:
     """Pass 1: encode every chunk with every SAE; update statistics and spill the codes."""
-    ev = acts.split("eval")
     bar = tqdm(total=tokens.n, desc="analyse", unit="tok", unit_scale=True, dynamic_ncols=True,
                disable=not progress)
     read_seconds = 0.0
     for s in range(0, tokens.n, chunk):
         e = min(tokens.n, s + chunk)
         t0 = time.perf_counter()
-        x_raw = torch.from_numpy(np.ascontiguousarray(ev.read(tokens.rows[s:e]), dtype=np.float32))
+        x_raw = torch.from_numpy(np.ascontiguousarray(tokens.read(s, e), dtype=np.float32))
         if not torch.isfinite(x_raw).all():
             raise DataError("The activation store holds NaN or infinite values; harvest again.")
         read_seconds += time.perf_counter() - t0
@@ -180,7 +194,7 @@ def _write_sae(w, p: SAEPass, acts, model, tokens: AnalysisTokens, cfg: Analysis
     expert_of = sae.feature_expert()
     geo = timed("neighbours_seconds", lambda: decoder_geometry(
         sae.W_dec, expert_of, N, neighbours=cfg.neighbours, pair_threshold=cfg.dup_threshold,
-        max_pairs=cfg.max_pairs, block=1024))
+        max_pairs=cfg.max_pairs, min_pairs=cfg.min_pairs, block=1024))
     xy, map_method = timed("map_seconds", map_coordinates, sae.W_dec, cfg.umap, cfg.analysis_seed)
     if cfg.clusters is None:
         labels = np.full(M, -1, np.int32)
@@ -195,6 +209,7 @@ def _write_sae(w, p: SAEPass, acts, model, tokens: AnalysisTokens, cfg: Analysis
     write_geometry(w, p, geo)
     write_bands(w, p, sampler, cfg.bands)
     timed("examples_seconds", write_examples, w, p, sampler, tokens, cfg.bands)
+    write_context_codes(w, p, tokens)
     entropy = write_experts(w, p, tokens, expert_of.cpu().numpy())
     write_sae_row(w, p, acts, len(tokens.chosen), metrics, training_log, entropy, map_method,
                   logits is not None)

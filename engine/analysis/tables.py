@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..metrics.geometry import DecoderGeometry, expert_similarity, max_cosine
 from ..metrics.load import load_entropy
+from .compare import expert_correspondence, match_features
 from .logits import LOGIT_NOTE
 from .state import SAEPass
 from .stats import BandSampler
@@ -197,3 +198,58 @@ def json_default(o):
     if isinstance(o, np.generic):
         return o.item()
     return str(o)
+
+
+CODES_PER_TOKEN = 8
+"""How many of each token's codes `context_codes` keeps (the strongest): what a page shows."""
+
+
+def write_context_codes(w, p: SAEPass, tokens: AnalysisTokens) -> None:
+    """Every analysed context's strongest codes, [L · c] per context (c = min(k,
+    CODES_PER_TOKEN); feature −1 at dropped positions and where fewer fire)."""
+    c = min(p.sae.cfg.k, CODES_PER_TOKEN)
+    chosen, L = tokens.chosen, tokens.context_len
+    row = np.searchsorted(chosen, tokens.ctx)
+    feats = np.full((len(chosen), L, c), -1, np.int32)
+    acts = np.zeros((len(chosen), L, c), np.float32)
+    for s in range(0, tokens.n, 1 << 16):  # the spill is on disk: read it in slices
+        e = min(tokens.n, s + (1 << 16))
+        v, i = np.asarray(p.spill_v[s:e]), np.asarray(p.spill_i[s:e])
+        top = np.argsort(-v, axis=1, kind="stable")[:, :c]
+        v, i = np.take_along_axis(v, top, 1), np.take_along_axis(i, top, 1)
+        feats[row[s:e], tokens.pos[s:e]] = np.where(v > 0, i, -1)
+        acts[row[s:e], tokens.pos[s:e]] = np.maximum(v, 0)
+    w.insert("context_codes", {"sae": [p.name] * len(chosen), "context": chosen.astype(np.int32),
+                               "per_token": [c] * len(chosen),
+                               "features": feats.reshape(len(chosen), -1),
+                               "acts": acts.reshape(len(chosen), -1)})
+
+
+def write_matches(w, a: SAEPass, b: SAEPass) -> None:
+    """Two SAEs matched feature by feature, both directions (every SAE of an analysis encodes
+    the same activations, so they share a model and hook)."""
+    m = match_features(a.sae.W_dec, b.sae.W_dec)
+    ea, eb = a.sae.feature_expert().cpu(), b.sae.feature_expert().cpu()
+    for (x, y, near, near_cos, partner, partner_cos, ex, ey) in (
+        (a, b, m.nearest_ab, m.nearest_ab_cos, m.partner_ab, m.partner_ab_cos, ea, eb),
+        (b, a, m.nearest_ba, m.nearest_ba_cos, m.partner_ba, None, eb, ea),
+    ):
+        if partner_cos is None:  # the inverse matching's cosines, read from the other side
+            pc = np.full(len(partner), np.nan, np.float32)
+            has = partner.numpy() >= 0
+            pc[has] = m.partner_ab_cos.numpy()[partner.numpy()[has]]
+        else:
+            pc = partner_cos.numpy()
+        n = len(near)
+        w.insert("feature_matches", {
+            "sae": [x.name] * n, "other": [y.name] * n, "feature": np.arange(n, dtype=np.int32),
+            "nearest": near.numpy().astype(np.int32), "nearest_cos": near_cos.numpy().astype(np.float32),
+            "partner": partner.numpy().astype(np.int32), "partner_cos": pc.astype(np.float32),
+        })
+        share, mean = expert_correspondence(near, near_cos, ex, ey, x.sae.cfg.experts, y.sae.cfg.experts)
+        ii, jj = np.meshgrid(np.arange(share.shape[0]), np.arange(share.shape[1]), indexing="ij")
+        w.insert("expert_matches", {
+            "sae": [x.name] * share.size, "other": [y.name] * share.size,
+            "i": ii.reshape(-1).astype(np.int32), "j": jj.reshape(-1).astype(np.int32),
+            "share": share.reshape(-1), "mean_cos": mean.reshape(-1),
+        })

@@ -7,9 +7,21 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import analyze, build, demo, eval, export_sae, harvest, import_sae, serve, steer, train
+from . import (
+    analyze,
+    build,
+    demo,
+    eval,
+    explain,
+    export_sae,
+    harvest,
+    import_sae,
+    serve,
+    steer,
+    train,
+)
 
-VERBS = (harvest, train, eval, analyze, build, serve, demo, steer, import_sae, export_sae)
+VERBS = (harvest, train, eval, analyze, build, serve, demo, steer, explain, import_sae, export_sae)
 """In the order `moesae --help` lists them."""
 
 

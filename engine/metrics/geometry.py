@@ -56,12 +56,14 @@ def decoder_geometry(
     pair_threshold: float | None = None,
     max_pairs: int = 200_000,
     block: int | None = None,
+    min_pairs: int = 0,
 ) -> DecoderGeometry:
     """One pass over the cosine matrix of the unit-normalised decoder rows.
 
     `expert_of` [M] groups the features (None: one group); `neighbours` > 0 also keeps each
     feature's nearest features; `pair_threshold` also keeps the pairs at or above it (the
-    `max_pairs` most similar ones, so memory stays bounded).
+    `max_pairs` most similar ones, so memory stays bounded), and at least the `min_pairs` most
+    similar pairs whatever their cosine.
     """
     W = W_dec.detach().float()
     M = W.shape[0]
@@ -99,22 +101,31 @@ def decoder_geometry(
         if k:
             nbr_cos[start:stop], nbr_idx[start:stop] = S.topk(k, dim=1)
         if pair_threshold is not None:
-            mask = (S >= pair_threshold) & (cols[None, :] > (rows + start)[:, None])
+            upper = cols[None, :] > (rows + start)[:, None]  # each pair once: a < b
+            mask = (S >= pair_threshold) & upper
+            if min_pairs:  # and this block's most similar pairs, whatever their cosine
+                Su = torch.where(upper, S, torch.full_like(S, -math.inf)).reshape(-1)
+                top = Su.topk(min(min_pairs, Su.numel())).indices
+                top = top[torch.isfinite(Su[top])]
+                mask.view(-1)[top] = True
             r, c = mask.nonzero(as_tuple=True)
             if r.numel():
                 pa.append(r + start)
                 pb.append(c)
                 pc.append(S[r, c])
                 n_pairs += r.numel()
-                if n_pairs > 2 * max_pairs:  # keep memory bounded: prune to the best max_pairs
+                if n_pairs > 2 * max(max_pairs, min_pairs):  # memory stays bounded: prune
                     a_, b_, c_ = torch.cat(pa), torch.cat(pb), torch.cat(pc)
-                    top = c_.topk(max_pairs).indices
+                    keep = max(max_pairs, min_pairs)
+                    top = c_.topk(keep).indices
                     pa, pb, pc = [a_[top]], [b_[top]], [c_[top]]
-                    n_pairs = max_pairs
+                    n_pairs = keep
     if pa:
         a, b, c = torch.cat(pa), torch.cat(pb), torch.cat(pc)
-        if c.numel() > max_pairs:
-            top = c.topk(max_pairs).indices
+        above = int((c >= pair_threshold).sum())
+        keep = min(c.numel(), max(min(above, max_pairs), min_pairs))
+        if c.numel() > keep:
+            top = c.topk(keep).indices
             a, b, c = a[top], b[top], c[top]
         order = torch.argsort(c, descending=True)
         pairs = (a[order], b[order], c[order])

@@ -35,6 +35,17 @@ Unknown SAE names or feature ids return empty results (`None` / `[]`), never rai
                                  -> list[dict]  a, b, cos, expert_a, expert_b, within,
                                     top_tokens_a, top_tokens_b (highest cosine first)
     store.max_cos_distribution(sae) -> dict  max_cos np.ndarray [M], expert np.ndarray [M]
+    store.pair_cos_range(sae)    -> (lowest, highest) stored pair cosine, or None
+    store.comparisons(sae)       -> list[str]  SAEs matched with this one feature by feature
+    store.feature_matches(sae, other, order="unmatched"|"shared"|"feature", limit=50, expert=None)
+                                 -> list[dict]  feature, expert, top_tokens, density, nearest,
+                                    nearest_cos, nearest_expert, nearest_top_tokens, partner, partner_cos
+    store.match_of(sae, other, f) -> dict | None  nearest, nearest_cos, partner, partner_cos
+    store.match_cos(sae, other)  -> dict  nearest_cos, partner_cos, expert arrays (firing features)
+    store.expert_matches(sae, other) -> (share [N, N'], mean_cos [N, N'])
+    store.search_contexts(text, limit=20) -> list[dict]  context, domain, split, tokens, hits
+    store.context_codes(sae, context) -> per position [(feature, activation)], strongest first
+                                    (up to 8 per position)
     store.search_features(sae, text, limit=50)
                                  -> list[dict]  feature, expert, density, max_act, top_tokens,
                                     matched ("top tokens" | "logits"), most frequent first
@@ -394,7 +405,7 @@ class Store:
         return self._rows(
             "SELECT p.a, p.b, p.cos, p.expert_a, p.expert_b, p.within,"
             " fa.top_tokens AS top_tokens_a, fb.top_tokens AS top_tokens_b"
-            " FROM (SELECT * FROM duplicate_pairs WHERE sae = ? AND cos >= ?"
+            " FROM (SELECT * FROM duplicate_pairs WHERE sae = ? AND cos > ?"
             "       AND (CAST(? AS BOOLEAN) IS NULL OR within = ?)"
             "       ORDER BY cos DESC, a, b LIMIT ?) p"
             " LEFT JOIN features fa ON fa.sae = ? AND fa.feature = p.a"
@@ -402,6 +413,110 @@ class Store:
             " ORDER BY p.cos DESC, p.a, p.b",
             [sae, float(threshold), within, within, int(limit), sae, sae],
         )
+
+    def pair_cos_range(self, sae: str) -> tuple[float, float] | None:
+        """(lowest, highest) cosine among the stored pairs of `sae`: every pair above the
+        lowest is stored, so a threshold in this range lists all of them."""
+        r = self._one("SELECT min(cos) AS lo, max(cos) AS hi, count(*) AS n FROM duplicate_pairs"
+                      " WHERE sae = ?", [sae])
+        return (float(r["lo"]), float(r["hi"])) if r and r["n"] else None
+
+    # -- two SAEs, feature by feature ---------------------------------------------------------
+    def comparisons(self, sae: str) -> list[str]:
+        """The SAEs whose features are matched with `sae`'s (same model and hook)."""
+        return [r["other"] for r in self._rows(
+            "SELECT DISTINCT other FROM feature_matches WHERE sae = ? ORDER BY other", [sae])]
+
+    def feature_matches(self, sae: str, other: str, order: str = "unmatched", limit: int = 50,
+                        expert: int | None = None) -> list[dict]:
+        """`sae`'s features with their nearest and their one-to-one partner in `other`:
+        order 'unmatched' (lowest nearest cosine first: what only `sae` has), 'shared' (highest
+        first: what both learned) or 'feature'; optionally one expert of `sae`."""
+        orders = {"unmatched": "m.nearest_cos ASC, m.feature", "shared": "m.nearest_cos DESC, m.feature",
+                  "feature": "m.feature"}
+        if order not in orders:
+            raise ValueError("order must be 'unmatched', 'shared' or 'feature'")
+        return self._rows(
+            "SELECT m.feature, fa.expert, fa.top_tokens, fa.density, m.nearest, m.nearest_cos,"
+            " fb.expert AS nearest_expert, fb.top_tokens AS nearest_top_tokens, m.partner,"
+            " m.partner_cos"
+            " FROM feature_matches m JOIN features fa ON fa.sae = m.sae AND fa.feature = m.feature"
+            " LEFT JOIN features fb ON fb.sae = m.other AND fb.feature = m.nearest"
+            " WHERE m.sae = ? AND m.other = ? AND fa.n_fires > 0"
+            " AND (CAST(? AS INTEGER) IS NULL OR fa.expert = ?)"
+            f" ORDER BY {orders[order]} LIMIT ?",
+            [sae, other, expert, expert, int(limit)],
+        )
+
+    def match_of(self, sae: str, other: str, feature: int) -> dict | None:
+        return self._one(
+            "SELECT feature, nearest, nearest_cos, partner, partner_cos FROM feature_matches"
+            " WHERE sae = ? AND other = ? AND feature = ?", [sae, other, int(feature)])
+
+    def match_cos(self, sae: str, other: str) -> dict[str, np.ndarray]:
+        """nearest_cos, partner_cos and expert of every feature of `sae` that fires."""
+        cur = self._cur()
+        try:
+            return cur.execute(
+                "SELECT m.nearest_cos, m.partner_cos, f.expert FROM feature_matches m"
+                " JOIN features f ON f.sae = m.sae AND f.feature = m.feature"
+                " WHERE m.sae = ? AND m.other = ? AND f.n_fires > 0 ORDER BY m.feature",
+                [sae, other],
+            ).fetchnumpy()
+        finally:
+            cur.close()
+
+    def expert_matches(self, sae: str, other: str) -> tuple[np.ndarray, np.ndarray]:
+        """([N_sae, N_other] share of expert i's features whose nearest feature in `other` is in
+        expert j, the same shape of mean cosines)."""
+        rows = self._rows("SELECT i, j, share, mean_cos FROM expert_matches WHERE sae = ? AND other = ?",
+                          [sae, other])
+        if not rows:
+            return np.zeros((0, 0)), np.zeros((0, 0))
+        n, m = max(r["i"] for r in rows) + 1, max(r["j"] for r in rows) + 1
+        share, mean = np.full((n, m), np.nan), np.full((n, m), np.nan)
+        for r in rows:
+            share[r["i"], r["j"]] = r["share"]
+            mean[r["i"], r["j"]] = r["mean_cos"] if r["mean_cos"] is not None else np.nan
+        return share, mean
+
+    # -- text --------------------------------------------------------------------------------
+    def search_contexts(self, text: str, limit: int = 20) -> list[dict]:
+        """Analysed contexts whose text contains `text` (any case): context, domain, split,
+        tokens, and `hits`, the positions of the tokens the matches end on."""
+        needle = text.lower()
+        if not needle.strip():
+            return []
+        rows = self._rows(
+            "SELECT id AS context, domain, split, tokens FROM contexts"
+            " WHERE contains(lower(array_to_string(tokens, '')), ?) ORDER BY id LIMIT ?",
+            [needle, int(limit)],
+        )
+        for r in rows:
+            starts = np.cumsum([0] + [len(t) for t in r["tokens"]])[:-1]
+            low = "".join(r["tokens"]).lower()
+            ends, at = set(), low.find(needle)
+            while at >= 0:  # the token each match ends in
+                ends.add(int(np.searchsorted(starts, at + len(needle) - 1, side="right")) - 1)
+                at = low.find(needle, at + 1)
+            r["hits"] = sorted(ends)
+        return rows
+
+    def context_codes(self, sae: str, context_id: int) -> list[list[tuple[int, float]]]:
+        """Per position of an analysed context: its non-zero codes [(feature, activation)],
+        strongest first (empty at dropped positions)."""
+        r = self._one("SELECT per_token AS k, features, acts FROM context_codes"
+                      " WHERE sae = ? AND context = ?", [sae, int(context_id)])
+        if r is None:
+            return []
+        k = r["k"]
+        f = np.asarray(r["features"]).reshape(-1, k)
+        a = np.asarray(r["acts"], dtype=np.float32).reshape(-1, k)
+        out = []
+        for fi, ai in zip(f, a, strict=True):
+            order = np.argsort(-ai, kind="stable")
+            out.append([(int(fi[j]), float(ai[j])) for j in order if fi[j] >= 0 and ai[j] > 0])
+        return out
 
     def search_features(self, sae: str, text: str, limit: int = 50) -> list[dict]:
         """Features whose top-activating tokens or top logit tokens contain `text` (any case)."""
@@ -420,7 +535,7 @@ class Store:
     # -- contexts and routing ----------------------------------------------------------------
     def context(self, context_id: int) -> dict | None:
         return self._one(
-            "SELECT id AS context, domain, tokens, token_ids FROM contexts WHERE id = ?",
+            "SELECT id AS context, domain, split, tokens, token_ids FROM contexts WHERE id = ?",
             [int(context_id)],
         )
 

@@ -3,7 +3,8 @@ build closes. `SCHEMA_VERSION` changes whenever a table does; readers refuse oth
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2 (2026-11-25): contexts carry their split; per-context codes; feature matches between SAEs."""
 
 # One statement per table. `sae` is the build-local name of an SAE run; features, experts,
 # examples … are keyed by (sae, id). Per-feature lists (histogram, logits) live in the feature
@@ -38,7 +39,22 @@ SCHEMA: dict[str, str] = {
     "bands": (
         "sae VARCHAR, feature INTEGER, band SMALLINT, lo FLOAT, hi FLOAT, n BIGINT, share DOUBLE"
     ),
-    "contexts": "id INTEGER PRIMARY KEY, domain VARCHAR, token_ids INTEGER[], tokens VARCHAR[]",
+    "contexts": (
+        "id INTEGER PRIMARY KEY, domain VARCHAR, split VARCHAR, token_ids INTEGER[], tokens VARCHAR[]"
+    ),
+    # Every analysed context's strongest codes: [L · per_token] flattened, position-major;
+    # feature −1 where a position was dropped (BOS, outliers) or fewer fired — what a text
+    # search shows without a model.
+    "context_codes": (
+        "sae VARCHAR, context INTEGER, per_token SMALLINT, features INTEGER[], acts FLOAT[]"
+    ),
+    # Two SAEs of one model and hook, feature by feature (engine.analysis.compare); both
+    # directions are stored, `sae` is the one whose features the rows are.
+    "feature_matches": (
+        "sae VARCHAR, other VARCHAR, feature INTEGER, nearest INTEGER, nearest_cos FLOAT,"
+        " partner INTEGER, partner_cos FLOAT"
+    ),
+    "expert_matches": "sae VARCHAR, other VARCHAR, i INTEGER, j INTEGER, share DOUBLE, mean_cos DOUBLE",
     "examples": (
         "sae VARCHAR, feature INTEGER, kind VARCHAR, band SMALLINT, rank SMALLINT,"
         " context INTEGER, position SMALLINT, activation FLOAT,"
@@ -61,4 +77,7 @@ SORT_ON_CLOSE: dict[str, str] = {
     "routing": "sae, context",
     "duplicate_pairs": "sae, cos DESC",
     "expert_similarity": "sae, i, j",
+    "context_codes": "sae, context",
+    "feature_matches": "sae, other, feature",
+    "expert_matches": "sae, other, i, j",
 }

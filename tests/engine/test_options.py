@@ -55,7 +55,7 @@ def test_to_flat_round_trips():
     again = set_flat(TrainConfig(), to_flat(cfg))
     assert again == cfg
     assert names(SAEConfig) == {"arch", "width", "experts", "active", "k", "feature_scaling",
-                                "expert_weighting"}
+                                "scaling_form", "expert_weighting"}
 
 
 def test_cli_flags_come_from_the_fields():

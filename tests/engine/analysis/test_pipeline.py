@@ -221,8 +221,12 @@ def test_routing_and_experts(built):
         assert s.context_routing("scale", 3)[0]["experts"] == []  # dropped (3, 0)
         assert s.context_routing("dense", c)[1]["experts"] == []
         assert len(s.map_points("switch")["x"]) == 32
-        for p in s.duplicate_pairs("scale", 0.0, limit=50):  # stored down to dup_threshold 0.7
-            assert p["cos"] >= 0.7 - 1e-6 and p["within"] == (p["expert_a"] == p["expert_b"])
+        pairs = s.duplicate_pairs("scale", -1.0, limit=1000)
+        # down to dup_threshold 0.7, and the min_pairs (500) most similar whatever their cosine:
+        # all 32·31/2 pairs of this small SAE
+        assert len(pairs) == 32 * 31 // 2
+        assert all(p["within"] == (p["expert_a"] == p["expert_b"]) for p in pairs)
+        assert [p["cos"] for p in pairs] == sorted((p["cos"] for p in pairs), reverse=True)
     assert experts[0]["omega"] == pytest.approx(0.0)
 
 
@@ -245,3 +249,86 @@ def test_umap_map_has_fixed_seed(tmp_path):
     assert method == "umap" and a.shape == (60, 2)
     np.testing.assert_allclose(a, b)
     assert map_coordinates(W[:10], True)[1] == "pca"
+
+
+def test_feature_matches_and_expert_correspondence(built):
+    db, _acts, _model, runs = built
+    W = {n: s.W_dec.detach() for n, s, _ in runs}
+    experts = {n: s.feature_expert().numpy() for n, s, _ in runs}
+    with open_db(db) as s:
+        assert s.comparisons("scale") == ["dense", "switch"]
+        for a, b in [("scale", "switch"), ("switch", "scale"), ("dense", "scale")]:
+            A = W[a] / W[a].norm(dim=1, keepdim=True)
+            B = W[b] / W[b].norm(dim=1, keepdim=True)
+            cos = (A @ B.T).numpy()
+            rows = s.feature_matches(a, b, order="feature", limit=1000)
+            firing = {r["feature"] for r in rows}
+            assert firing == {f for f in range(32) if s.feature(a, f).n_fires > 0}
+            for r in rows:  # nearest = brute-force argmax
+                f = r["feature"]
+                assert r["nearest"] == cos[f].argmax()
+                assert r["nearest_cos"] == pytest.approx(cos[f].max(), abs=1e-5)
+                if r["partner"] >= 0:
+                    assert r["partner_cos"] == pytest.approx(cos[f, r["partner"]], abs=1e-5)
+                    assert r["partner_cos"] <= r["nearest_cos"] + 1e-6
+                else:  # none of its candidates was left free
+                    assert r["partner_cos"] is None or np.isnan(r["partner_cos"])
+            # the matching is one-to-one, and its inverse is the other direction's partner
+            all_rows = [s.match_of(a, b, f) for f in range(32)]
+            partners = [r["partner"] for r in all_rows if r["partner"] >= 0]
+            assert len(set(partners)) == len(partners) > 16
+            for r in all_rows:
+                if r["partner"] >= 0:
+                    assert s.match_of(b, a, r["partner"])["partner"] == r["feature"]
+            shared = s.feature_matches(a, b, order="shared", limit=5)
+            assert [r["nearest_cos"] for r in shared] == sorted((r["nearest_cos"] for r in rows),
+                                                                 reverse=True)[:5]
+            # expert correspondence: share of expert i's features whose nearest lies in expert j
+            share, _mean = s.expert_matches(a, b)
+            n_a, n_b = experts[a].max() + 1, experts[b].max() + 1
+            want = np.zeros((n_a, n_b))
+            for f in range(32):
+                want[experts[a][f], experts[b][cos[f].argmax()]] += 1
+            want /= np.bincount(experts[a], minlength=n_a)[:, None]
+            np.testing.assert_allclose(share, want)
+
+
+def test_greedy_matching_hand_case():
+    from engine.analysis.compare import match_features
+
+    # a0 is closest to b0 (0.9) but a1 is closer still (0.95); greedy gives b0 to a1 and b1 to a0
+    W_a = torch.tensor([[1.0, 0.0], [0.95, 0.3122]])
+    W_b = torch.tensor([[0.9, 0.4359], [0.0, 1.0]])
+    m = match_features(W_a, W_b, candidates=2)
+    assert m.nearest_ab.tolist() == [0, 0]
+    assert m.partner_ab.tolist() == [1, 0] and m.partner_ba.tolist() == [1, 0]
+
+
+def test_text_search_and_context_codes(built):
+    db, acts, _model, runs = built
+    sae = next(s for n, s, _ in runs if n == "switch")
+    rows, z, _ = _dense_codes(acts, sae, 8)
+    ev = acts.eval_set
+    with open_db(db) as s:
+        c = int(ev.context_ids[rows][0])
+        ctx = s.context(c)
+        assert ctx["split"] == "eval"
+        needle = (ctx["tokens"][2] + ctx["tokens"][3]).upper()
+        hits = s.search_contexts(needle, limit=100)
+        mine = next(h for h in hits if h["context"] == c)
+        assert 3 in mine["hits"]
+        text = "".join(ctx["tokens"]).lower()
+        assert all(needle.lower() in "".join(h["tokens"]).lower() for h in hits)
+        assert mine["hits"] == sorted(set(mine["hits"])) and text.count(needle.lower()) >= 1
+        assert s.search_contexts("   ") == []
+        codes = s.context_codes("switch", c)
+        assert len(codes) == 8
+        for t in np.nonzero(ev.context_ids[rows] == c)[0]:
+            pos = ev.positions[rows][t]
+            col = z[t]
+            want = np.argsort(-col, kind="stable")[: min(4, int((col > 0).sum()))]
+            got = codes[pos]
+            assert [f for f, _ in got] == want.tolist()
+            np.testing.assert_allclose([v for _, v in got], col[want], rtol=1e-5)
+        assert codes[0] == [] if c == 3 else True
+        assert s.context_codes("switch", 10_000) == []

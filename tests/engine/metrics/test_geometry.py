@@ -119,3 +119,19 @@ def test_duplicate_pairs_are_capped():
     W = torch.ones(30, 4) + 0.001 * torch.randn(30, 4)
     geo = decoder_geometry(W, None, None, neighbours=3, pair_threshold=0.5, block=4, max_pairs=20)
     assert len(geo.pairs[0]) == 20
+
+
+def test_the_most_similar_pairs_are_kept_whatever_their_cosine():
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(40, 32, generator=g)  # random directions: no pair near 0.7
+    geo = decoder_geometry(W, None, None, pair_threshold=0.7, min_pairs=5, block=7)
+    a, b, c = geo.pairs
+    Wn = W / W.norm(dim=1, keepdim=True)
+    C = Wn @ Wn.T
+    iu = torch.triu_indices(40, 40, 1)
+    best = C[iu[0], iu[1]].topk(5).values
+    assert float(c.max()) < 0.7 and len(c) == 5
+    assert torch.allclose(c, best, atol=1e-6)
+    assert all(int(x) < int(y) for x, y in zip(a, b, strict=True))
+    none = decoder_geometry(W, None, None, pair_threshold=0.7, block=7)
+    assert len(none.pairs[0]) == 0
