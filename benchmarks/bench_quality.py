@@ -39,8 +39,8 @@ VARIANTS = [
     ("stand-in (Scale e=1)", dict(arch="scale", active=1)),
     ("Scale e=2", dict(arch="scale", active=2)),
     ("Scale e=8", dict(arch="scale", active=8)),
-    ("Scale e=2, no FS", dict(arch="scale", active=2, feature_scaling=False)),
-    ("Scale e=8, no FS", dict(arch="scale", active=8, feature_scaling=False)),
+    ("Scale e=2 without FS", dict(arch="scale", active=2, feature_scaling=False)),
+    ("Scale e=8 without FS", dict(arch="scale", active=8, feature_scaling=False)),
     ("TopK", dict(arch="topk")),
 ]
 DEFAULT_VARIANTS = [name for name, _ in VARIANTS if name != "TopK"]

@@ -9,6 +9,7 @@ unpickle 10⁵ points on every rerun.
 
 from __future__ import annotations
 
+import html
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import streamlit as st
 
 from engine.errors import DataError
 from engine.store import FeatureInfo, SAEInfo, Store, open_db
+from engine.store.notes import Notes, notes_path
 
 Db = tuple[str, int]
 """(absolute path, mtime_ns) of a build file: the cache key of everything read from it."""
@@ -145,8 +147,11 @@ def map_points(db: Db, sae: str) -> dict[str, np.ndarray]:
     dens = np.asarray(pts.get("density", np.zeros(n)), dtype=np.float64)
     pts["log_density"] = np.log10(np.clip(np.nan_to_num(dens), 1e-7, None)).astype(np.float32)
     tops = pts.get("top_tokens", np.array([], dtype=object))
+    moe = len(np.unique(pts.get("expert", []))) > 1
     pts["hover"] = np.array(
-        [("top: " + str(t).replace("<", "&lt;")) if t else "never fires" for t in tops], dtype=object
+        [(f"expert {int(e)}<br>" if moe else "")
+         + (("top: " + html.escape(str(t), quote=False)) if t else "never fires")
+         for t, e in zip(tops, pts.get("expert", np.zeros(n, np.int64)), strict=True)], dtype=object
     )
     pts["row_of"] = {int(f): i for i, f in enumerate(pts.get("feature", []))}
     for v in pts.values():
@@ -168,6 +173,105 @@ def duplicate_pairs(db: Db, sae: str, threshold: float, limit: int = 500, scope:
     return store(db).duplicate_pairs(sae, threshold=threshold, limit=limit, scope=scope)
 
 
+@st.cache_data(show_spinner=False, max_entries=50)
+def pair_cos_range(db: Db, sae: str) -> tuple[float, float] | None:
+    return store(db).pair_cos_range(sae)
+
+
 @st.cache_data(show_spinner=False)
 def training_log(db: Db, sae: str) -> list[dict]:
     return store(db).training_log(sae)
+
+
+# -- two SAEs -----------------------------------------------------------------------------------
+@st.cache_data(show_spinner=False)
+def comparisons(db: Db, sae: str) -> list[str]:
+    return store(db).comparisons(sae)
+
+
+@st.cache_data(show_spinner=False, max_entries=200)
+def feature_matches(db: Db, sae: str, other: str, order: str = "unmatched", limit: int = 50,
+                    expert: int | None = None) -> list[dict]:
+    return store(db).feature_matches(sae, other, order=order, limit=limit, expert=expert)
+
+
+@st.cache_data(show_spinner=False, max_entries=2000)
+def match_of(db: Db, sae: str, other: str, f: int) -> dict | None:
+    return store(db).match_of(sae, other, f)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def match_cos(db: Db, sae: str, other: str) -> dict[str, np.ndarray]:
+    out = dict(store(db).match_cos(sae, other))
+    for v in out.values():
+        v.setflags(write=False)
+    return out
+
+
+@st.cache_data(show_spinner=False, max_entries=20)
+def expert_matches(db: Db, sae: str, other: str) -> tuple[np.ndarray, np.ndarray]:
+    return store(db).expert_matches(sae, other)
+
+
+# -- text ---------------------------------------------------------------------------------------
+@st.cache_data(show_spinner=False, max_entries=200)
+def search_contexts(db: Db, text: str, limit: int = 20) -> list[dict]:
+    return store(db).search_contexts(text, limit=limit)
+
+
+@st.cache_data(show_spinner=False, max_entries=500)
+def context_codes(db: Db, sae: str, context_id: int) -> list[list[tuple[int, float]]]:
+    return store(db).context_codes(sae, context_id)
+
+
+@st.cache_data(show_spinner=False, max_entries=500)
+def context(db: Db, context_id: int) -> dict | None:
+    return store(db).context(context_id)
+
+
+@st.cache_data(show_spinner=False, max_entries=50)
+def top_tokens_of(db: Db, sae: str) -> dict[int, str]:
+    """feature → its top tokens (what tables show beside a feature id)."""
+    pts = map_points(db, sae)
+    return {int(f): str(t or "") for f, t in zip(pts.get("feature", []), pts.get("top_tokens", []),
+                                                  strict=True)}
+
+
+# -- notes: written while exploring, so read through a key that changes with the file ------------
+def notes(db: Db) -> Notes:
+    """The build's notes file (labels, notes, explanations), beside it."""
+    return Notes(db[0], build_hash=store(db).build_hash())
+
+
+def notes_version(db: Db) -> int:
+    """Changes whenever the notes file does (its mtime), to key the cached reads."""
+    try:
+        return notes_path(db[0]).stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+@st.cache_data(show_spinner=False, max_entries=50)
+def _labels(db: Db, sae: str, version: int) -> dict[int, str]:
+    return notes(db).labels(sae)
+
+
+def labels(db: Db, sae: str) -> dict[int, str]:
+    """feature → its label (or explanation), for every labelled feature of `sae`."""
+    try:
+        return _labels(db, sae, notes_version(db))
+    except DataError:
+        return {}
+
+
+def feature_name(db: Db, sae: str, f: int, with_tokens: bool = True) -> str:
+    """'feature 12 · “label” · top tokens' — how tables and links name a feature."""
+    parts = [f"feature {int(f)}"]
+    label = labels(db, sae).get(int(f))
+    if label:
+        parts.append(f"“{label}”")
+    if with_tokens:
+        tops = top_tokens_of(db, sae).get(int(f))
+        if tops:
+            parts.append(tops)
+    return " · ".join(parts)

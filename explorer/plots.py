@@ -23,7 +23,8 @@ def _layout(fig: go.Figure, title: str, height: int = 340, **kw) -> go.Figure:
 
 
 def training_curves(
-    logs: Mapping[str, Sequence[Mapping[str, float]]], metric: str, x: str = "step"
+    logs: Mapping[str, Sequence[Mapping[str, float]]], metric: str, x: str = "step",
+    title: str | None = None,
 ) -> go.Figure:
     """One line per SAE: `logs[name]` is its list of log records (dicts with `x` and `metric`)."""
     fig = go.Figure()
@@ -33,9 +34,9 @@ def training_curves(
             continue
         xs, ys = zip(*pts, strict=True)
         fig.add_trace(
-            go.Scatter(x=xs, y=ys, mode="lines", name=name, line=dict(color=PALETTE[i % 10]))
+            go.Scatter(x=xs, y=ys, mode="lines", name=name, line=dict(color=PALETTE[i % len(PALETTE)]))
         )
-    return _layout(fig, metric, xaxis_title=x, legend=dict(orientation="h", y=-0.2))
+    return _layout(fig, title or metric, xaxis_title=x, legend=dict(orientation="h", y=-0.2))
 
 
 def expert_load(
@@ -236,7 +237,7 @@ def feature_map(
     if color_mode in ("expert", "domain"):
         # Legend entries only (empty traces), so the big trace stays a single WebGL draw call.
         codes = np.unique(np.asarray(color, dtype=np.int64))
-        if len(codes) <= 40:
+        if len(codes) <= len(PALETTE):
             for c in codes:
                 label = categories[c] if categories is not None and c < len(categories) else f"expert {c}"
                 fig.add_trace(
@@ -252,8 +253,28 @@ def feature_map(
         clickmode="event+select",  # a click selects the point (Streamlit reruns with it)
         xaxis=dict(showticklabels=False, title=None, zeroline=False),
         yaxis=dict(showticklabels=False, title=None, zeroline=False),
-        legend=dict(itemsizing="constant"),
+        # below the plot: on the right the mode bar (zoom, pan …) covers the legend's top
+        legend=dict(itemsizing="constant", orientation="h", yanchor="top", y=-0.01, x=0),
+        # an opaque, readable hover box (by default it takes the point's colour and opacity)
+        hoverlabel=dict(bgcolor="white", bordercolor="#444", font=dict(size=14, color="#111"),
+                        align="left"),
         uirevision="feature-map",
     )
     return fig
 
+
+
+def overlaid_histograms(series: Mapping[str, np.ndarray], title: str, x_title: str, bins: int = 50,
+                        lo: float = -0.2, hi: float = 1.0, marker: float | None = None,
+                        height: int = 320) -> go.Figure:
+    """Several distributions on one pair of axes (shared bins), each in its own colour."""
+    fig = go.Figure()
+    for i, (name, values) in enumerate(series.items()):
+        counts, edges = bin_values(values, bins=bins, lo=lo, hi=hi)
+        fig.add_trace(go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=counts, width=np.diff(edges), name=name,
+                             marker_color=PALETTE[i % len(PALETTE)], opacity=0.6,
+                             hovertemplate=f"{name}<br>%{{x:.2f}}: %{{y}}<extra></extra>"))
+    if marker is not None:
+        fig.add_vline(x=marker, line_dash="dash", line_color="#d62728")
+    fig.update_layout(barmode="overlay", bargap=0, legend=dict(orientation="h", y=-0.25))
+    return _layout(fig, title, height=height, xaxis_title=x_title, yaxis_title="features")

@@ -7,13 +7,18 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-# Qualitative palette with enough distinct hues for typical expert counts; beyond its length
-# colours repeat, which the legend makes explicit.
+# 64 expert colours, every two at least 14 apart in CIELAB (ΔE): the Tableau 10 first (what
+# small builds show), then plotly's Dark24, Alphabet and Light24 with near-duplicates removed.
+# Beyond 64 experts colours repeat; every hover and tooltip names the expert as well.
 PALETTE = [
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
-    "#9c755f", "#bab0ac", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
-    "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39",
-    "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363", "#6baed6", "#fd8d3c",
+    "#9c755f", "#bab0ac", "#2e91e5", "#e15f99", "#1ca71c", "#fb0d0d", "#da16ff", "#222a2a",
+    "#b68100", "#750d86", "#eb663b", "#511cfb", "#00a08b", "#fb00d1", "#fc0080", "#b2828d",
+    "#6c7c32", "#862a16", "#a777f1", "#620042", "#1616a7", "#da60ca", "#6c4516", "#0d2a63",
+    "#af0038", "#aa0dfe", "#3283fe", "#85660d", "#782ab6", "#565656", "#1c8356", "#16ff32",
+    "#f7e1a0", "#e2e2e2", "#1cbe4f", "#dea0fd", "#325a9b", "#feaf16", "#90ad1c", "#f6222e",
+    "#1cffce", "#2ed9ff", "#b10da1", "#b00068", "#fbe426", "#6a76fc", "#fed4c4", "#0df9ff",
+    "#6e899c", "#00b5f7", "#c9fbe5", "#22ffa7", "#e3ee9e", "#86ce00", "#7e7dcd", "#e48f72",
 ]  # fmt: skip
 
 _BOX = (

@@ -16,8 +16,10 @@ OVERVIEW = "views/overview.py"
 EXPERTS = "views/experts.py"
 FEATURE_MAP = "views/feature_map.py"
 REDUNDANCY = "views/redundancy.py"
+COMPARE = "views/compare.py"
 FEATURE = "views/feature.py"
 INSPECT = "views/inspect_text.py"
+SEARCH = "views/search_text.py"
 STEERING = "views/steering.py"
 
 STEER_FEATURES = "steer_features"
@@ -43,7 +45,9 @@ def page_list() -> list:
         st.Page(EXPERTS, title="Experts", icon=":material/hub:"),
         st.Page(FEATURE_MAP, title="Feature map", icon=":material/scatter_plot:"),
         st.Page(REDUNDANCY, title="Redundancy", icon=":material/content_copy:"),
+        st.Page(COMPARE, title="Compare", icon=":material/compare_arrows:"),
         st.Page(FEATURE, title="Feature", icon=":material/search:"),
+        st.Page(SEARCH, title="Search text", icon=":material/manage_search:"),
         st.Page(INSPECT, title="Inspect text", icon=":material/keyboard:"),
         st.Page(STEERING, title="Steering", icon=":material/tune:"),
     ]
@@ -59,11 +63,13 @@ def choose_sae(saes: list[dict]) -> dict:
     current = st.session_state.get(_SAE)
     if current not in names:
         current = names[0]
-    labels = {s["sae"]: f"{s['sae']}  ·  {s['arch']}, {s['width']:,} features" for s in saes}
     choice = st.sidebar.selectbox(
-        "SAE", names, index=names.index(current), format_func=labels.get,
+        "SAE", names, index=names.index(current),
         help="Which SAE of this build the pages show. Part of every shared link (?sae=…).",
     )
+    s = saes[names.index(choice)]
+    moe = f", {s['experts']} experts, e = {s['active']}" if (s.get("experts") or 1) > 1 else ""
+    st.sidebar.caption(f"**{choice}** · {s['arch']}, {s['width']:,} features{moe}, k = {s['k']}")
     st.session_state[_SAE] = choice
     st.query_params["sae"] = choice
     return saes[names.index(choice)]

@@ -24,6 +24,27 @@ COLUMNS: list[tuple[str, str, bool | None]] = [
 ]
 
 
+def curve_label(key: str, log: Sequence[Mapping], dead_tokens: int | None = None) -> str:
+    """What a training-log curve shows, with its unit (the Metrics table's MSE is in the model's
+    units; logs written before mse_unit existed hold the SAE's normalised units)."""
+    if key == names.MSE:
+        model = any(r.get("mse_unit") == "model" for r in log)
+        return "MSE per token (model units)" if model else "MSE per token (SAE input units)"
+    if key == names.DEAD_FRACTION:
+        if dead_tokens:
+            return f"dead fraction (no fire in the last {dead_tokens:,} training tokens)"
+        return "dead fraction (no recent fire in training)"
+    return {
+        names.FVU: "FVU (fraction of variance unexplained)",
+        names.L0: "L0 (active features per token)",
+        names.EXPERT_LOAD_ENTROPY: "expert load entropy (÷ log N; 1 = balanced)",
+        "loss": "training objective (SAE input units)",
+        "lb_loss": "load-balance loss",
+        "auxk_loss": "AuxK loss",
+        "tokens_per_s": "training speed (tokens/s)",
+    }.get(key, key)
+
+
 def metric(metrics: Mapping, name: str) -> float | None:
     """metrics[name] when it is a finite number, else None."""
     v = metrics.get(name)

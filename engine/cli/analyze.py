@@ -18,6 +18,9 @@ def add(sub) -> None:
     p.add_argument("--db", required=True, help="DuckDB file to write (replaced atomically)")
     p.add_argument("--acts", help="activation folder (default: the first run's)")
     p.add_argument("--model", help="model (default: the one the activations came from)")
+    p.add_argument("--name", action="append", metavar="NAME",
+                   help="the name pages show for each run, in order (repeat once per run; "
+                        "default: the run folder's name)")
     add_options(p, AnalysisConfig)
     add_options(p, EvalConfig, skip=("runtime",))  # --device/--precision: one pair for both
     p.set_defaults(func=run)
@@ -31,9 +34,14 @@ def run(args) -> int:
     from ..training.run_folder import RunFolder
 
     eval_cfg = config_from_args(EvalConfig, args)
+    names = args.name or [RunFolder(r).name for r in args.runs]
+    if len(names) != len(args.runs):
+        raise UserError(f"Give one --name per run: {len(args.runs)} run(s), {len(names)} name(s).")
+    if len(set(names)) != len(names):
+        raise UserError("Every SAE of a build needs a different name; pass --name once per run.")
     loaded, metrics, logs = [], {}, {}
     acts = model = None
-    for run_arg in args.runs:
+    for run_arg, name in zip(args.runs, names, strict=True):
         run = RunFolder(run_arg)
         if not run.is_finished():
             raise UserError(f"{run.path} is not a finished training run (no final/cfg.json).")
@@ -43,9 +51,9 @@ def run(args) -> int:
                 raise UserError(f"{run.path} does not record its activation folder; pass --acts DIR.")
             acts = ActivationStore(args.acts or meta.get("acts"))
             model = LazyModel(args.model or acts.model_name)
-        metrics[run.name] = evaluate_cached(run, sae, acts, model, eval_cfg, not args.quiet)
-        logs[run.name] = run.read_log()
-        loaded.append((run.name, sae, meta))
+        metrics[name] = evaluate_cached(run, sae, acts, model, eval_cfg, not args.quiet)
+        logs[name] = run.read_log()
+        loaded.append((name, sae, meta))
     analyze(loaded, acts, model.get(), Path(args.db), config_from_args(AnalysisConfig, args),
             metrics=metrics, training_logs=logs, progress=not args.quiet)
     print(f"wrote {args.db} ({len(loaded)} SAE(s))")

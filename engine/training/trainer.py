@@ -216,6 +216,10 @@ class Trainer:
                 dist.sum_(self.window.load)
             row = self.window.summary(done, done * cfg.batch_tokens, lr, tps, self.sae,
                                       float(dead_now.float().mean()))
+            # The SAE sees x·scale; the log's MSE is in the model's units, like `moesae eval`'s
+            # (loss stays the training objective, in the SAE's units).
+            row["mse"] /= self.scale**2
+            row["mse_unit"] = "model"
             if dist.is_main:
                 run.append_log(row)
             if self.bar is not None:

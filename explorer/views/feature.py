@@ -4,6 +4,7 @@ bands, activation histogram, logit effects and nearest neighbours. `?sae=…&fea
 import numpy as np
 import streamlit as st
 
+from engine.errors import DataError
 from explorer import data, plots, render, session
 
 db, sae = session.db(), session.sae()
@@ -40,7 +41,16 @@ if feat is None:
     st.info(f"No statistics for feature {f} of {sae}.")
     st.stop()
 
-st.header(f"{sae} · feature {f}")
+notes = data.notes(db)
+try:
+    note = notes.get(sae, f)
+except DataError as exc:
+    note = None
+    st.warning(str(exc))
+label = (note or {}).get("label") or ""
+st.header(f"{sae} · feature {f}" + (f" · “{label}”" if label else ""))
+if note and note.get("explanation"):
+    st.markdown(f"**Explanation** ({note.get('explained_by') or 'a language model'}): {note['explanation']}")
 st.html(render.expert_legend([feat.expert]) if (info.experts or 1) > 1 else "")
 if feat.top_tokens:
     st.markdown(f"Top tokens: {render.token_text(feat.top_tokens)}", unsafe_allow_html=True)
@@ -93,7 +103,46 @@ with right:
     for nb in feat.neighbours:
         same = " (same expert)" if nb.get("expert") == feat.expert else f" (expert {nb.get('expert')})"
         session.feature_link(sae, nb["feature"],
-                             label=f"feature {nb['feature']} · cos {nb['cos']:.3f}{same} · {nb.get('top_tokens') or '—'}")
+                             label=f"cos {nb['cos']:.3f}{same} · {data.feature_name(db, sae, nb['feature'])}")
+
+others = data.comparisons(db, sae)
+if others:
+    st.subheader("In the other SAEs")
+    st.caption("The nearest feature by decoder cosine in each other SAE of this build, and its "
+               "partner in a one-to-one matching (the Compare page has the whole picture).")
+    for other in others:
+        m = data.match_of(db, sae, other, f)
+        if not m:
+            continue
+        cols = st.columns(2)
+        with cols[0]:
+            session.feature_link(other, m["nearest"], label=f"{other}: nearest · cos {m['nearest_cos']:.3f} · "
+                                 f"{data.feature_name(db, other, m['nearest'])}")
+        with cols[1]:
+            if m["partner"] is not None and m["partner"] >= 0 and m["partner"] != m["nearest"]:
+                session.feature_link(other, m["partner"], label=f"{other}: partner · cos "
+                                     f"{m['partner_cos']:.3f} · {data.feature_name(db, other, m['partner'])}")
+
+with st.expander("Label and notes" + (f": “{label}”" if label else ""), expanded=False):
+    if note and note.get("stale"):
+        st.warning("Written for an earlier build of this file; check it still fits this feature.")
+    with st.form(key=f"notes-{sae}-{f}"):
+        new_label = st.text_input("Label", value=label, max_chars=80,
+                                  help="A short name, shown beside this feature on every page and "
+                                       "in the map's hover; searchable on the Feature map.")
+        new_note = st.text_area("Note", value=(note or {}).get("note") or "", height=90)
+        if st.form_submit_button("Save"):
+            try:
+                notes.set(sae, f, label=new_label, note=new_note)
+                st.toast("Saved.")
+                st.rerun()
+            except DataError as exc:
+                st.error(str(exc))
+    st.caption(f"Saved beside the build, in {notes.path.name}; a rebuild keeps them.")
+    if not (note and note.get("explanation")):
+        st.caption("No explanation yet. `moesae explain --db FILE --sae NAME --endpoint URL --llm "
+                   "MODEL` writes one per feature with any OpenAI-compatible chat server (a local "
+                   "vLLM or llama.cpp server works); nothing is sent anywhere unless you run it.")
 
 st.subheader("Quantile bands")
 bands = data.quantile_bands(db, sae, f)

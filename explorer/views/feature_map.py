@@ -1,9 +1,12 @@
 """Feature map: every feature of the SAE on its UMAP (or PCA) map. Hover shows top tokens,
 clicking a point opens its feature page, the search box highlights matching features."""
 
+import html
+
 import numpy as np
 import streamlit as st
 
+from engine.errors import DataError
 from explorer import data, plots, session
 
 db, sae = session.db(), session.sae()
@@ -18,20 +21,34 @@ if n == 0:
 
 method = (info.map_method or "umap").upper() if info else "UMAP"
 controls = st.columns([2, 3])
+# Default: the corpus domain each feature fires most on: on the demo's maps it is what the
+# layout separates (Bible, Python docs, …); the experts' features interleave all over it.
+n_domains = len(set(pts["domain_names"]) - {"none"})
 mode = controls[0].segmented_control(
-    "Colour by", ["expert", "density", "domain"], default="expert", key="map_colour",
-    help="expert: which expert owns the feature · density: log10 firing rate · "
-         "domain: corpus domain where it fires most",
-) or "expert"
+    "Colour by", ["domain", "expert", "density"],
+    default="domain" if n_domains > 1 else "density", key="map_colour",
+    help="domain: corpus domain where it fires most · expert: which expert owns the feature "
+         "(the hover names it too) · density: log10 firing rate",
+) or "domain"
 click = st.sidebar.radio(
     "Clicking a point", ["opens its feature page", "adds it to Steering"], key="map_click",
     help="Collect several features on the map, then steer with them together.",
 )
 query = controls[1].text_input(
-    "Search top tokens and logit tokens", key="map_search", placeholder="e.g. def, Lord, love",
+    "Search top tokens, logit tokens and labels", key="map_search", placeholder="e.g. def, Lord, love",
 ).strip()
 
 matches = data.search_features(db, sae, query, limit=5000) if query else []
+labels = data.labels(db, sae)
+if query:  # labels, notes and explanations match too
+    try:
+        noted = data.notes(db).search(sae, query, limit=5000)
+    except DataError:
+        noted = []
+    have = {m["feature"] for m in matches}
+    matches = [{"feature": int(r["feature"]), "expert": int(pts["expert"][pts["row_of"][int(r["feature"])]]),
+                "matched": "notes", "top_tokens": labels.get(int(r["feature"]), "")}
+               for r in noted if int(r["feature"]) not in have and int(r["feature"]) in pts["row_of"]] + matches
 highlight = None
 if query:
     rows = pts["row_of"]
@@ -45,8 +62,14 @@ elif mode == "domain":
     colour, cats = pts["domain_code"], list(pts["domain_names"])
 else:
     colour, cats = pts["expert"], None
+hover = pts["hover"]
+if labels:  # a labelled feature's hover starts with its label
+    hover = hover.copy()
+    for f, text in labels.items():
+        if f in pts["row_of"]:
+            hover[pts["row_of"][f]] = f"<b>{html.escape(text, quote=False)}</b><br>" + hover[pts["row_of"][f]]
 fig = plots.feature_map(
-    pts["x"], pts["y"], pts["feature"], colour, mode, hover=pts["hover"], highlight=highlight,
+    pts["x"], pts["y"], pts["feature"], colour, mode, hover=hover, highlight=highlight,
     categories=cats,
 )
 st.caption(
@@ -80,11 +103,11 @@ if any(s == sae for s, _ in st.session_state.get(session.STEER_FEATURES, [])):
 if query:
     st.subheader(f"Matches for “{query}”")
     if not matches:
-        st.caption("No feature has this text among its top tokens or promoted logit tokens.")
+        st.caption("No feature has this text among its top tokens, promoted logit tokens or notes.")
     for m in matches[:30]:
         session.feature_link(
             sae, m["feature"],
-            label=f"feature {m['feature']} · expert {m['expert']} · {m['matched']}: {m['top_tokens'] or '—'}",
+            label=f"{data.feature_name(db, sae, m['feature'])} · expert {m['expert']} · matched in {m['matched']}",
         )
     if len(matches) > 30:
         st.caption(f"… and {len(matches) - 30:,} more highlighted on the map.")

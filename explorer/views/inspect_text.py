@@ -57,7 +57,7 @@ with left:
     if not tok["features"]:
         st.caption("No feature fires here.")
     for f, act in tok["features"]:
-        session.feature_link(sae, f, label=f"feature {f} · {act:.3g}")
+        session.feature_link(sae, f, label=f"{act:.3g} · {data.feature_name(db, sae, f)}")
 with right:
     if tok["experts"]:
         st.markdown("**Routed to**")
@@ -68,6 +68,7 @@ with st.expander("All tokens"):
     st.dataframe(
         [{"pos": t["position"], "token": repr(t["token"])[1:-1],
           "experts": ", ".join(map(str, t["experts"])),
-          "top features": ", ".join(f"{f} ({a:.2g})" for f, a in t["features"][:5])} for t in tokens],
+          "top features": " | ".join(f"{a:.2g} {data.feature_name(db, sae, f)}" for f, a in t["features"][:3])}
+         for t in tokens],
         hide_index=True,
     )

@@ -32,10 +32,13 @@ st.dataframe(
     rows,
     hide_index=True,
     column_config={
-        "MSE": st.column_config.NumberColumn(format="%.4g", help="METHOD §4 mse, raw units, held-out tokens"),
+        "MSE": st.column_config.NumberColumn(
+            format="%.4g", help="mean over held-out tokens of ‖x − x̂‖², in the model's units"),
         "FVU": st.column_config.NumberColumn(format="%.4f", help="fraction of variance unexplained"),
         "L0": st.column_config.NumberColumn(format="%.1f"),
-        "dead": st.column_config.NumberColumn(format="percent", help="never fire on evaluation tokens"),
+        "dead": st.column_config.NumberColumn(
+            format="percent", help="never fire on the held-out evaluation tokens (the training "
+                                   "curve counts features silent over the last training tokens)"),
         "CE recovered": st.column_config.NumberColumn(format="%.3f"),
         "redundancy@0.9": st.column_config.NumberColumn(
             format="%.4f", help="fraction of features whose max decoder cosine to another is > 0.9"
@@ -57,7 +60,13 @@ else:
     others = sorted(keys - set(preferred) - {"step", "tokens"})
     shown = st.multiselect("Curves", preferred + others, default=preferred[:4])
     x_axis = "tokens" if "tokens" in keys else "step"
+    dead_tokens = next((((i.config or {}).get("train_config") or {}).get("dead_tokens")
+                        for i in infos if i.training_log), None)
+    st.caption("Curves are over training batches; the Metrics table is on held-out tokens. MSE is "
+               "in the model's units in both.")
     cols = st.columns(2)
     for n, metric_name in enumerate(shown):
+        title = summary.curve_label(metric_name, next(iter(logs.values())), dead_tokens)
         with cols[n % 2]:
-            st.plotly_chart(plots.training_curves(logs, metric_name, x=x_axis), key=f"curve-{metric_name}")
+            st.plotly_chart(plots.training_curves(logs, metric_name, x=x_axis, title=title),
+                            key=f"curve-{metric_name}")

@@ -25,8 +25,20 @@ shown = controls[0].multiselect(
     "SAEs", names, default=default, max_selections=2, key="red_saes",
     help="Pick two to compare them side by side.",
 ) or [sae]
+# The slider covers exactly the stored pairs: every pair above the lowest stored cosine is
+# stored (at least the 500 most similar of each SAE, and all down to 0.7), so any threshold
+# on the slider lists every pair above it and agrees with redundancy@τ beside it.
+ranges = [r for r in (data.pair_cos_range(db, n) for n in shown) if r is not None]
+lo = float(np.ceil(max(r[0] for r in ranges) * 100) / 100) if ranges else 0.5
+hi = float(np.ceil(max(r[1] for r in ranges) * 100) / 100) if ranges else 1.0
+lo, hi = min(lo, 0.99), min(max(hi, lo + 0.01), 1.0)
+default_t = 0.9 if lo <= 0.9 < hi else round(max(lo, hi - 0.05), 2)  # some pairs always show
+if not lo <= st.session_state.get("red_threshold", default_t) <= hi:
+    st.session_state["red_threshold"] = default_t
 threshold = controls[1].slider(
-    "Duplicate threshold (decoder cosine)", 0.5, 1.0, 0.9, 0.01, key="red_threshold"
+    "Duplicate threshold (decoder cosine)", lo, hi, default_t, 0.01, key="red_threshold",
+    help=f"From the lowest to the highest cosine of the stored pairs ({lo:.2f}–{hi:.2f}); a pair "
+         "counts when its cosine is above the threshold.",
 )
 scope = controls[2].radio(
     "Pairs", ["all", "within", "across"], horizontal=True, key="red_scope",
@@ -46,7 +58,8 @@ for col, name in zip(cols, shown, strict=True):
         a.metric(f"redundancy@{threshold:.2f}", f"{share:.2%}" if finite.size else "—",
                  help="fraction of features whose max decoder cosine to any other exceeds the threshold")
         b.metric("mean max cos", f"{finite.mean():.3f}" if finite.size else "—")
-        c.metric("pairs ≥ threshold", f"{len(pairs)}{'+' if len(pairs) >= 500 else ''}")
+        c.metric(f"pairs > {threshold:.2f}", f"{len(pairs)}{'+' if len(pairs) >= 500 else ''}",
+                 help=f"{scope} pairs of features whose decoder cosine exceeds the threshold")
         sim = data.expert_similarity(db, name)
         if sim.size and sim.shape[0] > 1:
             st.plotly_chart(
@@ -66,7 +79,7 @@ for col, name in zip(cols, shown, strict=True):
 
 
 def _examples(name: str, f: int) -> None:
-    session.feature_link(name, f)
+    session.feature_link(name, f, label=data.feature_name(db, name, f))
     ex = data.feature_examples(db, name, f, 3)
     if not ex:
         st.caption("no examples (the feature never fired on the analysed tokens)")
@@ -77,17 +90,19 @@ def _examples(name: str, f: int) -> None:
 
 
 st.divider()
-st.subheader(f"Duplicate pairs (cosine ≥ {threshold:.2f}, {scope})")
+st.subheader(f"Duplicate pairs (cosine > {threshold:.2f}, {scope})")
 per_page = 8
 tabs = st.tabs(shown) if len(shown) > 1 else [st.container()]
 for tab, name in zip(tabs, shown, strict=True):
     with tab:
         pairs = data.duplicate_pairs(db, name, threshold, 500, scope)
+        labels = data.labels(db, name)
         if not pairs:
-            st.caption(f"No pair of {name}'s features reaches cosine {threshold:.2f} ({scope}).")
+            st.caption(f"No {scope} pair of {name}'s features exceeds cosine {threshold:.2f}.")
             continue
         st.dataframe(
-            [{"a": p["a"], "b": p["b"], "cos": p["cos"], "expert a": p["expert_a"],
+            [{"a": p["a"], "b": p["b"], "cos": p["cos"],
+              "label a": labels.get(p["a"], ""), "label b": labels.get(p["b"], ""), "expert a": p["expert_a"],
               "expert b": p["expert_b"], "same expert": p["within"],
               "top tokens a": p["top_tokens_a"], "top tokens b": p["top_tokens_b"]} for p in pairs],
             hide_index=True, height=240,

@@ -155,7 +155,7 @@ for f in chosen:
     current = float(st.session_state.setdefault(key, _neutral(mode)))
     if current not in opts:  # a preset's value between stops: keep it exactly
         opts = sorted({*opts, current})
-    label = f"feature {f}"
+    label = data.feature_name(db, sae, f, with_tokens=False)
     if feat is not None:
         label += f" · expert {feat.expert} · max {feat.max_act:.3g} · {feat.top_tokens[:60]}"
     cols = st.columns([8, 1], vertical_alignment="bottom")
@@ -216,7 +216,9 @@ if shown and shown[0] == sae:
         if fires.get("top_expert"):
             col.html(render.expert_tokens(fires["tokens"], fires["top_expert"]))
             col.html(render.expert_legend(fires["top_expert"]))
-        col.dataframe(fires["features"], hide_index=True, width="stretch",
+        tops, names_ = data.top_tokens_of(db, sae), data.labels(db, sae)
+        col.dataframe([{**r, "label": names_.get(r["feature"], ""), "top tokens": tops.get(r["feature"], "")}
+                       for r in fires["features"]], hide_index=True, width="stretch",
                       column_config={"max_act": st.column_config.NumberColumn(format="%.3g")})
         if fires.get("experts"):
             col.bar_chart({"top-1 share": [e["share_top1"] for e in fires["experts"]]},

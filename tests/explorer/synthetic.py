@@ -66,14 +66,43 @@ def make_build(
         w.insert("models", {"name": [MODEL], "hook": [HOOK], "d_model": np.array([64]),
                             "n_layers": np.array([2]), "info": [json.dumps({"synthetic": True})]})
         w.insert("contexts", {"id": np.arange(n_contexts), "domain": ctx_dom,
+                              "split": ["eval" if i % 5 == 0 else "train" for i in range(n_contexts)],
                               "token_ids": token_ids, "tokens": ctx_tokens})
+        experts = {}
         for s_i, (name, arch) in enumerate(saes):
             n = 1 if arch == "topk" else N
             active = 2 if arch == "scale" else 1
-            _write_sae(w, rng, name, arch, M, n, active, ctx_tokens, ctx_dom, dom_of_word,
-                       (checkpoints or {}).get(name), s_i, top_k, bands, per_band, hist_bins,
-                       neighbours)
+            experts[name] = _write_sae(w, rng, name, arch, M, n, active, ctx_tokens, ctx_dom,
+                                       dom_of_word, (checkpoints or {}).get(name), s_i, top_k,
+                                       bands, per_band, hist_bins, neighbours)
+        names = list(experts)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                _write_matches(w, rng, a, b, experts[a], experts[b])
     return path
+
+
+def _write_matches(w, rng, a, b, ea, eb):
+    """Both directions: a nearest feature (mostly in the 'same' expert), a cosine, and a
+    one-to-one partner (a permutation), like engine.analysis.compare writes them."""
+    M = len(ea)
+    perm = rng.permutation(M)
+    for x, y, ex, ey, partner in ((a, b, ea, eb, perm), (b, a, eb, ea, np.argsort(perm))):
+        nb = int(ey.max()) + 1
+        same = (ex % nb) * (M // nb) + rng.integers(0, M // nb, M)
+        nearest = np.where(rng.random(M) < 0.8, np.minimum(same, M - 1), rng.integers(0, M, M))
+        cos = np.clip(rng.beta(5, 2, M), 0, 0.999).astype(np.float32)
+        w.insert("feature_matches", {
+            "sae": [x] * M, "other": [y] * M, "feature": np.arange(M), "nearest": nearest,
+            "nearest_cos": cos, "partner": partner, "partner_cos": (cos * 0.9).astype(np.float32)})
+        na = int(ex.max()) + 1
+        count = np.zeros((na, nb))
+        np.add.at(count, (ex, ey[nearest]), 1)
+        share = count / np.maximum(count.sum(1, keepdims=True), 1)
+        ii, jj = np.meshgrid(np.arange(na), np.arange(nb), indexing="ij")
+        w.insert("expert_matches", {"sae": [x] * share.size, "other": [y] * share.size,
+                                    "i": ii.reshape(-1), "j": jj.reshape(-1),
+                                    "share": share.reshape(-1), "mean_cos": np.full(share.size, 0.8)})
 
 
 def _write_sae(w, rng, name, arch, M, N, active, ctx_tokens, ctx_dom, dom_of_word, checkpoint,
@@ -203,6 +232,15 @@ def _write_sae(w, rng, name, arch, M, N, active, ctx_tokens, ctx_dom, dom_of_wor
         ent = float(-(load1[load1 > 0] * np.log(load1[load1 > 0])).sum() / np.log(N))
     else:
         ent = None
+    # each context's strongest codes: features of the experts themed like its domain
+    per_token = 8
+    feats = rng.integers(0, M, (n_ctx, L, per_token)).astype(np.int32)
+    acts = np.sort(rng.uniform(0.1, 5, (n_ctx, L, per_token)), axis=-1)[..., ::-1].astype(np.float32)
+    feats[:, 0] = -1  # BOS is dropped
+    acts[:, 0] = 0
+    w.insert("context_codes", {"sae": [name] * n_ctx, "context": np.arange(n_ctx),
+                               "per_token": np.full(n_ctx, per_token),
+                               "features": feats.reshape(n_ctx, -1), "acts": acts.reshape(n_ctx, -1)})
     # duplicate pairs from the features whose max cosine is high
     hi = np.flatnonzero(max_cos > 0.7)
     partners = rng.integers(0, M, hi.size)
@@ -227,3 +265,4 @@ def _write_sae(w, rng, name, arch, M, N, active, ctx_tokens, ctx_dom, dom_of_wor
         "hist_edges": np.logspace(-2, 1, hist_bins + 1)[None, :], "load_entropy": [ent],
         "map_method": ["umap"], "logit_note": ["Logit effects: W_dec · final norm · W_U."],
     })
+    return expert

@@ -13,6 +13,7 @@ The README's screenshots are this test run on the real demo build:
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -84,7 +85,9 @@ KEY = {  # page title in the sidebar → (screenshot name, a selector that must 
     "Experts": ("experts", ".js-plotly-plot"),
     "Feature map": ("feature_map", ".js-plotly-plot"),
     "Redundancy": ("redundancy", ".js-plotly-plot"),
+    "Compare": ("compare", ".js-plotly-plot"),
     "Feature": ("feature", '[data-testid="stPageLink"]'),
+    "Search text": ("search_text_empty", '[data-testid="stTextInput"]'),
     "Inspect text": ("inspect_text", "[data-testid=\"stTextArea\"], [data-testid=\"stAlert\"]"),
     "Steering": ("steering", '[data-testid="stTextArea"], [data-testid="stAlert"]'),
 }
@@ -145,7 +148,7 @@ def test_neighbour_link_opens_a_feature(server, page):
     _settle(page)
     page.wait_for_selector("text=switch · feature 3")
     link = page.locator('[data-testid="stPageLink"] a', has_text="cos").first
-    target = link.inner_text().split("·")[0].strip()  # "feature N"
+    target = re.search(r"feature \d+", link.inner_text()).group(0)  # "cos … · feature N · …"
     link.click()
     _settle(page)
     page.wait_for_selector(f"text=switch · {target}")
@@ -175,3 +178,66 @@ def test_map_click_opens_a_feature(server, page):
     assert f"feature={box['id']}" in page.url
     _no_exception(page, "map selection")
     _shot(page, "feature_from_map")
+
+
+def test_search_text_in_a_browser(server, page):
+    page.goto(f"{server}/search_text?sae=switch")
+    _settle(page)
+    box = page.locator('[data-testid="stTextInput"] input').first
+    box.fill("Lord")
+    box.press("Enter")
+    page.wait_for_selector("text=Features that fire there")
+    _settle(page)
+    _no_exception(page, "Search text")
+    assert page.locator('[data-testid="stDataFrame"]').count() >= 1
+    _shot(page, "search_text")
+
+
+def test_map_hover_is_readable_and_the_legend_is_clear_of_the_toolbar(server, page):
+    page.goto(f"{server}/feature_map?sae=switch")
+    _settle(page)
+    page.locator(".js-plotly-plot").first.wait_for()
+    plot = page.locator(".js-plotly-plot").first
+    plot.hover()  # the mode bar shows while the pointer is over the plot
+    boxes = page.evaluate(
+        """() => {
+            const r = s => { const e = document.querySelector(s); if (!e) return null;
+                             const b = e.getBoundingClientRect();
+                             return {l: b.left, r: b.right, t: b.top, b: b.bottom}; };
+            return {legend: r('.js-plotly-plot .legend'), modebar: r('.js-plotly-plot .modebar')};
+        }"""
+    )
+    lg, mb = boxes["legend"], boxes["modebar"]
+    assert lg is not None, "the default colouring (domain) has a legend"
+    if mb is not None:
+        overlap = not (lg["r"] <= mb["l"] or mb["r"] <= lg["l"] or lg["b"] <= mb["t"] or mb["b"] <= lg["t"])
+        assert not overlap, boxes
+    # hover a drawn point: an opaque white box naming the feature and its expert
+    pt = page.evaluate(
+        """() => {
+            const gd = document.querySelector('.js-plotly-plot');
+            const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, t = gd._fullData[0];
+            const r = gd.querySelector('.nsewdrag').getBoundingClientRect();
+            const i = Math.floor(t.x.length / 2);
+            return {x: r.left + xa.l2p(t.x[i]), y: r.top + ya.l2p(t.y[i])};
+        }"""
+    )
+    page.mouse.move(pt["x"], pt["y"])
+    page.wait_for_selector(".hoverlayer .hovertext", timeout=10_000)
+    fill = page.evaluate("() => getComputedStyle(document.querySelector('.hoverlayer .hovertext path')).fill")
+    text = page.locator(".hoverlayer .hovertext").first.text_content()
+    assert fill == "rgb(255, 255, 255)", fill
+    assert "feature" in text and "expert" in text, text
+    _shot(page, "feature_map_hover")
+
+
+def test_compare_pair_side_by_side(server, page):
+    page.goto(f"{server}/compare?sae=scale-e2")
+    _settle(page)
+    page.wait_for_selector("text=Only in scale-e2")
+    page.wait_for_selector('[data-testid="stPageLink"] >> text=/^switch · feature/')
+    _no_exception(page, "Compare")
+    links = page.locator('[data-testid="stPageLink"]').all_inner_texts()
+    assert any(t.startswith("scale-e2 · feature") for t in links), links
+    assert any(t.startswith("switch · feature") for t in links), links
+    _shot(page, "compare")

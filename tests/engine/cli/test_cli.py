@@ -68,12 +68,15 @@ def test_analyze_then_steer_from_the_command_line(pipeline):
     root, _, runs = pipeline
     db = root / "both.duckdb"
     moesae("analyze", runs["switch"], runs["scale"], "--db", db, "--contexts", 20,
-           "--eval-tokens", 1000)
+           "--eval-tokens", 1000, "--name", "Switch (ours)", "--name", "Scale e=2")
     from engine.store import open_db
 
     store = open_db(db)
-    assert sorted(s["sae"] for s in store.list_saes()) == ["scale", "switch"]
-    out = moesae("steer", "--db", db, "--sae", "scale", "--prompt", "The function returns",
+    assert sorted(s["sae"] for s in store.list_saes()) == ["Scale e=2", "Switch (ours)"]
+    assert store.comparisons("Scale e=2") == ["Switch (ours)"]
+    assert_one_sentence(moesae("analyze", runs["switch"], runs["scale"], "--db", root / "x.duckdb",
+                               "--name", "only one", check=False), "one --name per run")
+    out = moesae("steer", "--db", db, "--sae", "Scale e=2", "--prompt", "The function returns",
                  "--feature", 3, "--strength", 40, "--max-new-tokens", 5)
     lines = out.stdout.splitlines()
     assert any(x.startswith("default:") for x in lines)
