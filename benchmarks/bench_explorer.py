@@ -5,7 +5,8 @@
 Each page is rendered once to warm the caches, then `--repeats` times through Streamlit's
 AppTest (the whole script: app.py + the page, element tree included). The Feature page is
 also timed on features it has not shown before (its store queries uncached; the build's
-connection and the SAE-level caches warm). The issue's target: p95 < 1 s per page once warm.
+connection and the SAE-level caches warm), Compare on experts and thresholds, Search text and the
+map's search on queries not seen before. The issue's target: p95 < 1 s per page once warm.
 Prints a table and one JSON line. Inspect text is left out: it runs the model live.
 """
 
@@ -27,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 from tests.explorer.synthetic import make_build  # noqa: E402
 
 APP = ROOT / "explorer" / "app.py"
-PAGES = ["overview", "experts", "feature_map", "redundancy", "feature", "steering"]
+PAGES = ["overview", "experts", "feature_map", "redundancy", "compare", "feature", "search_text",
+         "steering"]
 
 
 def _timed(at, repeats: int, before=None) -> list[float]:
@@ -82,6 +84,24 @@ def bench(db: Path, repeats: int, n_features: int, sae: str) -> dict:
         at.text_input(key="map_search").input(words[i % len(words)])
 
     out["feature_map (search)"] = _timed(at, repeats, search)
+    at.switch_page("views/compare.py").run()
+    n_experts = len(at.selectbox(key="cmp_expert").options) - 1
+
+    def expert(at, i):  # each one new queries: that expert's unmatched and shared features
+        at.selectbox(key="cmp_expert").set_value(int(i % n_experts))
+
+    out["compare (another expert)"] = _timed(at, repeats, expert)
+
+    def tau(at, i):
+        at.slider(key="cmp_tau").set_value(round(0.5 + 0.02 * (i % 20), 2))
+
+    out["compare (threshold moved)"] = _timed(at, repeats, tau)
+    at.switch_page("views/search_text.py").run()
+
+    def text(at, i):
+        at.text_input(key="search_text").input(words[i % len(words)])
+
+    out["search_text (new query)"] = _timed(at, repeats, text)
     return {k: {"p50_ms": round(float(np.percentile(v, 50)) * 1000, 1),
                 "p95_ms": round(float(np.percentile(v, 95)) * 1000, 1), "n": len(v)}
             for k, v in out.items()}

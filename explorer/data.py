@@ -224,14 +224,20 @@ def context_codes(db: Db, sae: str, context_id: int) -> list[list[tuple[int, flo
     return store(db).context_codes(sae, context_id)
 
 
+@st.cache_data(show_spinner=False, max_entries=200)
+def contexts_codes(db: Db, sae: str, context_ids: tuple[int, ...]) -> dict[int, list]:
+    return store(db).contexts_codes(sae, list(context_ids))
+
+
 @st.cache_data(show_spinner=False, max_entries=500)
 def context(db: Db, context_id: int) -> dict | None:
     return store(db).context(context_id)
 
 
-@st.cache_data(show_spinner=False, max_entries=50)
+@st.cache_resource(show_spinner=False, max_entries=8)
 def top_tokens_of(db: Db, sae: str) -> dict[int, str]:
-    """feature → its top tokens (what tables show beside a feature id)."""
+    """feature → its top tokens (what tables show beside a feature id). A resource: pages call
+    it for every feature they name, and unpickling 10⁵ entries each time would cost ~50 ms."""
     pts = map_points(db, sae)
     return {int(f): str(t or "") for f, t in zip(pts.get("feature", []), pts.get("top_tokens", []),
                                                   strict=True)}

@@ -45,7 +45,7 @@ Unknown SAE names or feature ids return empty results (`None` / `[]`), never rai
     store.expert_matches(sae, other) -> (share [N, N'], mean_cos [N, N'])
     store.search_contexts(text, limit=20) -> list[dict]  context, domain, split, tokens, hits
     store.context_codes(sae, context) -> per position [(feature, activation)], strongest first
-                                    (up to 8 per position)
+                                    (up to 8 per position); contexts_codes(sae, ids) -> {id: …}
     store.search_features(sae, text, limit=50)
                                  -> list[dict]  feature, expert, density, max_act, top_tokens,
                                     matched ("top tokens" | "logits"), most frequent first
@@ -489,7 +489,7 @@ class Store:
             return []
         rows = self._rows(
             "SELECT id AS context, domain, split, tokens FROM contexts"
-            " WHERE contains(lower(array_to_string(tokens, '')), ?) ORDER BY id LIMIT ?",
+            " WHERE contains(lower_text, ?) ORDER BY id LIMIT ?",
             [needle, int(limit)],
         )
         for r in rows:
@@ -505,17 +505,23 @@ class Store:
     def context_codes(self, sae: str, context_id: int) -> list[list[tuple[int, float]]]:
         """Per position of an analysed context: its non-zero codes [(feature, activation)],
         strongest first (empty at dropped positions)."""
-        r = self._one("SELECT per_token AS k, features, acts FROM context_codes"
-                      " WHERE sae = ? AND context = ?", [sae, int(context_id)])
-        if r is None:
-            return []
-        k = r["k"]
-        f = np.asarray(r["features"]).reshape(-1, k)
-        a = np.asarray(r["acts"], dtype=np.float32).reshape(-1, k)
-        out = []
-        for fi, ai in zip(f, a, strict=True):
-            order = np.argsort(-ai, kind="stable")
-            out.append([(int(fi[j]), float(ai[j])) for j in order if fi[j] >= 0 and ai[j] > 0])
+        return self.contexts_codes(sae, [context_id]).get(int(context_id), [])
+
+    def contexts_codes(self, sae: str, context_ids: Sequence[int]) -> dict[int, list]:
+        """`context_codes` of several contexts in one query: context → per-position codes."""
+        ids = [int(c) for c in context_ids]
+        if not ids:
+            return {}
+        rows = self._rows("SELECT context, per_token AS k, features, acts FROM context_codes"
+                          " WHERE sae = ? AND list_contains(?, context)", [sae, ids])
+        out = {}
+        for r in rows:
+            f = np.asarray(r["features"]).reshape(-1, r["k"])
+            a = np.asarray(r["acts"], dtype=np.float32).reshape(-1, r["k"])
+            out[int(r["context"])] = [
+                [(int(fi[j]), float(ai[j])) for j in np.argsort(-ai, kind="stable")
+                 if fi[j] >= 0 and ai[j] > 0]
+                for fi, ai in zip(f, a, strict=True)]
         return out
 
     def search_features(self, sae: str, text: str, limit: int = 50) -> list[dict]:

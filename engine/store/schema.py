@@ -40,7 +40,8 @@ SCHEMA: dict[str, str] = {
         "sae VARCHAR, feature INTEGER, band SMALLINT, lo FLOAT, hi FLOAT, n BIGINT, share DOUBLE"
     ),
     "contexts": (
-        "id INTEGER PRIMARY KEY, domain VARCHAR, split VARCHAR, token_ids INTEGER[], tokens VARCHAR[]"
+        "id INTEGER PRIMARY KEY, domain VARCHAR, split VARCHAR, token_ids INTEGER[], tokens VARCHAR[],"
+        " lower_text VARCHAR"  # the tokens joined and lower-cased: what text search scans
     ),
     # Every analysed context's strongest codes: [L · per_token] flattened, position-major;
     # feature −1 where a position was dropped (BOS, outliers) or fewer fired — what a text

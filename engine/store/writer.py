@@ -101,6 +101,9 @@ class BuildWriter:
                 self._remove_tmp()
             return
         try:
+            # derived columns, filled here once for whatever wrote the rows
+            con.execute("UPDATE contexts SET lower_text = lower(array_to_string(tokens, ''))"
+                        " WHERE lower_text IS NULL")
             for table, order in SORT_ON_CLOSE.items():
                 con.execute(f"CREATE TABLE _sorted AS SELECT * FROM {table} ORDER BY {order}")
                 con.execute(f"DROP TABLE {table}")

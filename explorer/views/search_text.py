@@ -31,8 +31,9 @@ st.caption(f"{len(hits)}{'+' if len(hits) >= limit else ''} contexts contain “
 count: dict[int, int] = defaultdict(int)
 peak: dict[int, float] = defaultdict(float)
 per_hit = []
+all_codes = data.contexts_codes(db, sae, tuple(h["context"] for h in hits))
 for h in hits:
-    codes = data.context_codes(db, sae, h["context"])
+    codes = all_codes.get(h["context"], [])
     for pos in h["hits"]:
         here = codes[pos] if pos < len(codes) else []
         per_hit.append((h, pos, here))
