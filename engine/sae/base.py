@@ -110,6 +110,22 @@ class SparseAutoencoder(nn.Module, ABC):
         with torch.no_grad():
             self.b_dec.copy_(centre)
 
+    def experts_per_token(self) -> int | None:
+        """How many experts encode each token (None: a dense SAE, every feature competes)."""
+        return None
+
+    @torch.no_grad()
+    def dead_candidates_bound(self, dead_mask: Tensor) -> int:
+        """The most dead features one token's TopK can choose among: every dead feature for a
+        dense SAE; for a routed one, those of the e experts with the most dead features. AuxK
+        takes min(d/2, this) picks — asking for more only adds zero picks, each of which costs
+        a row in the sparse backward. Reads the device, so the trainer calls it at log steps."""
+        e = self.experts_per_token()
+        if e is None:
+            return int(dead_mask.sum())
+        per_expert = dead_mask.view(self.cfg.experts, -1).sum(1)
+        return int(per_expert.topk(min(e, self.cfg.experts)).values.sum())
+
     # -- shared ----------------------------------------------------------------------------
     def select_topk(self, x_c: Tensor, W: Tensor, b: Tensor, experts: Tensor | None,
                     weights: Tensor | None, dead_mask: Tensor | None, k_aux: int) -> TopKCodes:

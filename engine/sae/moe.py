@@ -196,6 +196,8 @@ class _SparseTopK(torch.autograd.Function):
             if dead is not None and k_aux > 0:
                 is_dead = dead.expand_as(f) if cand is None else dead[cand]
                 masked = torch.where(is_dead, f, torch.zeros_like(f))
+                if f.device.type == "cpu":  # no device to wait for: as many picks as can be dead
+                    k_aux = max(1, min(k_aux, int(is_dead.sum(-1).max())))
                 aux_f, apos = masked.topk(k_aux, dim=-1, sorted=False)
                 picks.append(apos)
                 outs.append(aux_f)
@@ -272,9 +274,10 @@ def topk_encode_sparse(
     encode: ExpertEncode = grouped_expert_encode, compute_dtype: torch.dtype | None = None,
 ) -> TopKCodes:
     """`topk_encode` with a backward over the selected latents only; the candidates are
-    computed in `compute_dtype` (bf16 under autocast), gradients in float32. AuxK takes
-    exactly k_aux picks (zeros where fewer features are dead: they add nothing), so nothing
-    is read on the host."""
+    computed in `compute_dtype` (bf16 under autocast), gradients in float32. On a GPU AuxK
+    takes exactly k_aux picks (zeros where fewer features are dead: they add nothing), so
+    nothing is read on the host; on the CPU, where reading costs nothing, no more picks than
+    the most dead candidates any token has (each zero pick costs a row in the backward)."""
     if compute_dtype is None:
         dev = x_c.device.type
         compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_c.dtype

@@ -45,6 +45,9 @@ class ScaleSAE(SparseAutoencoder):
     def encoder_weight(self) -> Tensor:
         return self.scaled_encoder().reshape(self.cfg.width, -1)
 
+    def experts_per_token(self) -> int:
+        return self.cfg.active
+
     def encode(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int = 0) -> EncoderOutput:
         N, m, e = self.cfg.experts, self.cfg.expert_width, self.cfg.active
         # g = softmax( W_g (x − b_gate) + b_g )

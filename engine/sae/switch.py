@@ -23,6 +23,9 @@ class SwitchSAE(SparseAutoencoder):
             self.b_dec.copy_(centre)
             self.b_router.copy_(centre)
 
+    def experts_per_token(self) -> int:
+        return 1
+
     def encode(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int = 0) -> EncoderOutput:
         N, m = self.cfg.experts, self.cfg.expert_width
         # p(x) = softmax( W_r (x − b_router) );  i* = argmax p

@@ -14,7 +14,8 @@ Nothing inside a step waits for the device: losses, expert load, firing counts a
 first non-finite loss accumulate on it and are read at log and checkpoint steps only. Two
 consequences: a NaN is reported at the next log step (with the step it happened at; the
 last good checkpoint is kept), and AuxK starts at the first log step at which a feature is
-dead (whether any is, and how many — k_aux = min(d/2, #dead) — is read there).
+dead (whether any is, and k_aux = min(d/2, the most dead features one token can choose
+among) are read there).
 
 Under `torchrun` (engine.training.distributed) each process trains on its slice of every
 global batch; rank 0 alone writes.
@@ -128,7 +129,7 @@ class Trainer:
             run.truncate_log(self.start_step)
         self.window = Window(self.sae_cfg.experts, self.device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        self.n_dead = int((self.since_fired > cfg.dead_tokens).sum()) if cfg.auxk_alpha > 0 else 0
+        self.k_aux = self._aux_picks(self.since_fired > cfg.dead_tokens)
         self.last_good = self.start_step
         self.bar = None
         if self.progress and dist.is_main:
@@ -139,6 +140,13 @@ class Trainer:
         self._sync()
         self.t_last, self.tokens_since = time.perf_counter(), 0
         return self.start_step
+
+    def _aux_picks(self, dead: torch.Tensor) -> int:
+        """AuxK's k_aux = min(d/2, the most dead features a token can choose among), 0 when
+        AuxK is off or nothing is dead; refreshed at log steps (it reads the device)."""
+        if self.cfg.auxk_alpha <= 0:
+            return 0
+        return min(self.d_in // 2, self.sae.dead_candidates_bound(dead))
 
     def _global_rows(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """The first n rows of the global batch whose local slice is x."""
@@ -161,9 +169,9 @@ class Trainer:
             group["lr"] = lr
         if self.unscale != 1.0:
             x = x * self.unscale
-        dead = self.since_fired > cfg.dead_tokens if self.n_dead else None
+        dead = self.since_fired > cfg.dead_tokens if self.k_aux else None
         with self.rt.autocast():
-            out = self.model(x, dead_mask=dead, auxk_k=min(self.d_in // 2, self.n_dead) or None,
+            out = self.model(x, dead_mask=dead, auxk_k=self.k_aux or None,
                              reduce=dist.sum if dist.enabled else None)
         loss = out.mse + self.lb_weight * out.lb_loss + cfg.auxk_alpha * out.auxk_loss
         bad = ~torch.isfinite(loss.detach())
@@ -204,7 +212,7 @@ class Trainer:
                 f"the last good checkpoint (step {self.last_good}) is kept in {run.state}."
             )
         dead_now = self.since_fired > cfg.dead_tokens
-        self.n_dead = int(dead_now.sum()) if cfg.auxk_alpha > 0 else 0
+        self.k_aux = self._aux_picks(dead_now)
         if log_now:
             self._sync()
             now = time.perf_counter()

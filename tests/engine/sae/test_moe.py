@@ -117,13 +117,25 @@ def test_sparse_backward_with_the_grouped_gemm_equals_the_reference():
         assert torch.allclose(p, q, atol=1e-5)
 
 
-def test_auxk_takes_no_host_reads_and_is_zero_without_dead_features():
+def test_auxk_is_zero_without_dead_features():
     sae = make("topk")
     x = torch.randn(16, 12)
     none_dead = torch.zeros(64, dtype=torch.bool)
     out = sae(x, dead_mask=none_dead, auxk_k=5)
     assert float(out.auxk_loss.detach()) == 0.0
     out.auxk_loss.backward()  # a zero loss with a graph behind it
+
+
+def test_auxk_asks_only_for_dead_features_a_token_can_choose_among():
+    """Hand case: 4 experts of 16 features with 3, 0, 5 and 1 dead. A dense SAE's token sees
+    all 9; a Switch token one expert (at most 5); a Scale e=2 token two (at most 5 + 3)."""
+    dead = torch.zeros(64, dtype=torch.bool)
+    for expert, n in enumerate([3, 0, 5, 1]):
+        dead[expert * 16 : expert * 16 + n] = True
+    assert make("topk").dead_candidates_bound(dead) == 9
+    assert make("switch").dead_candidates_bound(dead) == 5
+    assert make("scale").dead_candidates_bound(dead) == 8
+    assert make("scale").dead_candidates_bound(torch.zeros(64, dtype=torch.bool)) == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
