@@ -166,20 +166,26 @@ def plot(rows, path: Path) -> None:
         print("matplotlib not installed: no plot")
         return
     models = list(dict.fromkeys(r["model"] for r in rows))
+    all_ks = sorted({r["k"] for r in rows})
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for name in models:
         mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["k"])
         ks = [r["k"] for r in mine]
-        axes[0].plot(ks, [r["mse"] for r in mine], marker="o", label=name)
-        axes[1].plot(ks, [r["redundancy_ratio_0.9"] for r in mine], marker="o", label=name)
+        colour = f"C{models.index(name)}"  # one colour per model in every panel
+        axes[0].plot(ks, [r["mse"] for r in mine], marker="o", label=name, color=colour)
+        axes[1].plot(ks, [r["redundancy_ratio_0.9"] for r in mine], marker="o", label=name, color=colour)
         for r in mine:  # redundancy is tracked at every checkpoint: duplicates appear late
             curve = r.get("redundancy_curve") or []
-            if curve and r["k"] == max(ks):
+            if curve:
                 axes[2].plot([c["step"] for c in curve], [c["redundancy_ratio_0.9"] for c in curve],
-                             label=f"{name} k={r['k']}")
+                             label=f"{name} k={r['k']}", color=colour,
+                             linestyle="-" if r["k"] == min(all_ks) else "--")
     axes[0].set(title="held-out MSE (model units)", xlabel="k", xscale="log")
-    axes[1].set(title="redundancy@0.9", xlabel="k", xscale="log")
-    axes[2].set(title="redundancy@0.9 during training (largest k)", xlabel="step")
+    axes[1].set(title="redundancy@0.9 (held-out evaluation)", xlabel="k", xscale="log")
+    axes[2].set(title="redundancy@0.9 during training", xlabel="step")
+    for ax in axes[:2]:
+        ax.set_xticks(all_ks, [str(k) for k in all_ks])
+        ax.minorticks_off()
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
