@@ -11,6 +11,9 @@ Each step exists twice, under the same name, and the tests hold the fast one to 
 | `grouped_expert_encode`: a Python loop of one matmul per expert, group sizes read on the host | `grouped_expert_encode_gmm`: one grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper in bf16), group offsets computed on the device — no loop, no host synchronisation |
 | `topk_encode`: ReLU, weighting and TopK with ordinary autograd, so the backward pass is dense over all computed candidates | `topk_encode_sparse`: the same forward inside one autograd Function whose backward touches only the k selected latents (and the AuxK picks), as EleutherAI sparsify's fused encoder does |
 
+Feature Scaling has its pair in engine/sae/scale.py (`ScaleSAE.scaled_encoder`: METHOD §3
+written out with autograd, or `_FeatureScaling`, one fused multiply-add with its own backward).
+
 `expert_encoder(device, dtype)` picks the expert encode: the grouped GEMM where it runs
 without a host synchronisation (CUDA, bf16, compute capability 9 or 10), else the loop, which
 measured as fast on the CPU (benchmarks/bench_gpu.py).
@@ -138,18 +141,32 @@ def expert_encoder(device: torch.device, dtype: torch.dtype) -> ExpertEncode:
 
 # -- candidates → global TopK (+ AuxK) ------------------------------------------------------
 def _candidates(x_c, W, b, experts, weights, encode: ExpertEncode):
-    """f [B, e·m] = concat_i w_i · z_i over the token's experts, z [B, e·m] before weighting,
-    and the global feature index of each candidate [B, e·m] (None: all M features in order)."""
+    """f [B, e·m] = concat_i w_i · z_i over the token's experts and z [B, e·m] before weighting
+    (dense: every feature, in order). Candidate p of a token is feature `_feature_index(p)`."""
     N, m, _ = W.shape
     if experts is None:  # dense: every feature is a candidate
         z = F.relu(F.linear(x_c, W.reshape(N * m, -1), b.reshape(-1)))
-        return z, z, None
+        return z, z
     B, e = experts.shape
     tokens = torch.arange(B, device=x_c.device).repeat_interleave(e)
     z = encode(x_c, tokens, experts.reshape(-1), W, b).view(B, e * m)
     f = (z.view(B, e, m) * weights[:, :, None]).reshape(B, e * m)
-    cand = (experts[:, :, None] * m + torch.arange(m, device=x_c.device)).reshape(B, e * m)
-    return f, z, cand
+    return f, z
+
+
+def _feature_index(pos: Tensor, experts: Tensor | None, m: int) -> Tensor:
+    """Global feature index of candidate positions `pos` [B, j]: position p of a token is
+    row p % m of its (p // m)-th expert (dense: feature p)."""
+    if experts is None:
+        return pos
+    return experts.gather(1, pos // m) * m + pos % m
+
+
+def _dead_candidates(dead: Tensor, experts: Tensor | None, m: int, f: Tensor) -> Tensor:
+    """[B, e·m] whether each candidate of each token is a dead feature."""
+    if experts is None:
+        return dead.expand_as(f)
+    return dead.view(-1, m)[experts].reshape(f.shape)  # each token's experts' rows of the mask
 
 
 def topk_encode(
@@ -163,17 +180,18 @@ def topk_encode(
 
     x_c [B, d] centred input, W [N, m, d], b [N, m], experts/weights [B, e].
     """
-    f, _, cand = _candidates(x_c, W, b, experts, weights, encode)
+    m = W.shape[1]
+    f, _ = _candidates(x_c, W, b, experts, weights, encode)
     top_acts, pos = f.topk(k, dim=-1, sorted=False)
-    top_indices = pos if cand is None else cand.gather(1, pos)
+    top_indices = _feature_index(pos, experts, m)
     aux_acts = aux_indices = None
     if dead is not None and k_aux > 0:
-        is_dead = dead.expand_as(f) if cand is None else dead[cand]
+        is_dead = _dead_candidates(dead, experts, m, f)
         masked = torch.where(is_dead, f, torch.zeros_like(f))
         n = min(k_aux, int(is_dead.sum(-1).max()))  # host sync: the plain reference
         if n > 0:
             aux_acts, apos = masked.topk(n, dim=-1, sorted=False)
-            aux_indices = apos if cand is None else cand.gather(1, apos)
+            aux_indices = _feature_index(apos, experts, m)
     return TopKCodes(top_acts, top_indices, aux_acts, aux_indices)
 
 
@@ -189,12 +207,12 @@ class _SparseTopK(torch.autograd.Function):
         with torch.no_grad():
             xc, Wc, bc = x_c.to(compute_dtype), W.to(compute_dtype), b.to(compute_dtype)
             wc = weights.to(compute_dtype) if weights is not None else None
-            f, z, cand = _candidates(xc, Wc, bc, experts, wc, encode)
+            f, z = _candidates(xc, Wc, bc, experts, wc, encode)
             top_f, pos = f.topk(k, dim=-1, sorted=False)
             picks = [pos]
             outs = [top_f]
             if dead is not None and k_aux > 0:
-                is_dead = dead.expand_as(f) if cand is None else dead[cand]
+                is_dead = _dead_candidates(dead, experts, m, f)
                 masked = torch.where(is_dead, f, torch.zeros_like(f))
                 if f.device.type == "cpu":  # no device to wait for: as many picks as can be dead
                     k_aux = max(1, min(k_aux, int(is_dead.sum(-1).max())))
@@ -202,7 +220,7 @@ class _SparseTopK(torch.autograd.Function):
                 picks.append(apos)
                 outs.append(aux_f)
             pos_all = torch.cat(picks, 1)
-            idx_all = pos_all if cand is None else cand.gather(1, pos_all)
+            idx_all = _feature_index(pos_all, experts, m)
             # z of each pick before weighting, 0 where an AuxK pick is not dead (masked out)
             z_all = z.gather(1, pos_all)
             if len(picks) > 1:
