@@ -13,7 +13,7 @@ import errno
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,6 +249,41 @@ def harvest(
                         src.batch_contexts, src.drop_outliers, progress, on_shard)
 
 
+def _forward_ahead(
+    lm: LoadedModel, hook: str, tokens: np.ndarray, spans: list[tuple[int, int, int]],
+    first_pos: int, dtype: str,
+) -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray]]:
+    """(shard, start, stop, activations [n, d] in `dtype`, norms [n] float32) of each span of
+    contexts, on the host, in order. On a GPU the next span's forward pass is queued before this
+    span's results are waited for: its copy to pinned host memory is ordered before that forward
+    on the stream, so the device computes while the host checks, filters and stores. On the CPU
+    this is the plain loop."""
+    store = torch.float16 if dtype == "float16" else torch.float32
+    pending = None
+    for i, start, stop in spans:
+        x = lm.activations(torch.from_numpy(tokens[start:stop].astype(np.int64)), hook)
+        x = x[:, first_pos:, :].reshape(-1, lm.d_model)
+        norms = x.float().norm(dim=1)
+        x = x.to(store)
+        ready = None
+        if x.is_cuda:
+            x = torch.empty(x.shape, dtype=store, pin_memory=True).copy_(x, non_blocking=True)
+            norms = torch.empty(norms.shape, pin_memory=True).copy_(norms, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        if pending is not None:
+            yield _host_batch(*pending)
+        pending = (i, start, stop, x, norms, ready)
+    if pending is not None:
+        yield _host_batch(*pending)
+
+
+def _host_batch(i, start, stop, x, norms, ready):
+    if ready is not None:
+        ready.synchronize()  # this span's copy, not the forward queued after it
+    return i, start, stop, x.numpy(), norms.numpy()
+
+
 def write_shards(
     lm: LoadedModel, hook: str, out: Path, identity: dict, tokens: np.ndarray, split: list[str],
     dtype: str = "float16", shard_mb: float = 64.0, batch_contexts: int | None = None,
@@ -331,44 +366,40 @@ def write_shards(
         if on_shard is not None:
             on_shard(len(manifest["shards"]))
 
+    todo = plan[len(done) :]
+    spans = [(i, a, min(a + batch_contexts, p["contexts"][1]))
+             for i, p in enumerate(todo) for a in range(p["contexts"][0], p["contexts"][1], batch_contexts)]
     try:
-        for planned in plan[len(done) :]:
-            rows, index, norms_seen = [], [], []
-            dropped = 0
-            lo, hi = planned["contexts"]
-            for start in range(lo, hi, batch_contexts):
-                stop = min(start + batch_contexts, hi)
-                x = lm.activations(torch.from_numpy(tokens[start:stop].astype(np.int64)), hook)
-                x = x[:, first_pos:, :].reshape(-1, d)
-                norms_t = x.float().norm(dim=1)
-                if not torch.isfinite(norms_t).all():
-                    raise DataError(
-                        f"Model {lm.name} produced NaN or infinite activations at {hook} "
-                        f"(contexts {start}-{stop - 1}); check the model weights and dtype."
-                    )
-                norms = norms_t.cpu().numpy()
-                x = x.to(torch.float16 if dtype == "float16" else torch.float32).cpu().numpy()
-                keep = np.ones(len(x), dtype=bool)
-                if drop_outliers:
-                    median = float(np.median(np.concatenate([history, norms])))
-                    keep = norms <= OUTLIER_FACTOR * median
-                    dropped += int((~keep).sum())
-                history = np.concatenate([history, norms])[-MEDIAN_WINDOW:]
-                stored = x[keep]
-                if not np.isfinite(stored).all():
-                    raise DataError(
-                        f"Activations at {hook} overflow {dtype}; harvest again with dtype float32."
-                    )
-                ctx = np.repeat(np.arange(start, stop, dtype=np.int32), body)
-                pos = np.tile(np.arange(first_pos, first_pos + body, dtype=np.int32), stop - start)
-                rows.append(stored)
-                index.append(np.stack([ctx, pos], axis=1)[keep])
-                norms_seen.append(norms)
-                bar.update((stop - start) * body)
-            if pending is not None:
-                pending.result()  # at most one shard in flight; its errors surface here
-            pending = writer.submit(commit, planned, np.concatenate(rows), np.concatenate(index),
-                                    np.concatenate(norms_seen).astype(np.float32), dropped)
+        rows, index, norms_seen, dropped = [], [], [], 0
+        for i, start, stop, x, norms in _forward_ahead(lm, hook, tokens, spans, first_pos, dtype):
+            if not np.isfinite(norms).all():
+                raise DataError(
+                    f"Model {lm.name} produced NaN or infinite activations at {hook} "
+                    f"(contexts {start}-{stop - 1}); check the model weights and dtype."
+                )
+            keep = np.ones(len(x), dtype=bool)
+            if drop_outliers:
+                median = float(np.median(np.concatenate([history, norms])))
+                keep = norms <= OUTLIER_FACTOR * median
+                dropped += int((~keep).sum())
+            history = np.concatenate([history, norms])[-MEDIAN_WINDOW:]
+            stored = x[keep]
+            if not np.isfinite(stored).all():
+                raise DataError(
+                    f"Activations at {hook} overflow {dtype}; harvest again with dtype float32."
+                )
+            ctx = np.repeat(np.arange(start, stop, dtype=np.int32), body)
+            pos = np.tile(np.arange(first_pos, first_pos + body, dtype=np.int32), stop - start)
+            rows.append(stored)
+            index.append(np.stack([ctx, pos], axis=1)[keep])
+            norms_seen.append(norms)
+            bar.update((stop - start) * body)
+            if stop == todo[i]["contexts"][1]:  # the shard is complete
+                if pending is not None:
+                    pending.result()  # at most one shard in flight; its errors surface here
+                pending = writer.submit(commit, todo[i], np.concatenate(rows), np.concatenate(index),
+                                        np.concatenate(norms_seen).astype(np.float32), dropped)
+                rows, index, norms_seen, dropped = [], [], [], 0
         if pending is not None:
             pending.result()
     finally:

@@ -160,3 +160,29 @@ def test_disk_full_keeps_manifest_valid(tiny_acts, tiny_model, tmp_path, monkeyp
     assert [s["file"] for s in manifest["shards"]] == ["train-00000"]
     assert not list(out.glob("*.tmp"))
     _assert_same(harvest(_cfg(out), progress=False, model=tiny_model), tiny_acts)
+
+
+def test_the_next_forward_is_launched_before_a_batch_is_handed_out():
+    """The harvest loop gets batch i only after the model's forward for batch i+1 was launched
+    (on a GPU the device then computes while the host filters and stores); batches arrive in
+    order with their own values, the first position dropped, and their norms."""
+    from engine.data.harvest import _forward_ahead
+
+    launched = []
+
+    class Model:
+        d_model = 3
+
+        def activations(self, tokens, hook):
+            launched.append(int(tokens[0, 0]))
+            return tokens[..., None].float().expand(-1, -1, 3) * torch.tensor([1.0, 2.0, 2.0])
+
+    tokens = np.repeat(np.arange(5)[:, None], 4, axis=1)  # context c holds the token c, 4 times
+    spans = [(0, 0, 2), (0, 2, 4), (1, 4, 5)]  # (shard, first context, end)
+    got = []
+    for shard, start, stop, x, norms in _forward_ahead(Model(), "h", tokens, spans, 1, "float16"):
+        got.append((shard, start, stop, len(launched)))
+        want = np.repeat(np.arange(start, stop), 3)[:, None] * np.array([1.0, 2.0, 2.0])
+        assert x.dtype == np.float16 and np.array_equal(x, want)
+        assert np.allclose(norms, 3 * np.repeat(np.arange(start, stop), 3))
+    assert got == [(0, 0, 2, 2), (0, 2, 4, 3), (1, 4, 5, 3)]
