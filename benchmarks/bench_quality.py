@@ -11,7 +11,10 @@ benchmarks/results/quality.json and a plot benchmarks/results/quality.png. Dense
 available with --variants.
 
     python benchmarks/bench_quality.py [--tokens 500000] [--width 4608] [--experts 16]
-        [--ks 2,8,32] [--steps 1000] [--batch 4096] [--data data/bench]
+        [--ks 2,8,32] [--steps 1000] [--batch 4096] [--data data/bench] [--cached-only]
+
+Each finished cell's row is kept in its run folder, so an interrupted sweep resumes where it
+stopped; --cached-only reports the finished cells without training the rest.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ def main() -> None:
     ap.add_argument("--data", default="data/bench")
     ap.add_argument("--variants", default="", help="comma-separated subset of variant names")
     ap.add_argument("--out", default="benchmarks/results/quality.json")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="report the cells a previous (possibly interrupted) sweep finished; train nothing")
     args = ap.parse_args()
 
     data = Path(args.data)
@@ -100,6 +105,9 @@ def main() -> None:
             old = json.loads(cached.read_text()) if cached.exists() else None
             if old is not None and old.get("key") == key:
                 rows.append(old)
+            elif args.cached_only:
+                print(f"not measured yet: {name}, k = {k}", flush=True)
+                continue
             else:
                 t = time.perf_counter()
                 run = train(tc)
