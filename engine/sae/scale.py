@@ -98,11 +98,12 @@ class _FeatureScaling(torch.autograd.Function):
         if ctx.t_mean:  # c = −ω·Ā
             G_A = -omega[:, None, None] * G_c
             G_omega = G_s - (G_c * A).sum((1, 2))
-            G_mean = G_A @ T.to(G.dtype)
         else:  # c = Ā − s·mean
             G_A = G_c
             G_omega = G_s - (G_c * mean).sum((1, 2))
-            G_mean = G_A @ T.to(G.dtype) - s * G_c
+        G_mean = G_A @ T.to(G.dtype)  # through Ā = T · mean
+        if not ctx.t_mean:
+            G_mean = G_mean - s * G_c  # and through −s·mean
         grad_W = torch.addcmul(G_mean / m, G, s)  # s_i · G_i + ∂mean_i/∂W_i (each row 1/m)
         grad_T = G_A.reshape(N, d).T @ mean.reshape(N, d).to(G.dtype) if ctx.needs_input_grad[1] else None
         return grad_W.to(W.dtype), grad_T, G_omega.to(omega.dtype), None
