@@ -220,6 +220,10 @@ def load_model(name: str | None = None, device: str | None = None,
     return LoadedModel(bridge, name=name, device=device, dtype=dtype)
 
 
+class _Captured(Exception):
+    """Raised by `LoadedModel.activations`' hook to end the forward pass there."""
+
+
 class LoadedModel:
     """A TransformerLens model plus what the engine needs to know about it."""
 
@@ -284,10 +288,6 @@ class LoadedModel:
             return 0
         return self.n_layers - 1
 
-    def _stop_at(self, hook: str) -> int | None:
-        stop = self.hook_layer(hook) + 1
-        return stop if stop < self.n_layers else None
-
     # ---- tokens ------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str], prepend_bos: bool = True) -> list[list[int]]:
@@ -319,16 +319,21 @@ class LoadedModel:
 
     @torch.no_grad()
     def activations(self, tokens: torch.Tensor, hook: str | None = None) -> torch.Tensor:
-        """[B, T] → [B, T, d] at `hook`; blocks after the hook's layer are not run."""
+        """[B, T] → [B, T, d] at `hook`; nothing after the hook runs. The forward pass is
+        stopped by the hook itself (TransformerLens's `stop_at_layer` still ran the final norm
+        and the LM head for a hook in the last block: 15× the cost for a 2-layer model)."""
         hook = self.resolve_hook(hook)
-        _, cache = self.model.run_with_cache(
-            self._tokens(tokens), names_filter=hook, stop_at_layer=self._stop_at(hook)
-        )
-        if hook in cache:
-            return cache[hook]
-        # An alias was asked for and the cache is keyed by its canonical name.
-        (act,) = [cache[k] for k in cache.keys()]
-        return act
+        got: list[torch.Tensor] = []
+
+        def grab(act: torch.Tensor, hook) -> None:  # TransformerLens hook signature
+            got.append(act)
+            raise _Captured
+
+        try:  # run_with_hooks removes its hooks in a `finally`
+            self.model.run_with_hooks(self._tokens(tokens), fwd_hooks=[(hook, grab)])
+        except _Captured:
+            return got[0]
+        raise ModelError(f"The forward pass of {self.name} never reached the hook {hook}.")
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
