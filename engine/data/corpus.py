@@ -350,52 +350,98 @@ def _domain_chunks(
                 buf = buf[body_len:]
 
 
+SHUFFLE_BLOCK = 8_192
+"""Contexts are shuffled within consecutive blocks of this many (1M tokens at 128 a context),
+so a harvest starts its forward passes once the first block is tokenised. A harvest of at most
+one block is shuffled as a whole."""
+
+
+def _generate(loaded_model, docs: list[Document], context_len: int, want: int | None,
+              seed: int) -> Iterator[tuple[list[int], str]]:
+    """(row, domain) in generation order: domains take turns, each reading its documents in a
+    seeded order, until `want` rows (None: until every domain runs out)."""
+    bos = [loaded_model.bos_token_id] if loaded_model.bos_token_id is not None else []
+    body_len = context_len - len(bos)
+    by_domain: dict[str, list[Document]] = {}
+    for d in docs:
+        by_domain.setdefault(d.domain, []).append(d)
+    names = sorted(by_domain)
+    streams = {
+        n: _domain_chunks(loaded_model, by_domain[n], body_len, np.random.default_rng([seed, i]))
+        for i, n in enumerate(names)
+    }
+    made = 0
+    live = list(names)
+    while live and (want is None or made < want):
+        for name in list(live):
+            if want is not None and made >= want:
+                break
+            chunk = next(streams[name], None)
+            if chunk is None:
+                live.remove(name)
+                continue
+            made += 1
+            yield bos + chunk, name
+
+
+def context_blocks(
+    loaded_model,
+    docs: list[Document],
+    context_len: int = 128,
+    n_tokens: int | None = None,
+    seed: int = 0,
+    block: int = SHUFFLE_BLOCK,
+) -> Iterator[Contexts]:
+    """`make_contexts`, a block at a time: the contexts in generation order, cut into blocks of
+    `block` and each block shuffled (one seeded generator, drawn block by block). Checks that
+    need no tokens fail before the first block; a corpus too short fails after the last."""
+    if not docs:
+        raise DataError("The corpus holds no documents.")
+    has_bos = loaded_model.bos_token_id is not None
+    body_len = context_len - int(has_bos)
+    if body_len < 1:
+        raise DataError(f"Context length {context_len} is too short.")
+    want = None if n_tokens is None else -(-n_tokens // body_len)
+    rng = np.random.default_rng(seed)
+    rows: list[list[int]] = []
+    domains: list[str] = []
+    made = 0
+
+    def shuffled() -> Contexts:
+        order = rng.permutation(len(rows))
+        return Contexts(tokens=np.asarray(rows, dtype=np.int32)[order],
+                        domains=[domains[i] for i in order])
+
+    for row, name in _generate(loaded_model, docs, context_len, want, seed):
+        rows.append(row)
+        domains.append(name)
+        made += 1
+        if len(rows) == block:
+            yield shuffled()
+            rows, domains = [], []
+    if made == 0:
+        raise DataError(f"The corpus is shorter than one context of {context_len} tokens.")
+    if want is not None and made < want:
+        raise DataError(
+            f"The corpus holds {made * body_len:,} tokens (in {context_len}-token contexts), "
+            f"fewer than the {n_tokens:,} asked for; ask for fewer --tokens or add text."
+        )
+    if rows:
+        yield shuffled()
+
+
 def make_contexts(
     loaded_model,
     docs: list[Document],
     context_len: int = 128,
     n_tokens: int | None = None,
     seed: int = 0,
+    block: int = SHUFFLE_BLOCK,
 ) -> Contexts:
     """Fixed-length contexts, BOS first, enough for `n_tokens` non-BOS tokens (None → all).
     Domains take turns, so they are balanced by tokens until the smaller ones run out; the
-    result is shuffled by `seed`. Same docs, model and seed → same contexts."""
-    if not docs:
-        raise DataError("The corpus holds no documents.")
-    bos = [loaded_model.bos_token_id] if loaded_model.bos_token_id is not None else []
-    body_len = context_len - len(bos)
-    if body_len < 1:
-        raise DataError(f"Context length {context_len} is too short.")
-    want = None if n_tokens is None else -(-n_tokens // body_len)
-    by_domain: dict[str, list[Document]] = {}
-    for d in docs:
-        by_domain.setdefault(d.domain, []).append(d)
-    names = sorted(by_domain)
-    rng = np.random.default_rng(seed)
-    streams = {
-        n: _domain_chunks(loaded_model, by_domain[n], body_len, np.random.default_rng([seed, i]))
-        for i, n in enumerate(names)
-    }
-    rows: list[list[int]] = []
-    domains: list[str] = []
-    live = list(names)
-    while live and (want is None or len(rows) < want):
-        for name in list(live):
-            if want is not None and len(rows) >= want:
-                break
-            chunk = next(streams[name], None)
-            if chunk is None:
-                live.remove(name)
-                continue
-            rows.append(bos + chunk)
-            domains.append(name)
-    if not rows:
-        raise DataError(f"The corpus is shorter than one context of {context_len} tokens.")
-    if want is not None and len(rows) < want:
-        raise DataError(
-            f"The corpus holds {len(rows) * body_len:,} tokens (in {context_len}-token contexts), "
-            f"fewer than the {n_tokens:,} asked for; ask for fewer --tokens or add text."
-        )
-    order = rng.permutation(len(rows))
-    tokens = np.asarray(rows, dtype=np.int32)[order]
-    return Contexts(tokens=tokens, domains=[domains[i] for i in order])
+    result is shuffled by `seed` within blocks of `block` contexts. Same docs, model, seed and
+    block → same contexts."""
+    blocks = list(context_blocks(loaded_model, docs, context_len, n_tokens, seed, block))
+    return Contexts(tokens=np.concatenate([b.tokens for b in blocks]),
+                    domains=[d for b in blocks for d in b.domains])

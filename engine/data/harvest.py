@@ -13,6 +13,7 @@ import errno
 import json
 import math
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,7 @@ class SourceConfig:
     seed: int = 0
     """Seed for document order, context shuffling and the split."""
     eval_fraction: float = 0.1
-    """Fraction of contexts held out for evaluation."""
+    """Fraction of contexts held out for evaluation (of each shuffled block of 8,192)."""
     batch_contexts: int | None = None
     """Contexts per forward pass (default: 8 on the CPU, 64 on a GPU)."""
     drop_outliers: bool = True
@@ -174,19 +175,120 @@ def _plan(split: list[str], per_shard: int) -> list[dict]:
     return plan
 
 
-def split_contexts(src: SourceConfig, lm: LoadedModel) -> tuple[np.ndarray, list[str], list[str]]:
-    """(tokens [n, L], domain per context, 'train'|'eval' per context) from the corpus: the
-    contexts are shuffled, the last `eval_fraction` of them held out."""
-    from .corpus import load_corpus, make_contexts
+def eval_count(n_ctx: int, eval_fraction: float) -> int:
+    """Contexts held out of `n_ctx`: round(n · fraction), at least one and at most n − 1 when
+    there is a fraction and more than one context."""
+    if eval_fraction <= 0:
+        return 0
+    n_eval = min(n_ctx - 1, round(n_ctx * eval_fraction))
+    return max(1, n_eval) if n_ctx > 1 else n_eval
 
-    contexts = make_contexts(lm, load_corpus(src.corpus), context_len=src.context_len,
-                             n_tokens=src.tokens, seed=src.seed)
-    n_ctx = len(contexts)
-    n_eval = min(n_ctx - 1, round(n_ctx * src.eval_fraction)) if src.eval_fraction > 0 else 0
-    if src.eval_fraction > 0 and n_ctx > 1:
-        n_eval = max(1, n_eval)
-    split = ["train"] * (n_ctx - n_eval) + ["eval"] * n_eval  # contexts are already shuffled
-    return contexts.tokens, contexts.domains, split
+
+class ContextFeed:
+    """A harvest's contexts [n, L] as they are tokenised, in the order the harvest stores them:
+    each shuffled block's first contexts for training, in block order, then each block's last
+    `eval_fraction` held out, in block order. `rows(a, b)` waits until rows a..b exist, so the
+    forward passes start once the first block is tokenised (a background thread makes the rest).
+    With one block — every harvest of at most `SHUFFLE_BLOCK` contexts — this is a shuffle of
+    all contexts with the last fraction held out."""
+
+    def __init__(self, n: int, context_len: int, block: int, eval_fraction: float):
+        sizes = [block] * (n // block) + ([n % block] if n % block else [])
+        self.block, self.eval_fraction = block, eval_fraction
+        self.tokens = np.zeros((n, context_len), dtype=np.int32)
+        self.domains = [""] * n
+        self.n_train = n - sum(eval_count(b, eval_fraction) for b in sizes)
+        self.split = ["train"] * self.n_train + ["eval"] * (n - self.n_train)
+        self._next = [0, self.n_train]  # the next row of each part to be filled
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self.cancelled = False
+        self.streamed = True
+
+    @classmethod
+    def of(cls, tokens: np.ndarray, domains: list[str], split: list[str]) -> ContextFeed:
+        """Contexts that already exist (train ones first)."""
+        feed = cls.__new__(cls)
+        feed.tokens, feed.domains, feed.split = tokens, list(domains), list(split)
+        feed.n_train = split.count("train")
+        feed._next = [feed.n_train, len(split)]
+        feed._cond, feed._error, feed.cancelled = threading.Condition(), None, False
+        feed.streamed = False
+        return feed
+
+    @property
+    def complete(self) -> bool:
+        return self._next == [self.n_train, len(self.split)]
+
+    def put(self, block) -> None:
+        """Add the next block (corpus.Contexts) of the generation."""
+        n_eval = eval_count(len(block), self.eval_fraction)
+        cut = len(block) - n_eval
+        with self._cond:
+            for part, lo, hi in ((0, 0, cut), (1, cut, len(block))):
+                at = self._next[part]
+                self.tokens[at : at + hi - lo] = block.tokens[lo:hi]
+                self.domains[at : at + hi - lo] = block.domains[lo:hi]
+                self._next[part] = at + hi - lo
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Contexts start..stop (of one split), once they exist."""
+        part = 0 if start < self.n_train else 1
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None or stop <= self._next[part])
+            if self._error is not None:
+                raise self._error
+        return self.tokens[start:stop]
+
+    def wait(self, rows: int | None = None) -> None:
+        """Until the first `rows` training contexts exist (None: every context)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None or (
+                self.complete if rows is None else self._next[0] >= min(rows, self.n_train)))
+            if self._error is not None:
+                raise self._error
+
+
+def _tokenise_into(feed: ContextFeed, src: SourceConfig, lm: LoadedModel, docs) -> None:
+    from .corpus import context_blocks
+
+    try:
+        for block in context_blocks(lm, docs, src.context_len, src.tokens, src.seed, feed.block):
+            if feed.cancelled:
+                return
+            feed.put(block)
+    except BaseException as e:  # handed to the harvest loop, which raises it
+        feed.fail(e)
+
+
+def stream_contexts(src: SourceConfig, lm: LoadedModel) -> ContextFeed:
+    """The contexts of `src`, tokenised by a background thread; returns once the first block
+    is there (so errors that need no tokens, and a corpus shorter than one block, are raised
+    here)."""
+    from .corpus import SHUFFLE_BLOCK, load_corpus
+
+    docs = load_corpus(src.corpus)
+    body = src.context_len - (1 if lm.bos_token_id is not None else 0)
+    n = -(-src.tokens // max(1, body))
+    feed = ContextFeed(n, src.context_len, SHUFFLE_BLOCK, src.eval_fraction)
+    threading.Thread(target=_tokenise_into, args=(feed, src, lm, docs), daemon=True,
+                     name="tokenise").start()
+    feed.wait(1)
+    return feed
+
+
+def split_contexts(src: SourceConfig, lm: LoadedModel) -> tuple[np.ndarray, list[str], list[str]]:
+    """(tokens [n, L], domain per context, 'train'|'eval' per context) from the corpus, as a
+    harvest of `src` stores them (`ContextFeed`)."""
+    feed = stream_contexts(src, lm)
+    feed.wait()
+    return feed.tokens, feed.domains, feed.split
 
 
 def save_contexts(out: Path, tokens: np.ndarray, domains: list[str], split: list[str]) -> None:
@@ -195,22 +297,18 @@ def save_contexts(out: Path, tokens: np.ndarray, domains: list[str], split: list
     _write_json(out / "contexts.json", {"domains": domains, "split": split})
 
 
-def _prepare_contexts(
-    src: SourceConfig, lm: LoadedModel, out: Path
-) -> tuple[np.ndarray, list[str], list[str]]:
+def _prepare_contexts(src: SourceConfig, lm: LoadedModel, out: Path) -> ContextFeed:
     tok_path, meta_path = out / "contexts.npy", out / "contexts.json"
     # Saved contexts are trusted only once a manifest vouches for the config they came from.
     if (out / "manifest.json").exists() and tok_path.exists() and meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            return np.load(tok_path), meta["domains"], meta["split"]
+            return ContextFeed.of(np.load(tok_path), meta["domains"], meta["split"])
         except (OSError, ValueError, KeyError) as e:
             raise DataError(
                 f"The contexts saved in {out} are corrupt; delete the folder and harvest again."
             ) from e
-    tokens, domains, split = split_contexts(src, lm)
-    save_contexts(out, tokens, domains, split)
-    return tokens, domains, split
+    return stream_contexts(src, lm)  # the same contexts as a killed run's: they are seeded
 
 
 def harvest(
@@ -221,7 +319,8 @@ def harvest(
     on_shard: Callable[[int], None] | None = None,
 ) -> ActivationStore:
     """Run the model over the corpus and store activations at the hook; resumes a folder
-    harvested with the same config, refuses one harvested with another.
+    harvested with the same config, refuses one harvested with another. Tokenisation runs
+    beside the forward passes (`ContextFeed`).
     `model`: an already loaded model named as the config names it (saves a reload);
     `on_shard(n_done)`: called after each committed shard (tests use it to simulate a crash)."""
     _check(cfg)
@@ -244,13 +343,14 @@ def harvest(
                 f"The folder {out} holds a harvest with a different configuration "
                 f"({', '.join(diff) or 'format'}); choose another output folder or delete it."
             )
-    tokens, domains, split = _prepare_contexts(src, lm, out)  # makes `out` once there is text
-    return write_shards(lm, hook, out, identity, tokens, split, cfg.dtype, cfg.shard_mb,
+    contexts = _prepare_contexts(src, lm, out)
+    out.mkdir(parents=True, exist_ok=True)  # once there is text
+    return write_shards(lm, hook, out, identity, contexts, cfg.dtype, cfg.shard_mb,
                         src.batch_contexts, src.drop_outliers, progress, on_shard)
 
 
 def _forward_ahead(
-    lm: LoadedModel, hook: str, tokens: np.ndarray, spans: list[tuple[int, int, int]],
+    lm: LoadedModel, hook: str, contexts: ContextFeed, spans: list[tuple[int, int, int]],
     first_pos: int, dtype: str,
 ) -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray]]:
     """(shard, start, stop, activations [n, d] in `dtype`, norms [n] float32) of each span of
@@ -261,7 +361,7 @@ def _forward_ahead(
     store = torch.float16 if dtype == "float16" else torch.float32
     pending = None
     for i, start, stop in spans:
-        x = lm.activations(torch.from_numpy(tokens[start:stop].astype(np.int64)), hook)
+        x = lm.activations(torch.from_numpy(contexts.rows(start, stop).astype(np.int64)), hook)
         x = x[:, first_pos:, :].reshape(-1, lm.d_model)
         norms = x.float().norm(dim=1)
         x = x.to(store)
@@ -285,17 +385,18 @@ def _host_batch(i, start, stop, x, norms, ready):
 
 
 def write_shards(
-    lm: LoadedModel, hook: str, out: Path, identity: dict, tokens: np.ndarray, split: list[str],
+    lm: LoadedModel, hook: str, out: Path, identity: dict, contexts: ContextFeed,
     dtype: str = "float16", shard_mb: float = 64.0, batch_contexts: int | None = None,
     drop_outliers: bool = True, progress: bool = True,
     on_shard: Callable[[int], None] | None = None, norm_scale: float | None = None,
 ) -> ActivationStore:
-    """The activations of the saved contexts of `out` (contexts.npy/.json), shard by shard,
-    resuming after the last complete one. `norm_scale`: given (a held-out set of a stream, which
+    """The activations of `contexts`, shard by shard, resuming after the last complete one;
+    the contexts are saved beside them (contexts.npy/.json) once every one exists. `norm_scale`: given (a held-out set of a stream, which
     has no training split of its own), else computed from the training split."""
     d = lm.d_model
     first_pos = 1 if lm.bos_token_id is not None else 0
     manifest = read_manifest(out) if (out / "manifest.json").exists() else None
+    tokens, split = contexts.tokens, contexts.split
     body = tokens.shape[1] - first_pos
     itemsize = np.dtype(dtype).itemsize
     per_shard = max(1, int(shard_mb * 2**20 // (body * d * itemsize)))
@@ -371,7 +472,7 @@ def write_shards(
              for i, p in enumerate(todo) for a in range(p["contexts"][0], p["contexts"][1], batch_contexts)]
     try:
         rows, index, norms_seen, dropped = [], [], [], 0
-        for i, start, stop, x, norms in _forward_ahead(lm, hook, tokens, spans, first_pos, dtype):
+        for i, start, stop, x, norms in _forward_ahead(lm, hook, contexts, spans, first_pos, dtype):
             if not np.isfinite(norms).all():
                 raise DataError(
                     f"Model {lm.name} produced NaN or infinite activations at {hook} "
@@ -402,7 +503,11 @@ def write_shards(
                 rows, index, norms_seen, dropped = [], [], [], 0
         if pending is not None:
             pending.result()
+        if contexts.streamed or not (out / "contexts.npy").exists():
+            contexts.wait()
+            save_contexts(out, tokens, contexts.domains, split)
     finally:
+        contexts.cancelled = True  # a tokeniser still running stops at its next block
         writer.shutdown(wait=True)
         bar.close()
 

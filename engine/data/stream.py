@@ -165,7 +165,7 @@ def stream_source(cfg, run: Path, device: torch.device, dist, progress: bool) ->
     the first segment. With several processes each streams its own share of the segments."""
     from ..models import load_model
     from .activation_store import ActivationStore
-    from .harvest import check_source, save_contexts, split_contexts, write_shards
+    from .harvest import ContextFeed, check_source, save_contexts, split_contexts, write_shards
 
     src = cfg.source
     check_source(src)
@@ -212,10 +212,11 @@ def stream_source(cfg, run: Path, device: torch.device, dist, progress: bool) ->
     eval_ids = eval_ids[: max(1, -(-cfg.heldout_tokens // body))]
     if dist.is_main and not (held / "manifest.json").exists():
         held.mkdir(parents=True, exist_ok=True)
-        save_contexts(held, tokens[eval_ids], [meta["domains"][i] for i in eval_ids],
-                      ["eval"] * len(eval_ids))
+        contexts = ContextFeed.of(tokens[eval_ids], [meta["domains"][i] for i in eval_ids],
+                                  ["eval"] * len(eval_ids))
+        save_contexts(held, contexts.tokens, contexts.domains, contexts.split)
         identity = {"heldout_of": str(run.resolve()), "model": lm.name, "hook": hook}
-        write_shards(lm, hook, held, identity, tokens[eval_ids], ["eval"] * len(eval_ids),
+        write_shards(lm, hook, held, identity, contexts,
                      batch_contexts=src.batch_contexts, drop_outliers=src.drop_outliers,
                      progress=progress, norm_scale=source.norm_scale)
     dist.barrier()

@@ -1,13 +1,15 @@
 import errno
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
 import torch
 
+from engine.data import corpus
 from engine.data.activation_store import ActivationStore
-from engine.data.harvest import HarvestConfig, harvest
+from engine.data.harvest import ContextFeed, HarvestConfig, eval_count, harvest, split_contexts
 from engine.errors import DataError
 from engine.options import set_flat
 from tests.conftest import TINY_ACTS_CONFIG
@@ -145,9 +147,10 @@ def test_disk_full_keeps_manifest_valid(tiny_acts, tiny_model, tmp_path, monkeyp
 
     def write_array(fp, array, *args, **kwargs):
         calls["n"] += 1
-        # contexts.npy, shard 1's norms, index and activations, shard 2's norms and index,
-        # then shard 2's activations: the disk fills up there
-        if calls["n"] == 7:
+        # shard 1's norms, index and activations, shard 2's norms and index, then shard 2's
+        # activations: the disk fills up there (the contexts are saved last, so the rerun
+        # tokenises them again)
+        if calls["n"] == 6:
             fp.write(b"\x93NUMPY partial")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fp, array, *args, **kwargs)
@@ -158,7 +161,7 @@ def test_disk_full_keeps_manifest_valid(tiny_acts, tiny_model, tmp_path, monkeyp
     monkeypatch.undo()
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["file"] for s in manifest["shards"]] == ["train-00000"]
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp")) and not (out / "contexts.npy").exists()
     _assert_same(harvest(_cfg(out), progress=False, model=tiny_model), tiny_acts)
 
 
@@ -178,11 +181,84 @@ def test_the_next_forward_is_launched_before_a_batch_is_handed_out():
             return tokens[..., None].float().expand(-1, -1, 3) * torch.tensor([1.0, 2.0, 2.0])
 
     tokens = np.repeat(np.arange(5)[:, None], 4, axis=1)  # context c holds the token c, 4 times
+    contexts = ContextFeed.of(tokens, ["d"] * 5, ["train"] * 5)
     spans = [(0, 0, 2), (0, 2, 4), (1, 4, 5)]  # (shard, first context, end)
     got = []
-    for shard, start, stop, x, norms in _forward_ahead(Model(), "h", tokens, spans, 1, "float16"):
+    for shard, start, stop, x, norms in _forward_ahead(Model(), "h", contexts, spans, 1, "float16"):
         got.append((shard, start, stop, len(launched)))
         want = np.repeat(np.arange(start, stop), 3)[:, None] * np.array([1.0, 2.0, 2.0])
         assert x.dtype == np.float16 and np.array_equal(x, want)
         assert np.allclose(norms, 3 * np.repeat(np.arange(start, stop), 3))
     assert got == [(0, 0, 2, 2), (0, 2, 4, 3), (1, 4, 5, 3)]
+
+
+def test_tokenisation_runs_beside_the_forward_passes(tiny_model, tmp_path, monkeypatch):
+    """In blocks of 8 contexts (48 in all), the first forward pass runs before the tokeniser
+    makes its second block: the tokeniser waits for it, which would time out if tokenising
+    came first. The harvest stores the block layout: each block's first 7 contexts for
+    training, its last one held out, the same contexts as `split_contexts` makes."""
+    monkeypatch.setattr(corpus, "SHUFFLE_BLOCK", 8)
+    first_forward = threading.Event()
+    waited = []
+    real_blocks, real_acts = corpus.context_blocks, tiny_model.activations
+
+    def blocks(*args, **kwargs):
+        for i, block in enumerate(real_blocks(*args, **kwargs)):
+            if i == 1:
+                waited.append(first_forward.wait(timeout=60))
+            yield block
+
+    def activations(tokens, hook=None):
+        first_forward.set()
+        return real_acts(tokens, hook)
+
+    monkeypatch.setattr(corpus, "context_blocks", blocks)
+    monkeypatch.setattr(tiny_model, "activations", activations)
+    store = harvest(_cfg(tmp_path / "blocks"), progress=False, model=tiny_model)
+    assert waited == [True]
+    saved = store.contexts()
+    tokens, domains, split = split_contexts(_cfg(tmp_path).source, tiny_model)
+    np.testing.assert_array_equal(saved.tokens, tokens)
+    n = len(tokens)
+    assert n == 48 and split == ["train"] * 42 + ["eval"] * 6 == list(saved.split)
+    generated = np.concatenate([b.tokens for b in real_blocks(
+        tiny_model, corpus.load_corpus(None), 64, 3000, 0, block=8)])
+    for b in range(6):  # block b: 7 training contexts, then its held-out one
+        np.testing.assert_array_equal(tokens[7 * b : 7 * b + 7], generated[8 * b : 8 * b + 7])
+        np.testing.assert_array_equal(tokens[42 + b], generated[8 * b + 7])
+
+
+def test_a_harvest_in_blocks_resumes_to_the_same_result(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "SHUFFLE_BLOCK", 8)
+    whole = harvest(_cfg(tmp_path / "whole"), progress=False, model=tiny_model)
+
+    def crash(n_done):
+        if n_done == 2:
+            raise _Crash
+
+    out = tmp_path / "resumed"
+    with pytest.raises(_Crash):
+        harvest(_cfg(out), progress=False, model=tiny_model, on_shard=crash)
+    assert not (out / "contexts.npy").exists()  # saved once every shard is: tokenised again
+    _assert_same(harvest(_cfg(out), progress=False, model=tiny_model), whole)
+
+
+def test_one_block_is_a_shuffle_of_every_context(tiny_model):
+    """A harvest of at most one block: the generated contexts in one seeded permutation, the
+    last tenth held out — a harvest of that size made before blocks existed is the same."""
+    docs = corpus.load_corpus(None)
+    rows = [r for r, _ in corpus._generate(tiny_model, docs, 64, 48, 0)]
+    order = np.random.default_rng(0).permutation(48)
+    got = corpus.make_contexts(tiny_model, docs, 64, 3000, 0)
+    np.testing.assert_array_equal(got.tokens, np.asarray(rows, np.int32)[order])
+    assert eval_count(48, 0.1) == 5 and eval_count(1, 0.1) == 0 and eval_count(2, 0.01) == 1
+    assert eval_count(10, 0.0) == 0
+
+
+def test_a_corpus_that_runs_out_in_a_later_block_is_one_sentence(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "SHUFFLE_BLOCK", 4)
+    text = tmp_path / "short.txt"
+    text.write_text(" ".join(f"word{i}" for i in range(600)))
+    with pytest.raises(DataError, match="fewer than the 30,000 asked for"):
+        harvest(_cfg(tmp_path / "short", corpus=str(text), tokens=30_000), progress=False,
+                model=tiny_model)
