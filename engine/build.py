@@ -201,14 +201,11 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
         acts = ActivationStore(stream_dir / "heldout")
 
     model = LazyModel(cfg.harvest.source.model_name)
-    metrics: dict[str, dict] = {}
-    loaded = []
-    for name, run in runs:
-        sae, meta = load_run(run)
-        metrics[name] = evaluate_cached(run, sae, acts, model, cfg.eval, progress,
-                                        lambda state, n=name: log(f"[3/4] eval      {n:<12} {state}"))
-        loaded.append((name, sae, meta))
-
+    loaded = [(name, *load_run(run)) for name, run in runs]
+    metrics = evaluate_cached([run for _, run in runs], [sae for _, sae, _ in loaded], acts,
+                              model, cfg.eval, progress,
+                              lambda name, state: log(f"[3/4] eval      {name:<12} {state}"),
+                              names=[name for name, _ in runs])
     build_hash = _hash([asdict(cfg), [str(r.path) for _, r in runs], h_identity])
     if _db_build_hash(db) == build_hash:
         log(f"[4/4] analyze   cached: {db}")
@@ -229,21 +226,34 @@ def load_run(run: RunFolder):
     return sae, dict(meta, checkpoint=str(run.final.resolve()), run=str(run.path.resolve()))
 
 
-def evaluate_cached(run: RunFolder, sae, acts, model, cfg: EvalConfig, progress: bool,
-                    report=lambda state: None) -> dict:
-    """METHOD §4 metrics of a run on an activation folder, cached in the run folder."""
-    from .metrics.evaluate import evaluate
+def evaluate_cached(runs: list[RunFolder], saes: list, acts, model, cfg: EvalConfig,
+                    progress: bool, report=lambda name, state: None,
+                    names: list[str] | None = None) -> dict[str, dict]:
+    """METHOD §4 metrics of runs on an activation folder, cached in each run folder; the runs
+    not cached are evaluated together (the model's own CE passes run once for all of them)."""
+    from .metrics.evaluate import evaluate_many
 
-    cache = run.metrics_cache(_hash([str(Path(acts.path).resolve()), cfg.eval_tokens, cfg.ce_contexts,
-                                     cfg.dead_eval_tokens]))
-    if cache.exists():
-        report("cached")
-        return json.loads(cache.read_text())
-    report("running")
-    lm = model.get()
-    metrics = evaluate(sae, acts, lm if lm.has_lm_head else None, cfg, progress=progress)
-    atomic_write_json(cache, metrics, indent=None)
-    return metrics
+    names = names or [run.path.name for run in runs]
+    key = _hash([str(Path(acts.path).resolve()), cfg.eval_tokens, cfg.ce_contexts,
+                 cfg.dead_eval_tokens])
+    metrics: dict[str, dict] = {}
+    todo = []
+    for name, run, sae in zip(names, runs, saes, strict=True):
+        cache = run.metrics_cache(key)
+        if cache.exists():
+            report(name, "cached")
+            metrics[name] = json.loads(cache.read_text())
+        else:
+            report(name, "running")
+            todo.append((name, cache, sae))
+    if todo:
+        lm = model.get()
+        results = evaluate_many([sae for _, _, sae in todo], acts,
+                                lm if lm.has_lm_head else None, cfg, progress=progress)
+        for (name, cache, _), result in zip(todo, results, strict=True):
+            atomic_write_json(cache, result, indent=None)
+            metrics[name] = result
+    return {name: metrics[name] for name in names}
 
 
 def _db_build_hash(db: Path) -> str | None:

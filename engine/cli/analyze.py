@@ -39,7 +39,7 @@ def run(args) -> int:
         raise UserError(f"Give one --name per run: {len(args.runs)} run(s), {len(names)} name(s).")
     if len(set(names)) != len(names):
         raise UserError("Every SAE of a build needs a different name; pass --name once per run.")
-    loaded, metrics, logs = [], {}, {}
+    loaded, runs, logs = [], [], {}
     acts = model = None
     for run_arg, name in zip(args.runs, names, strict=True):
         run = RunFolder(run_arg)
@@ -51,9 +51,11 @@ def run(args) -> int:
                 raise UserError(f"{run.path} does not record its activation folder; pass --acts DIR.")
             acts = ActivationStore(args.acts or meta.get("acts"))
             model = LazyModel(args.model or acts.model_name)
-        metrics[name] = evaluate_cached(run, sae, acts, model, eval_cfg, not args.quiet)
         logs[name] = run.read_log()
         loaded.append((name, sae, meta))
+        runs.append(run)
+    metrics = evaluate_cached(runs, [sae for _, sae, _ in loaded], acts, model, eval_cfg,
+                              not args.quiet, names=names)
     analyze(loaded, acts, model.get(), Path(args.db), config_from_args(AnalysisConfig, args),
             metrics=metrics, training_logs=logs, progress=not args.quiet)
     print(f"wrote {args.db} ({len(loaded)} SAE(s))")

@@ -12,7 +12,7 @@ import torch
 from ..errors import DataError
 from ..runtime import RuntimeConfig, resolve
 from . import names
-from .ce import ce_metrics
+from .ce import ce_metrics_many
 from .geometry import decoder_metrics
 from .reconstruction import reconstruction_metrics
 
@@ -45,33 +45,52 @@ def evaluate(
     `model` (a LoadedModel with an LM head) enables the CE/KL metrics; without it those keys
     are None. NaN values are returned as None (valid JSON).
     """
+    return evaluate_many([sae], acts, model, cfg, progress, block)[0]
+
+
+@torch.no_grad()
+def evaluate_many(
+    saes: list, acts: Any, model: Any | None = None, cfg: EvalConfig | None = None,
+    progress: bool = False, block: int | None = None,
+) -> list[dict[str, Any]]:
+    """`evaluate` of each SAE; the model's own forward passes for CE/KL (the original and the
+    zero-ablated one) run once for all of them."""
+    if not saes:
+        return []
     cfg = cfg or EvalConfig()
     rt = resolve(cfg.runtime)
-    sae.to(rt.device).eval()
-    if getattr(acts, "d_in", sae.cfg.d_in) != sae.cfg.d_in:
-        raise DataError(
-            f"The SAE reads d_in={sae.cfg.d_in} but the activations have width {acts.d_in}; "
-            "evaluate it on activations from the hook it was trained on."
-        )
-    with rt.autocast():
-        rec = reconstruction_metrics(
-            sae, acts.split("eval"), cfg.eval_tokens, cfg.dead_eval_tokens, cfg.eval_batch, progress
-        )
-    metrics: dict[str, Any] = {
-        k: rec[k] for k in (names.MSE, names.FVU, names.EXPLAINED_VARIANCE, names.L0,
-                            names.DEAD_FRACTION, names.DEAD_FRACTION_TOKENS)
-    }
-    metrics.update(dict.fromkeys(names.CE_KEYS))
+    for sae in saes:
+        sae.to(rt.device).eval()
+        if getattr(acts, "d_in", sae.cfg.d_in) != sae.cfg.d_in:
+            raise DataError(
+                f"The SAE reads d_in={sae.cfg.d_in} but the activations have width {acts.d_in}; "
+                "evaluate it on activations from the hook it was trained on."
+            )
+    ce = [dict.fromkeys(names.CE_KEYS) for _ in saes]
     if model is not None and getattr(model, "has_lm_head", False):
         with rt.autocast():
-            metrics.update(ce_metrics(sae, acts, model, cfg.ce_contexts, cfg.ce_batch))
-    metrics.update(decoder_metrics(sae, block))
-    for k in (names.EXPERT_LOAD_TOP1, names.EXPERT_LOAD_TOPK, names.EXPERT_LOAD_ENTROPY):
-        metrics[k] = rec[k]
-    omega = getattr(sae, "omega", None)
-    metrics[names.OMEGA] = omega.detach().cpu().tolist() if omega is not None else None
-    metrics[names.N_TOKENS] = rec[names.N_TOKENS]
-    return _json_safe(metrics)
+            ce = ce_metrics_many(saes, acts, model, cfg.ce_contexts, cfg.ce_batch)
+    results = []
+    for sae, ce_of_sae in zip(saes, ce, strict=True):
+        with rt.autocast():
+            rec = reconstruction_metrics(
+                sae, acts.split("eval"), cfg.eval_tokens, cfg.dead_eval_tokens, cfg.eval_batch,
+                progress,
+            )
+        metrics: dict[str, Any] = {
+            k: rec[k] for k in (names.MSE, names.FVU, names.EXPLAINED_VARIANCE, names.L0,
+                                names.DEAD_FRACTION, names.DEAD_FRACTION_TOKENS)
+        }
+        metrics.update(dict.fromkeys(names.CE_KEYS))
+        metrics.update(ce_of_sae)
+        metrics.update(decoder_metrics(sae, block))
+        for k in (names.EXPERT_LOAD_TOP1, names.EXPERT_LOAD_TOPK, names.EXPERT_LOAD_ENTROPY):
+            metrics[k] = rec[k]
+        omega = getattr(sae, "omega", None)
+        metrics[names.OMEGA] = omega.detach().cpu().tolist() if omega is not None else None
+        metrics[names.N_TOKENS] = rec[names.N_TOKENS]
+        results.append(_json_safe(metrics))
+    return results
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine.errors import DataError
-from engine.metrics.evaluate import EvalConfig, evaluate, format_table
+from engine.metrics.evaluate import EvalConfig, evaluate, evaluate_many, format_table
 from engine.metrics.load import load_entropy
 from engine.metrics.names import TAUS
 from engine.sae import SAEConfig, build_sae
@@ -181,6 +181,22 @@ def test_ce_and_kl_match_brute_force():
     assert m["ce_loss_zero"] == pytest.approx(ce[2], rel=1e-5)
     assert m["ce_loss_recovered"] == pytest.approx((ce[2] - ce[1]) / (ce[2] - ce[0]), rel=1e-4)
     assert m["kl_div"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+
+
+def test_several_saes_share_the_models_own_passes():
+    """evaluate_many: each SAE's metrics are evaluate's, and per batch the model runs once
+    unhooked, once zero-ablated and once per SAE (not three times per SAE)."""
+    torch.manual_seed(2)
+    d = 5
+    saes = [build_sae(SAEConfig(arch=a, d_in=d, width=16, k=2, **kw))
+            for a, kw in (("topk", {}), ("switch", {"experts": 4}), ("scale", {"experts": 4, "active": 2}))]
+    store, model, *_ = ce_setup(saes[0], d)
+    cfg = EvalConfig(ce_batch=2)  # 3 eval contexts: 2 batches
+    alone = [evaluate(sae, store, model, cfg) for sae in saes]
+    model.calls.clear()
+    together = evaluate_many(saes, store, model, cfg)
+    assert together == alone and list(together[0]) == list(alone[0])
+    assert model.calls.count("orig") == 2 and model.calls.count("hook") == 2 * (1 + len(saes))
 
 
 def test_no_lm_head_means_no_ce():
