@@ -90,7 +90,7 @@ def grouped_expert_encode(
     for i, c in enumerate(counts):
         if c == 0:
             continue
-        xs = x_c[sorted_tokens[start : start + c]]
+        xs = x_c.index_select(0, sorted_tokens[start : start + c])
         blocks.append(F.relu(F.linear(xs, W_i[i], b_i[i])))
         start += c
     if not blocks:
@@ -98,7 +98,7 @@ def grouped_expert_encode(
     out_sorted = torch.cat(blocks, 0)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return out_sorted[inverse]
+    return out_sorted.index_select(0, inverse)
 
 
 def grouped_expert_encode_gmm(
