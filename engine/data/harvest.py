@@ -297,6 +297,14 @@ def save_contexts(out: Path, tokens: np.ndarray, domains: list[str], split: list
     _write_json(out / "contexts.json", {"domains": domains, "split": split})
 
 
+def _save_contexts_once(out: Path, contexts: ContextFeed) -> None:
+    """Save tokenised contexts once all exist (contexts read from `out` are there already)."""
+    if contexts.streamed or not (out / "contexts.npy").exists():
+        contexts.wait()
+        contexts.cancelled = True
+        save_contexts(out, contexts.tokens, contexts.domains, contexts.split)
+
+
 def _prepare_contexts(src: SourceConfig, lm: LoadedModel, out: Path) -> ContextFeed:
     tok_path, meta_path = out / "contexts.npy", out / "contexts.json"
     # Saved contexts are trusted only once a manifest vouches for the config they came from.
@@ -391,8 +399,9 @@ def write_shards(
     on_shard: Callable[[int], None] | None = None, norm_scale: float | None = None,
 ) -> ActivationStore:
     """The activations of `contexts`, shard by shard, resuming after the last complete one;
-    the contexts are saved beside them (contexts.npy/.json) once every one exists. `norm_scale`: given (a held-out set of a stream, which
-    has no training split of its own), else computed from the training split."""
+    the contexts are saved beside them (contexts.npy/.json) once every one exists.
+    `norm_scale`: given (a held-out set of a stream, which has no training split of its own),
+    else computed from the training split."""
     d = lm.d_model
     first_pos = 1 if lm.bos_token_id is not None else 0
     manifest = read_manifest(out) if (out / "manifest.json").exists() else None
@@ -429,6 +438,7 @@ def write_shards(
             break
         done.append(entry)
     if done == manifest["shards"] and manifest.get("complete") and len(done) == len(plan):
+        _save_contexts_once(out, contexts)
         return ActivationStore(out)
     manifest.update(shards=done, complete=False, norm_scale=None)
     _write_json(out / "manifest.json", manifest)
@@ -503,9 +513,7 @@ def write_shards(
                 rows, index, norms_seen, dropped = [], [], [], 0
         if pending is not None:
             pending.result()
-        if contexts.streamed or not (out / "contexts.npy").exists():
-            contexts.wait()
-            save_contexts(out, tokens, contexts.domains, split)
+        _save_contexts_once(out, contexts)
     finally:
         contexts.cancelled = True  # a tokeniser still running stops at its next block
         writer.shutdown(wait=True)

@@ -262,3 +262,11 @@ def test_a_corpus_that_runs_out_in_a_later_block_is_one_sentence(tiny_model, tmp
     with pytest.raises(DataError, match="fewer than the 30,000 asked for"):
         harvest(_cfg(tmp_path / "short", corpus=str(text), tokens=30_000), progress=False,
                 model=tiny_model)
+
+
+def test_a_complete_harvest_whose_contexts_were_deleted_gets_them_back(tiny_acts, tiny_model,
+                                                                         tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_acts.path, copy)
+    (copy / "contexts.npy").unlink()
+    _assert_same(harvest(_cfg(copy), progress=False, model=tiny_model), tiny_acts)
