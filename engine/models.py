@@ -321,7 +321,8 @@ class LoadedModel:
     def activations(self, tokens: torch.Tensor, hook: str | None = None) -> torch.Tensor:
         """[B, T] → [B, T, d] at `hook`; nothing after the hook runs. The forward pass is
         stopped by the hook itself (TransformerLens's `stop_at_layer` still ran the final norm
-        and the LM head for a hook in the last block: 15× the cost for a 2-layer model)."""
+        and the LM head for a hook in the last block: 11× the cost for a 2-layer model). Not for
+        two threads at once on one model (the explorer and steering hold `lock`)."""
         hook = self.resolve_hook(hook)
         got: list[torch.Tensor] = []
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import hashlib
 import json
 import math
 import re
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -210,6 +212,7 @@ class ContextFeed:
         """Contexts that already exist (train ones first)."""
         feed = cls.__new__(cls)
         feed.tokens, feed.domains, feed.split = tokens, list(domains), list(split)
+        feed.block, feed.eval_fraction = len(split), 0.0  # nothing more is put
         feed.n_train = split.count("train")
         feed._next = [feed.n_train, len(split)]
         feed._cond, feed._error, feed.cancelled = threading.Condition(), None, False
@@ -231,6 +234,11 @@ class ContextFeed:
                 self.domains[at : at + hi - lo] = block.domains[lo:hi]
                 self._next[part] = at + hi - lo
             self._cond.notify_all()
+
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the tokeniser, if anything did."""
+        return self._error
 
     def fail(self, error: BaseException) -> None:
         with self._cond:
@@ -297,6 +305,12 @@ def save_contexts(out: Path, tokens: np.ndarray, domains: list[str], split: list
     _write_json(out / "contexts.json", {"domains": domains, "split": split})
 
 
+def _digest(rows: np.ndarray) -> str:
+    """What a shard's manifest entry records of its contexts' tokens: a resumed harvest, which
+    tokenises again, checks that the corpus and tokenizer still give the same ones."""
+    return hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int32).tobytes()).hexdigest()
+
+
 def _save_contexts_once(out: Path, contexts: ContextFeed) -> None:
     """Save tokenised contexts once all exist (contexts read from `out` are there already)."""
     if contexts.streamed or not (out / "contexts.npy").exists():
@@ -351,10 +365,24 @@ def harvest(
                 f"The folder {out} holds a harvest with a different configuration "
                 f"({', '.join(diff) or 'format'}); choose another output folder or delete it."
             )
+    existed = out.exists()
     contexts = _prepare_contexts(src, lm, out)
-    out.mkdir(parents=True, exist_ok=True)  # once there is text
-    return write_shards(lm, hook, out, identity, contexts, cfg.dtype, cfg.shard_mb,
-                        src.batch_contexts, src.drop_outliers, progress, on_shard)
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # once there is text
+        return write_shards(lm, hook, out, identity, contexts, cfg.dtype, cfg.shard_mb,
+                            src.batch_contexts, src.drop_outliers, progress, on_shard)
+    except DataError as e:
+        if e is not contexts.error:
+            raise
+        # The corpus ran out in a later block: the shards made so far belong to a token count
+        # that cannot be harvested, so a folder this run created goes; an older one stays.
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+        raise DataError(f"{e} The folder {out} keeps what it held; delete it to harvest "
+                        "fewer tokens there.") from e
+    finally:
+        contexts.cancelled = True
 
 
 def _forward_ahead(
@@ -431,6 +459,15 @@ def write_shards(
     for entry, planned in zip(manifest["shards"], plan, strict=False):
         if entry["file"] != planned["file"] or entry["contexts"] != planned["contexts"]:
             break
+        if "tokens_sha1" in entry:  # tokenised again on a resume: the same contexts?
+            if _digest(contexts.rows(*entry["contexts"])) != entry["tokens_sha1"]:
+                break
+        elif contexts.streamed and len(tokens) > contexts.block:
+            raise DataError(
+                f"The harvest in {out} was made by an earlier version, which shuffled all its "
+                "contexts together, and its contexts.npy is missing; delete the folder and "
+                "harvest again."
+            )
         try:
             open_shard(out, entry, d, dtype)
             np.load(out / f"{entry['file']}.norms.npy", mmap_mode="r")
@@ -471,7 +508,8 @@ def write_shards(
         _save_npy(out / f"{name}.npy", acts)
         sum_sq = float(np.square(acts, dtype=np.float64).sum())
         manifest["shards"].append(
-            {**planned, "n_tokens": int(len(acts)), "dropped": dropped, "sum_sq": sum_sq}
+            {**planned, "n_tokens": int(len(acts)), "dropped": dropped, "sum_sq": sum_sq,
+             "tokens_sha1": _digest(tokens[slice(*planned["contexts"])])}
         )
         _write_json(out / "manifest.json", manifest)
         if on_shard is not None:

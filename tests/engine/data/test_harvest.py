@@ -262,6 +262,44 @@ def test_a_corpus_that_runs_out_in_a_later_block_is_one_sentence(tiny_model, tmp
     with pytest.raises(DataError, match="fewer than the 30,000 asked for"):
         harvest(_cfg(tmp_path / "short", corpus=str(text), tokens=30_000), progress=False,
                 model=tiny_model)
+    assert not (tmp_path / "short").exists()  # its shards belong to a count that cannot be made
+
+
+def test_a_resume_after_the_corpus_changed_redoes_the_shards_it_changed(tiny_model, tmp_path,
+                                                                          monkeypatch):
+    """A resumed harvest tokenises again; each shard's manifest entry records a digest of its
+    contexts, so shards whose contexts changed are harvested again, not mixed in."""
+    monkeypatch.setattr(corpus, "SHUFFLE_BLOCK", 8)
+    text = tmp_path / "corpus.txt"
+    text.write_text(" ".join(f"alpha{i}" for i in range(3000)))
+    cfg = dict(corpus=str(text), tokens=1500)
+
+    def crash(n_done):
+        if n_done == 2:
+            raise _Crash
+
+    out = tmp_path / "resumed"
+    with pytest.raises(_Crash):
+        harvest(_cfg(out, **cfg), progress=False, model=tiny_model, on_shard=crash)
+    text.write_text(" ".join(f"beta{i}" for i in range(3000)))
+    fresh = harvest(_cfg(tmp_path / "fresh", **cfg), progress=False, model=tiny_model)
+    _assert_same(harvest(_cfg(out, **cfg), progress=False, model=tiny_model), fresh)
+
+
+def test_an_older_harvest_in_blocks_without_its_contexts_is_refused(tiny_model, tmp_path,
+                                                                    monkeypatch):
+    """A harvest of more than one block made before blocks existed shuffled every context
+    together; without its contexts.npy they cannot be made again, which is one sentence."""
+    monkeypatch.setattr(corpus, "SHUFFLE_BLOCK", 8)
+    out = tmp_path / "old"
+    harvest(_cfg(out), progress=False, model=tiny_model)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        del entry["tokens_sha1"]  # as an earlier version wrote it
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "contexts.npy").unlink()
+    with pytest.raises(DataError, match="earlier version"):
+        harvest(_cfg(out), progress=False, model=tiny_model)
 
 
 def test_a_complete_harvest_whose_contexts_were_deleted_gets_them_back(tiny_acts, tiny_model,
