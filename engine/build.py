@@ -202,10 +202,9 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> Path:
 
     model = LazyModel(cfg.harvest.source.model_name)
     loaded = [(name, *load_run(run)) for name, run in runs]
-    metrics = evaluate_cached([run for _, run in runs], [sae for _, sae, _ in loaded], acts,
-                              model, cfg.eval, progress,
-                              lambda name, state: log(f"[3/4] eval      {name:<12} {state}"),
-                              names=[name for name, _ in runs])
+    metrics = evaluate_cached([name for name, _ in runs], [run for _, run in runs],
+                              [sae for _, sae, _ in loaded], acts, model, cfg.eval, progress,
+                              lambda name, state: log(f"[3/4] eval      {name:<12} {state}"))
     build_hash = _hash([asdict(cfg), [str(r.path) for _, r in runs], h_identity])
     if _db_build_hash(db) == build_hash:
         log(f"[4/4] analyze   cached: {db}")
@@ -226,14 +225,13 @@ def load_run(run: RunFolder):
     return sae, dict(meta, checkpoint=str(run.final.resolve()), run=str(run.path.resolve()))
 
 
-def evaluate_cached(runs: list[RunFolder], saes: list, acts, model, cfg: EvalConfig,
-                    progress: bool, report=lambda name, state: None,
-                    names: list[str] | None = None) -> dict[str, dict]:
+def evaluate_cached(names: list[str], runs: list[RunFolder], saes: list, acts, model,
+                    cfg: EvalConfig, progress: bool,
+                    report=lambda name, state: None) -> dict[str, dict]:
     """METHOD §4 metrics of runs on an activation folder, cached in each run folder; the runs
     not cached are evaluated together (the model's own CE passes run once for all of them)."""
     from .metrics.evaluate import evaluate_many
 
-    names = names or [run.path.name for run in runs]
     key = _hash([str(Path(acts.path).resolve()), cfg.eval_tokens, cfg.ce_contexts,
                  cfg.dead_eval_tokens])
     metrics: dict[str, dict] = {}

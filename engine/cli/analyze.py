@@ -54,8 +54,8 @@ def run(args) -> int:
         logs[name] = run.read_log()
         loaded.append((name, sae, meta))
         runs.append(run)
-    metrics = evaluate_cached(runs, [sae for _, sae, _ in loaded], acts, model, eval_cfg,
-                              not args.quiet, names=names)
+    metrics = evaluate_cached(names, runs, [sae for _, sae, _ in loaded], acts, model, eval_cfg,
+                              not args.quiet)
     analyze(loaded, acts, model.get(), Path(args.db), config_from_args(AnalysisConfig, args),
             metrics=metrics, training_logs=logs, progress=not args.quiet)
     print(f"wrote {args.db} ({len(loaded)} SAE(s))")

@@ -194,30 +194,29 @@ class ContextFeed:
     With one block — every harvest of at most `SHUFFLE_BLOCK` contexts — this is a shuffle of
     all contexts with the last fraction held out."""
 
-    def __init__(self, n: int, context_len: int, block: int, eval_fraction: float):
-        sizes = [block] * (n // block) + ([n % block] if n % block else [])
-        self.block, self.eval_fraction = block, eval_fraction
-        self.tokens = np.zeros((n, context_len), dtype=np.int32)
-        self.domains = [""] * n
-        self.n_train = n - sum(eval_count(b, eval_fraction) for b in sizes)
-        self.split = ["train"] * self.n_train + ["eval"] * (n - self.n_train)
-        self._next = [0, self.n_train]  # the next row of each part to be filled
+    def __init__(self, tokens: np.ndarray, domains: list[str], split: list[str], block: int,
+                 eval_fraction: float, streamed: bool):
+        self.tokens, self.domains, self.split = tokens, domains, split
+        self.block, self.eval_fraction, self.streamed = block, eval_fraction, streamed
+        self.n_train = split.count("train")
+        # the next row of each part (train, eval) to be filled
+        self._next = [0, self.n_train] if streamed else [self.n_train, len(split)]
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self.cancelled = False
-        self.streamed = True
+
+    @classmethod
+    def empty(cls, n: int, context_len: int, block: int, eval_fraction: float) -> ContextFeed:
+        """Room for n contexts that a tokeniser will `put`, block by block."""
+        sizes = [block] * (n // block) + ([n % block] if n % block else [])
+        n_train = n - sum(eval_count(b, eval_fraction) for b in sizes)
+        return cls(np.zeros((n, context_len), dtype=np.int32), [""] * n,
+                   ["train"] * n_train + ["eval"] * (n - n_train), block, eval_fraction, True)
 
     @classmethod
     def of(cls, tokens: np.ndarray, domains: list[str], split: list[str]) -> ContextFeed:
-        """Contexts that already exist (train ones first)."""
-        feed = cls.__new__(cls)
-        feed.tokens, feed.domains, feed.split = tokens, list(domains), list(split)
-        feed.block, feed.eval_fraction = len(split), 0.0  # nothing more is put
-        feed.n_train = split.count("train")
-        feed._next = [feed.n_train, len(split)]
-        feed._cond, feed._error, feed.cancelled = threading.Condition(), None, False
-        feed.streamed = False
-        return feed
+        """Contexts that already exist (train ones first); nothing more is put."""
+        return cls(tokens, list(domains), list(split), len(split), 0.0, False)
 
     @property
     def complete(self) -> bool:
@@ -254,11 +253,10 @@ class ContextFeed:
                 raise self._error
         return self.tokens[start:stop]
 
-    def wait(self, rows: int | None = None) -> None:
-        """Until the first `rows` training contexts exist (None: every context)."""
+    def wait(self) -> None:
+        """Until every context exists."""
         with self._cond:
-            self._cond.wait_for(lambda: self._error is not None or (
-                self.complete if rows is None else self._next[0] >= min(rows, self.n_train)))
+            self._cond.wait_for(lambda: self._error is not None or self.complete)
             if self._error is not None:
                 raise self._error
 
@@ -284,10 +282,10 @@ def stream_contexts(src: SourceConfig, lm: LoadedModel) -> ContextFeed:
     docs = load_corpus(src.corpus)
     body = src.context_len - (1 if lm.bos_token_id is not None else 0)
     n = -(-src.tokens // max(1, body))
-    feed = ContextFeed(n, src.context_len, SHUFFLE_BLOCK, src.eval_fraction)
+    feed = ContextFeed.empty(n, src.context_len, SHUFFLE_BLOCK, src.eval_fraction)
     threading.Thread(target=_tokenise_into, args=(feed, src, lm, docs), daemon=True,
                      name="tokenise").start()
-    feed.wait(1)
+    feed.rows(0, 1)
     return feed
 
 
@@ -315,7 +313,6 @@ def _save_contexts_once(out: Path, contexts: ContextFeed) -> None:
     """Save tokenised contexts once all exist (contexts read from `out` are there already)."""
     if contexts.streamed or not (out / "contexts.npy").exists():
         contexts.wait()
-        contexts.cancelled = True
         save_contexts(out, contexts.tokens, contexts.domains, contexts.split)
 
 
@@ -382,7 +379,7 @@ def harvest(
         raise DataError(f"{e} The folder {out} keeps what it held; delete it to harvest "
                         "fewer tokens there.") from e
     finally:
-        contexts.cancelled = True
+        contexts.cancelled = True  # a tokeniser still running stops at its next block
 
 
 def _forward_ahead(
@@ -553,7 +550,6 @@ def write_shards(
             pending.result()
         _save_contexts_once(out, contexts)
     finally:
-        contexts.cancelled = True  # a tokeniser still running stops at its next block
         writer.shutdown(wait=True)
         bar.close()
 
