@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from datetime import date
 from pathlib import Path
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.synthetic import synthetic_harvest  # noqa: E402
 from engine.options import set_flat  # noqa: E402
-from engine.runtime import RuntimeConfig, available_precisions, resolve  # noqa: E402
+from engine.runtime import RuntimeConfig, available_precisions, default_precision, resolve  # noqa: E402
 from engine.sae import SAEConfig, build_sae  # noqa: E402
 from engine.training.config import TrainConfig  # noqa: E402
 from engine.training.schedule import lr_for_width, make_adam  # noqa: E402
@@ -77,10 +78,10 @@ def step_fn(cfg: SAEConfig, device: torch.device, precision: str, kernels: str):
     return step
 
 
-def bench_steps(size: dict, device: torch.device, precisions, steps: int, repeats: int) -> list[dict]:
+def bench_steps(size: dict, device: torch.device, precisions, steps: int, repeats: int,
+                rows: list, save=lambda: None) -> list[dict]:
     g = torch.Generator(device=device).manual_seed(0)
     xs = [torch.randn(size["batch"], size["d"], device=device, generator=g) for _ in range(steps)]
-    rows = []
     for name, kw in ARCHS:
         for precision in precisions:
             for kernels in ("fast", "reference"):
@@ -107,14 +108,20 @@ def bench_steps(size: dict, device: torch.device, precisions, steps: int, repeat
                     ms = statistics.median(times) * 1000
                     rows.append({"model": name, "precision": precision, "kernels": kernels,
                                  "step_ms": ms, "tokens_per_s": size["batch"] / ms * 1000})
-                except RuntimeError as exc:  # e.g. out of memory: reported, not hidden
+                except Exception as exc:  # e.g. out of memory: reported, not hidden
+                    traceback.print_exc()
                     rows.append({"model": name, "precision": precision, "kernels": kernels,
-                                 "error": str(exc).splitlines()[0][:200]})
+                                 "error": _error(exc)})
                 print(_row(rows[-1]), flush=True)
-                del fn
+                save()
+                fn = None
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return rows
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
 def _row(r: dict) -> str:
@@ -125,8 +132,9 @@ def _row(r: dict) -> str:
 
 
 def bench_trainer(size: dict, device: torch.device, precisions, tokens: int, steps: int,
-                  step_rows: list[dict]) -> list[dict]:
-    rows = []
+                  step_rows: list[dict], rows: list, save=lambda: None) -> list[dict]:
+    # the default precision first: a run cut short has measured what matters most
+    precisions = sorted(precisions, key=lambda p: p != default_precision(device))
     with tempfile.TemporaryDirectory(prefix="moesae-bench-") as tmp:
         acts = synthetic_harvest(Path(tmp) / "acts", tokens, size["d"])
         for precision in precisions:
@@ -137,7 +145,14 @@ def bench_trainer(size: dict, device: torch.device, precisions, tokens: int, ste
                 checkpoint_every=steps, device=str(device), precision=precision,
             ))
             t = time.perf_counter()
-            run = train(cfg, progress=False)
+            try:
+                run = train(cfg, progress=False)
+            except Exception as exc:  # reported, not hidden; the other precisions still run
+                traceback.print_exc()
+                rows.append({"precision": precision, "error": _error(exc)})
+                print(rows[-1], flush=True)
+                save()
+                continue
             wall = time.perf_counter() - t
             log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
             train_rows = [r for r in log if r["kind"] == "train"]
@@ -153,17 +168,19 @@ def bench_trainer(size: dict, device: torch.device, precisions, tokens: int, ste
                 "final_fvu": train_rows[-1]["fvu"], "wall_seconds": wall,
             })
             print(rows[-1], flush=True)
-    fp32 = next((r["final_fvu"] for r in rows if r["precision"] == "fp32"), None)
+            save()
+    fp32 = next((r["final_fvu"] for r in rows if r["precision"] == "fp32" and "final_fvu" in r), None)
     for r in rows:
-        r["fvu_vs_fp32"] = (r["final_fvu"] - fp32) / fp32 if fp32 else None
+        if "final_fvu" in r:
+            r["fvu_vs_fp32"] = (r["final_fvu"] - fp32) / fp32 if fp32 else None
     return rows
 
 
-def bench_harvest(device: torch.device, tokens: int, dtype: str) -> dict:
+def bench_harvest(device: torch.device, tokens: int, dtype: str, corpus: str | None) -> dict:
     from engine.data.harvest import HarvestConfig, harvest
 
     with tempfile.TemporaryDirectory(prefix="moesae-harvest-") as tmp:
-        cfg = set_flat(HarvestConfig(), dict(tokens=tokens, out=str(Path(tmp) / "h"),
+        cfg = set_flat(HarvestConfig(), dict(tokens=tokens, out=str(Path(tmp) / "h"), corpus=corpus,
                                              model_dtype=dtype, device=str(device)))
         from engine.models import load_model
 
@@ -172,12 +189,13 @@ def bench_harvest(device: torch.device, tokens: int, dtype: str) -> dict:
         store = harvest(cfg, progress=False, model=lm)
         secs = time.perf_counter() - t
         n = store.split("train").n_tokens + store.split("eval").n_tokens
-    return {"model": cfg.source.model_name, "model_dtype": dtype, "tokens": n, "seconds": secs,
+    return {"model": cfg.source.model_name, "hook": store.hook, "model_dtype": dtype, "tokens": n, "seconds": secs,
             "tokens_per_s": n / secs, "note": "includes tokenising the corpus (beside the forward passes after its first "
                     "block of 8,192 contexts)"}
 
 
-def bench_stream(size: dict, device: torch.device, tokens: int, steps: int, batch: int) -> dict:
+def bench_stream(size: dict, device: torch.device, tokens: int, steps: int, batch: int,
+                 corpus: str | None) -> dict:
     """Scale e=2 trained from a resident harvest vs straight from the model, same size."""
     from engine.data.harvest import HarvestConfig, harvest
 
@@ -185,15 +203,15 @@ def bench_stream(size: dict, device: torch.device, tokens: int, steps: int, batc
     with tempfile.TemporaryDirectory(prefix="moesae-stream-") as tmp:
         common = dict(arch="scale", active=2, width=size["width"], experts=size["experts"],
                       k=size["k"], batch_tokens=batch, steps=steps, log_every=max(1, steps // 5),
-                      checkpoint_every=steps, device=str(device), tokens=tokens,
+                      checkpoint_every=steps, device=str(device), tokens=tokens, corpus=corpus,
                       model_dtype="bfloat16" if device.type == "cuda" else "float32")
-        hcfg = set_flat(HarvestConfig(), {k: common[k] for k in ("tokens", "model_dtype", "device")}
+        hcfg = set_flat(HarvestConfig(), {k: common[k] for k in ("tokens", "model_dtype", "device", "corpus")}
                         | {"out": str(Path(tmp) / "acts")})
         harvest(hcfg, progress=False)
         for name, extra in (("resident harvest", {"acts": hcfg.out, "batches": "resident"}),
                             ("stream from the model", {"buffer_tokens": min(tokens // 4, 1 << 21)})):
             cfg = set_flat(TrainConfig(), {**{k: v for k, v in common.items()
-                                              if k not in ("tokens", "model_dtype") or "acts" not in extra},
+                                              if k not in ("tokens", "model_dtype", "corpus") or "acts" not in extra},
                                            **extra, "out": str(Path(tmp) / name.split()[0])})
             t = time.perf_counter()
             train(cfg, progress=False)
@@ -236,6 +254,7 @@ def main() -> None:
     ap.add_argument("--train-tokens", type=int, default=0, help="synthetic harvest size")
     ap.add_argument("--train-steps", type=int, default=0)
     ap.add_argument("--harvest-tokens", type=int, default=0)
+    ap.add_argument("--corpus", default=None, help="corpus for the harvest parts (default: the built-in mix)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -251,36 +270,42 @@ def main() -> None:
         "torch": torch.__version__, "size": size_name, "config": size, "precisions": precisions,
         "steps": [], "trainer": [], "harvest": None, "stream": None,
     }
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part, so a run cut short keeps what it measured
+        out.write_text(json.dumps(result, indent=2))
+
     if "step" in parts:
         print(f"step times at {size_name} size {size} on {result['device']}")
-        result["steps"] = bench_steps(size, device, precisions, args.steps or (20 if gpu else 2),
-                                      args.repeats or (5 if gpu else 3))
+        bench_steps(size, device, precisions, args.steps or (20 if gpu else 2),
+                    args.repeats or (5 if gpu else 3), result["steps"], save)
     if "trainer" in parts:
-        result["trainer"] = bench_trainer(
-            size, device, precisions, args.train_tokens or (5_000_000 if gpu else 300_000),
-            args.train_steps or (1000 if gpu else 60), result["steps"])
+        bench_trainer(size, device, precisions, args.train_tokens or (5_000_000 if gpu else 300_000),
+                      args.train_steps or (1000 if gpu else 60), result["steps"], result["trainer"], save)
     if "harvest" in parts:
         try:
             result["harvest"] = bench_harvest(device, args.harvest_tokens or (1_000_000 if gpu else 6000),
-                                              "bfloat16" if gpu else "float32")
-            print(result["harvest"])
-        except Exception as exc:  # no offline model here: said, not hidden
-            result["harvest"] = {"error": f"{type(exc).__name__}: {exc}"}
-            print(result["harvest"])
+                                              "bfloat16" if gpu else "float32", args.corpus)
+        except Exception as exc:  # e.g. no offline model here: said, not hidden
+            traceback.print_exc()
+            result["harvest"] = {"error": _error(exc)}
+        print(result["harvest"], flush=True)
+        save()
     if "stream" in parts:
         try:
             result["stream"] = bench_stream(size, device, 1_000_000 if gpu else 30_000,
-                                            200 if gpu else 10, size["batch"] if gpu else 1024)
-        except Exception as exc:  # no offline model here: said, not hidden
-            result["stream"] = {"error": f"{type(exc).__name__}: {exc}"}
-            print(result["stream"])
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+                                            200 if gpu else 10, size["batch"] if gpu else 1024,
+                                            args.corpus)
+        except Exception as exc:  # e.g. no offline model here: said, not hidden
+            traceback.print_exc()
+            result["stream"] = {"error": _error(exc)}
+            print(result["stream"], flush=True)
+        save()
+    save()
     if result["steps"]:
         plot(result, out.with_suffix(".png"))
     print(f"wrote {out}")
-
 
 if __name__ == "__main__":
     main()
