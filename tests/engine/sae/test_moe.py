@@ -189,7 +189,8 @@ def test_a_training_step_never_waits_for_the_gpu(arch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_grouped_gemm_on_the_gpu_equals_the_loop():
     """On CUDA in bf16 the expert encode is one grouped GEMM where the GPU has its fast path
-    (Hopper, Blackwell): its output and gradients equal the per-expert loop's up to bf16."""
+    (Hopper, Blackwell): its output and gradients are as close to the float32 loop's as the
+    bf16 loop's are (both round to bf16; neither is exact)."""
     from engine.sae.moe import expert_encoder
 
     dev = torch.device("cuda")
@@ -200,15 +201,18 @@ def test_the_grouped_gemm_on_the_gpu_equals_the_loop():
     b = (torch.randn(N, m, device=dev, generator=g) / 4).bfloat16().requires_grad_()
     tokens = torch.arange(B, device=dev).repeat_interleave(2)
     experts = torch.randint(0, N - 1, (2 * B,), device=dev, generator=g)  # expert N−1 empty
-    plain = grouped_expert_encode(x.float(), tokens, experts, W.float(), b.float())
+    exact = grouped_expert_encode(x.float(), tokens, experts, W.float(), b.float())
+    loop = grouped_expert_encode(x, tokens, experts, W, b)
     encode = expert_encoder(dev, torch.bfloat16)
     fast = encode(x, tokens, experts, W, b)
     assert fast.dtype == torch.bfloat16
-    assert torch.allclose(fast.float(), plain, atol=0.05, rtol=0.02)
-    go = torch.randn_like(plain)
-    gp = torch.autograd.grad(plain, (x, W, b), go)
-    gf = torch.autograd.grad(fast, (x, W, b), go.bfloat16())
-    for p, q in zip(gp, gf, strict=True):
-        assert (q.float() - p).norm() <= 0.02 * p.norm()
-    major = torch.cuda.get_device_capability(dev)[0]
-    print("expert encode on this GPU:", encode.__name__, "capability", major)
+    err = lambda a, ref: float((a.float() - ref).norm() / ref.norm())  # noqa: E731
+    assert err(fast, exact) <= 1.5 * err(loop, exact) + 1e-3
+    go = torch.randn_like(exact)
+    g_exact = torch.autograd.grad(exact, (x, W, b), go)
+    g_loop = torch.autograd.grad(loop, (x, W, b), go.bfloat16())
+    g_fast = torch.autograd.grad(fast, (x, W, b), go.bfloat16())
+    for name, e, lo, fa in zip("xWb", g_exact, g_loop, g_fast, strict=True):
+        assert err(fa, e) <= 1.5 * err(lo, e) + 1e-3, (name, err(fa, e), err(lo, e))
+    print("expert encode on this GPU:", encode.__name__,
+          "capability", torch.cuda.get_device_capability(dev))

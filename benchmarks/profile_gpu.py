@@ -1,0 +1,227 @@
+"""Where the time goes on a GPU, for the work `bench_gpu.py` times as a whole.
+
+step:    for each architecture at the paper's size in bf16 with the fast kernels: the eager step
+         time, the GPU's busy time per step (the sum of its kernels' times; an eager step much
+         longer than that waits on the host issuing kernels), the step replayed as one CUDA graph,
+         and the kernels that cost most.
+trainer: `moesae train` (bf16, Scale e=2) on a synthetic harvest under cProfile: where the
+         wall time beyond the steps goes (loading, checkpoints, evaluation).
+harvest: harvest tokens/s at several batch sizes, tokenisation alone, and a profile of the
+         harvest loop (the main thread; the tokeniser and shard writer run beside it).
+
+    python benchmarks/profile_gpu.py --parts step
+    python benchmarks/profile_gpu.py --parts harvest --corpus corpus.jsonl --tokens 2000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_gpu import ARCHS, SIZES, step_fn, sync  # noqa: E402
+from engine.options import set_flat  # noqa: E402
+from engine.sae import SAEConfig, build_sae  # noqa: E402
+from engine.training.schedule import lr_for_width  # noqa: E402
+
+
+def _median_ms(fn, xs, device, repeats=3) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        for x in xs:
+            fn(x)
+        sync(device)
+        times.append((time.perf_counter() - t) / len(xs))
+    return statistics.median(times) * 1000
+
+
+def graph_step(cfg: SAEConfig, device: torch.device, x_static: torch.Tensor):
+    """The same step as bench_gpu's, captured once as a CUDA graph (capturable fused Adam with
+    its learning rate on the device, autocast without its weight-cast cache); returns replay."""
+    torch.manual_seed(0)
+    sae = build_sae(cfg).to(device)
+    sae.kernels = "fast"
+    lr = torch.tensor(lr_for_width(cfg.width), device=device)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True, capturable=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            out = sae(x_static)
+        loss = out.mse + 0.01 * cfg.d_in * out.lb_loss
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        sae.set_decoder_norm_to_unit()
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def profile_steps(size: dict, device: torch.device, archs: list[str], out: dict) -> None:
+    g = torch.Generator(device=device).manual_seed(0)
+    xs = [torch.randn(size["batch"], size["d"], device=device, generator=g) for _ in range(20)]
+    for name, kw in ARCHS:
+        if name not in archs:
+            continue
+        cfg = SAEConfig(d_in=size["d"], width=size["width"], experts=size["experts"], k=size["k"], **kw)
+        row: dict = {"model": name, "precision": "bf16", "kernels": "fast"}
+        out["steps"].append(row)
+        try:
+            fn = step_fn(cfg, device, "bf16", "fast")
+            fn(xs[0])
+            fn(xs[1])
+            row["eager_ms"] = _median_ms(fn, xs, device)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for x in xs[:10]:
+                    fn(x)
+                sync(device)
+            avg = prof.key_averages()
+            row["gpu_busy_ms"] = sum(e.self_device_time_total for e in avg) / 10 / 1000
+            row["kernels_per_step"] = sum(e.count for e in avg if e.self_device_time_total > 0) / 10
+            print(f"== {name}: eager {row['eager_ms']:.2f} ms, GPU busy {row['gpu_busy_ms']:.2f} ms a step")
+            print(avg.table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=70))
+        except Exception as exc:
+            traceback.print_exc()
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        try:
+            x_static = xs[0].clone()
+            replay = graph_step(cfg, device, x_static)
+
+            def graphed(x, x_static=x_static, replay=replay):
+                x_static.copy_(x)
+                replay()
+
+            row["graph_ms"] = _median_ms(graphed, xs, device)
+            print(f"== {name}: CUDA graph {row['graph_ms']:.2f} ms a step")
+        except Exception as exc:
+            traceback.print_exc()
+            row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+
+
+def profile_trainer(size: dict, device: torch.device, tokens: int, steps: int, out: dict) -> None:
+    from benchmarks.synthetic import synthetic_harvest
+    from engine.training.config import TrainConfig
+    from engine.training.trainer import train
+
+    with tempfile.TemporaryDirectory(prefix="moesae-prof-") as tmp:
+        t = time.perf_counter()
+        acts = synthetic_harvest(Path(tmp) / "acts", tokens, size["d"])
+        made = time.perf_counter() - t
+        cfg = set_flat(TrainConfig(), dict(
+            acts=str(acts.path), out=str(Path(tmp) / "run"), arch="scale", active=2,
+            width=size["width"], experts=size["experts"], k=size["k"], batch_tokens=size["batch"],
+            steps=steps, log_every=max(1, steps // 10), checkpoint_every=steps, device=str(device)))
+        prof = cProfile.Profile()
+        t = time.perf_counter()
+        prof.enable()
+        run = train(cfg, progress=False)
+        prof.disable()
+        wall = time.perf_counter() - t
+        log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+        rates = [r["tokens_per_s"] for r in log if r["kind"] == "train"]
+    out["trainer"] = {"tokens": tokens, "steps": steps, "synthetic_seconds": made, "wall_seconds": wall,
+                      "wall_tokens_per_s": steps * size["batch"] / wall,
+                      "logged_tokens_per_s": statistics.median(rates[1:] or rates)}
+    print(out["trainer"], flush=True)
+    pstats.Stats(prof).sort_stats("cumtime").print_stats(35)
+
+
+def profile_harvest(device: torch.device, tokens: int, corpus: str | None, batches: list[int],
+                    out: dict) -> None:
+    from engine.data.corpus import context_blocks, load_corpus
+    from engine.data.harvest import HarvestConfig, harvest
+    from engine.models import load_model
+
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    lm = load_model(None, device=str(device), dtype=dtype)
+    docs = load_corpus(corpus)
+    t = time.perf_counter()
+    n = sum(b.tokens.size for b in context_blocks(lm, docs, 128, tokens, 0))
+    secs = time.perf_counter() - t
+    out["tokenise"] = {"tokens": n, "seconds": secs, "tokens_per_s": n / secs}
+    print("tokenise alone:", out["tokenise"], flush=True)
+    for i, batch in enumerate(batches):
+        with tempfile.TemporaryDirectory(prefix="moesae-prof-") as tmp:
+            cfg = set_flat(HarvestConfig(), dict(tokens=tokens, out=str(Path(tmp) / "h"), corpus=corpus,
+                                                 model_dtype=dtype, device=str(device),
+                                                 batch_contexts=batch))
+            prof = cProfile.Profile() if i == len(batches) - 1 else None
+            t = time.perf_counter()
+            if prof:
+                prof.enable()
+            harvest(cfg, progress=False, model=lm)
+            if prof:
+                prof.disable()
+            secs = time.perf_counter() - t
+        out["harvest"].append({"batch_contexts": batch, "tokens": tokens, "seconds": secs,
+                               "tokens_per_s": tokens / secs, "profiled": prof is not None})
+        print(out["harvest"][-1], flush=True)
+        if prof:
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--parts", default="step")
+    ap.add_argument("--size", choices=list(SIZES), default="paper")
+    ap.add_argument("--archs", default="topk,switch,scale e=2")
+    ap.add_argument("--train-tokens", type=int, default=5_000_000)
+    ap.add_argument("--train-steps", type=int, default=400)
+    ap.add_argument("--tokens", type=int, default=2_000_000, help="harvest tokens")
+    ap.add_argument("--batches", default="64,256", help="harvest contexts per forward pass")
+    ap.add_argument("--corpus", default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile-gpu.json"))
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "steps": [], "trainer": None, "harvest": []}
+    parts = set(args.parts.split(","))
+    if "step" in parts:
+        profile_steps(SIZES[args.size], device, args.archs.split(","), result)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if "trainer" in parts:
+        try:
+            profile_trainer(SIZES[args.size], device, args.train_tokens, args.train_steps, result)
+        except Exception:
+            traceback.print_exc()
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if "harvest" in parts:
+        try:
+            profile_harvest(device, args.tokens, args.corpus,
+                            [int(b) for b in args.batches.split(",")], result)
+        except Exception:
+            traceback.print_exc()
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
