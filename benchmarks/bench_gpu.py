@@ -254,6 +254,7 @@ def main() -> None:
     ap.add_argument("--train-tokens", type=int, default=0, help="synthetic harvest size")
     ap.add_argument("--train-steps", type=int, default=0)
     ap.add_argument("--harvest-tokens", type=int, default=0)
+    ap.add_argument("--precisions", default="", help="e.g. bf16,fp32 (default: all the device has)")
     ap.add_argument("--corpus", default=None, help="corpus for the harvest parts (default: the built-in mix)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -261,7 +262,8 @@ def main() -> None:
     gpu = device.type == "cuda"
     size_name = args.size or ("paper" if gpu else "cpu")
     size = SIZES[size_name]
-    precisions = available_precisions(device)
+    precisions = [p for p in available_precisions(device)
+                  if not args.precisions or p in args.precisions.split(",")]
     parts = set(args.parts.split(","))
     result = {
         "date": date.today().isoformat(),

@@ -3,6 +3,7 @@ speed benchmarks: a training step costs the same on random activations as on rea
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 from pathlib import Path
@@ -26,23 +27,29 @@ def synthetic_harvest(folder: str | Path, n_tokens: int, d: int = 576, context_l
     np.save(folder / "contexts.npy", rng.integers(0, 1000, (n_ctx, context_len), dtype=np.int32))
     (folder / "contexts.json").write_text(json.dumps({"domains": ["synthetic"] * n_ctx, "split": split}))
     scale = rng.uniform(0.5, 2.0, d).astype(np.float32)
-    shards, sum_sq = [], {"train": 0.0, "eval": 0.0}
     per_shard = max(1, shard_tokens // body)
-    for name, lo, hi in (("train", 0, n_ctx - n_eval), ("eval", n_ctx - n_eval, n_ctx)):
-        for k, start in enumerate(range(lo, hi, per_shard)):
-            stop = min(start + per_shard, hi)
-            n = (stop - start) * body
-            x = (rng.standard_normal((n, d), dtype=np.float32) * scale).astype(np.float16)
-            idx = np.stack([np.repeat(np.arange(start, stop, dtype=np.int32), body),
-                            np.tile(np.arange(1, context_len, dtype=np.int32), stop - start)], 1)
-            file = f"{name}-{k:05d}"
-            np.save(folder / f"{file}.npy", x)
-            np.save(folder / f"{file}.idx.npy", idx)
-            np.save(folder / f"{file}.norms.npy", np.linalg.norm(x.astype(np.float32), axis=1))
-            s = float(np.square(x, dtype=np.float64).sum())
-            sum_sq[name] += s
-            shards.append({"file": file, "split": name, "contexts": [start, stop], "n_tokens": n,
-                           "dropped": 0, "sum_sq": s})
+    jobs = [(name, k, start, min(start + per_shard, hi))
+            for name, lo, hi in (("train", 0, n_ctx - n_eval), ("eval", n_ctx - n_eval, n_ctx))
+            for k, start in enumerate(range(lo, hi, per_shard))]
+
+    def write(job) -> dict:  # one shard from its own seeded generator, so shards can be made at once
+        name, k, start, stop = job
+        n = (stop - start) * body
+        g = np.random.default_rng([seed, 0 if name == "train" else 1, k])
+        x = (g.standard_normal((n, d), dtype=np.float32) * scale).astype(np.float16)
+        idx = np.stack([np.repeat(np.arange(start, stop, dtype=np.int32), body),
+                        np.tile(np.arange(1, context_len, dtype=np.int32), stop - start)], 1)
+        file = f"{name}-{k:05d}"
+        np.save(folder / f"{file}.npy", x)
+        np.save(folder / f"{file}.idx.npy", idx)
+        x32 = x.astype(np.float32)
+        np.save(folder / f"{file}.norms.npy", np.sqrt(np.einsum("ij,ij->i", x32, x32)))
+        return {"file": file, "split": name, "contexts": [start, stop], "n_tokens": n, "dropped": 0,
+                "sum_sq": float(np.einsum("ij,ij->", x32, x32, dtype=np.float64))}
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        shards = list(pool.map(write, jobs))
+    sum_sq = {name: sum(s["sum_sq"] for s in shards if s["split"] == name) for name in ("train", "eval")}
     n_train = sum(s["n_tokens"] for s in shards if s["split"] == "train")
     manifest = {
         "format": FORMAT_VERSION, "config": {"synthetic": True, "seed": seed}, "model_name": "synthetic",

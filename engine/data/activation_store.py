@@ -119,6 +119,13 @@ class TokenSet:
             return np.zeros((0, self.d), np.float32)
         return np.concatenate(parts).astype(np.float32, copy=False)
 
+    def raw_pieces(self, n: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(start row, [≤n, d] in the stored dtype): the split as views of its shards, none
+        spanning two, with no conversion — for copying the whole split somewhere at once."""
+        for s, acts in enumerate(self._acts):
+            for a in range(0, len(acts), n):
+                yield int(self._offsets[s]) + a, acts[a : a + n]
+
     def iter_chunks(self, n: int) -> Iterator[tuple[int, np.ndarray]]:
         """(start row, float32 [≤n, d]) over the whole split, in order."""
         for start in range(0, self.n_tokens, n):

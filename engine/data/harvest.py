@@ -8,6 +8,7 @@ same config. Splits are by context, so eval tokens never share a context with tr
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import errno
 import hashlib
@@ -385,12 +386,14 @@ def harvest(
 def _forward_ahead(
     lm: LoadedModel, hook: str, contexts: ContextFeed, spans: list[tuple[int, int, int]],
     first_pos: int, dtype: str,
-) -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray]]:
-    """(shard, start, stop, activations [n, d] in `dtype`, norms [n] float32) of each span of
-    contexts, on the host, in order. On a GPU the next span's forward pass is queued before this
-    span's results are waited for: its copy to pinned host memory is ordered before that forward
-    on the stream, so the device computes while the host checks, filters and stores. On the CPU
-    this is the plain loop."""
+) -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(shard, start, stop, activations [n, d] in `dtype`, norms [n] float32, finite [n] bool,
+    sq [n] float32) of each span of contexts, on the host, in order: `finite` and `sq` are
+    whether each stored row is finite and its sum of squares, computed where the model runs
+    (a host check over every stored value cost more than the forward pass on a GPU). On a GPU
+    the next span's forward pass is queued before this span's results are waited for: its copy
+    to pinned host memory is ordered before that forward on the stream, so the device computes
+    while the host checks, filters and stores. On the CPU this is the plain loop."""
     store = torch.float16 if dtype == "float16" else torch.float32
     pending = None
     for i, start, stop in spans:
@@ -398,23 +401,30 @@ def _forward_ahead(
         x = x[:, first_pos:, :].reshape(-1, lm.d_model)
         norms = x.float().norm(dim=1)
         x = x.to(store)
+        stats = [norms, torch.isfinite(x).all(1), x.float().square().sum(1)]
         ready = None
         if x.is_cuda:
             x = torch.empty(x.shape, dtype=store, pin_memory=True).copy_(x, non_blocking=True)
-            norms = torch.empty(norms.shape, pin_memory=True).copy_(norms, non_blocking=True)
+            stats = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                     for t in stats]
             ready = torch.cuda.Event()
             ready.record()
         if pending is not None:
             yield _host_batch(*pending)
-        pending = (i, start, stop, x, norms, ready)
+        pending = (i, start, stop, x, stats, ready)
     if pending is not None:
         yield _host_batch(*pending)
 
 
-def _host_batch(i, start, stop, x, norms, ready):
+def _host_batch(i, start, stop, x, stats, ready):
     if ready is not None:
         ready.synchronize()  # this span's copy, not the forward queued after it
-    return i, start, stop, x.numpy(), norms.numpy()
+    return (i, start, stop, x.numpy(), *(t.numpy() for t in stats))
+
+
+WRITERS = 3
+"""Shards written at once (files and their fsyncs overlap); the manifest still lists them in
+order, each only once its files are on disk."""
 
 
 def write_shards(
@@ -492,20 +502,26 @@ def write_shards(
         disable=not progress,
         dynamic_ncols=True,
     )
-    batch_contexts = batch_contexts or (64 if str(lm.device).startswith("cuda") else 8)
-    # Shards are written by one background thread while the model computes the next one; the
-    # manifest lists a shard only once its files are on disk, so a kill still resumes cleanly.
-    writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shards")
-    pending: concurrent.futures.Future | None = None
+    # Larger batches on a GPU: a forward pass of the bridge costs the same host time whatever its
+    # size (256 contexts: 250k tokens/s where 64 gave 135k, H200, benchmarks/profile_gpu.py).
+    batch_contexts = batch_contexts or (256 if str(lm.device).startswith("cuda") else 8)
+    # Shards are written by background threads while the model computes the next ones; the
+    # manifest lists a shard only once its files are on disk, in order, so a kill still resumes
+    # cleanly.
+    writer = concurrent.futures.ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="shards")
+    in_flight: collections.deque = collections.deque()
 
-    def commit(planned: dict, acts: np.ndarray, index: np.ndarray, norms: np.ndarray, dropped: int):
+    def write_files(planned: dict, acts: np.ndarray, index: np.ndarray, norms: np.ndarray) -> None:
         name = planned["file"]
         _save_npy(out / f"{name}.norms.npy", norms)
         _save_npy(out / f"{name}.idx.npy", index)
         _save_npy(out / f"{name}.npy", acts)
-        sum_sq = float(np.square(acts, dtype=np.float64).sum())
+
+    def commit_oldest() -> None:
+        planned, future, n, dropped, sum_sq = in_flight.popleft()
+        future.result()  # its write errors surface here
         manifest["shards"].append(
-            {**planned, "n_tokens": int(len(acts)), "dropped": dropped, "sum_sq": sum_sq,
+            {**planned, "n_tokens": n, "dropped": dropped, "sum_sq": sum_sq,
              "tokens_sha1": _digest(tokens[slice(*planned["contexts"])])}
         )
         _write_json(out / "manifest.json", manifest)
@@ -516,8 +532,9 @@ def write_shards(
     spans = [(i, a, min(a + batch_contexts, p["contexts"][1]))
              for i, p in enumerate(todo) for a in range(p["contexts"][0], p["contexts"][1], batch_contexts)]
     try:
-        rows, index, norms_seen, dropped = [], [], [], 0
-        for i, start, stop, x, norms in _forward_ahead(lm, hook, contexts, spans, first_pos, dtype):
+        rows, index, norms_seen, dropped, sum_sq = [], [], [], 0, 0.0
+        for i, start, stop, x, norms, finite, sq in _forward_ahead(lm, hook, contexts, spans,
+                                                                  first_pos, dtype):
             if not np.isfinite(norms).all():
                 raise DataError(
                     f"Model {lm.name} produced NaN or infinite activations at {hook} "
@@ -529,25 +546,27 @@ def write_shards(
                 keep = norms <= OUTLIER_FACTOR * median
                 dropped += int((~keep).sum())
             history = np.concatenate([history, norms])[-MEDIAN_WINDOW:]
-            stored = x[keep]
-            if not np.isfinite(stored).all():
+            if not finite[keep].all():
                 raise DataError(
                     f"Activations at {hook} overflow {dtype}; harvest again with dtype float32."
                 )
             ctx = np.repeat(np.arange(start, stop, dtype=np.int32), body)
             pos = np.tile(np.arange(first_pos, first_pos + body, dtype=np.int32), stop - start)
-            rows.append(stored)
+            rows.append(x[keep])
             index.append(np.stack([ctx, pos], axis=1)[keep])
             norms_seen.append(norms)
+            sum_sq += float(sq[keep].sum(dtype=np.float64))
             bar.update((stop - start) * body)
             if stop == todo[i]["contexts"][1]:  # the shard is complete
-                if pending is not None:
-                    pending.result()  # at most one shard in flight; its errors surface here
-                pending = writer.submit(commit, todo[i], np.concatenate(rows), np.concatenate(index),
-                                        np.concatenate(norms_seen).astype(np.float32), dropped)
-                rows, index, norms_seen, dropped = [], [], [], 0
-        if pending is not None:
-            pending.result()
+                acts = np.concatenate(rows)
+                future = writer.submit(write_files, todo[i], acts, np.concatenate(index),
+                                       np.concatenate(norms_seen).astype(np.float32))
+                in_flight.append((todo[i], future, int(len(acts)), dropped, sum_sq))
+                if len(in_flight) > WRITERS:
+                    commit_oldest()
+                rows, index, norms_seen, dropped, sum_sq = [], [], [], 0, 0.0
+        while in_flight:
+            commit_oldest()
         _save_contexts_once(out, contexts)
     finally:
         writer.shutdown(wait=True)

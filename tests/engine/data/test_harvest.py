@@ -131,6 +131,19 @@ def test_rerun_rebuilds_a_damaged_shard(tiny_acts, tiny_model, tmp_path):
     _assert_same(harvest(_cfg(copy), progress=False, model=tiny_model), tiny_acts)
 
 
+def test_activations_float16_cannot_hold_are_one_sentence(tiny_model, tmp_path, monkeypatch):
+    """Finite in float32, infinite once stored as float16 (whose largest value is 65504): the
+    overflow is found where the model runs, and named with its way out."""
+    def huge(tokens, hook=None):
+        x = torch.ones((*tokens.shape, tiny_model.d_model))
+        x[..., 0] = 1e5
+        return x
+
+    monkeypatch.setattr(tiny_model, "activations", huge)
+    with pytest.raises(DataError, match="overflow float16; harvest again with dtype float32"):
+        harvest(_cfg(tmp_path / "big"), progress=False, model=tiny_model)
+
+
 def test_nan_activations_are_a_data_error(tiny_model, tmp_path, monkeypatch):
     def nan_acts(tokens, hook=None):
         return torch.full((*tokens.shape, tiny_model.d_model), float("nan"))
@@ -168,7 +181,8 @@ def test_disk_full_keeps_manifest_valid(tiny_acts, tiny_model, tmp_path, monkeyp
 def test_the_next_forward_is_launched_before_a_batch_is_handed_out():
     """The harvest loop gets batch i only after the model's forward for batch i+1 was launched
     (on a GPU the device then computes while the host filters and stores); batches arrive in
-    order with their own values, the first position dropped, and their norms."""
+    order with their own values, the first position dropped, their norms, and whether each
+    stored row is finite with its sum of squares (both computed where the model runs)."""
     from engine.data.harvest import _forward_ahead
 
     launched = []
@@ -184,11 +198,13 @@ def test_the_next_forward_is_launched_before_a_batch_is_handed_out():
     contexts = ContextFeed.of(tokens, ["d"] * 5, ["train"] * 5)
     spans = [(0, 0, 2), (0, 2, 4), (1, 4, 5)]  # (shard, first context, end)
     got = []
-    for shard, start, stop, x, norms in _forward_ahead(Model(), "h", contexts, spans, 1, "float16"):
+    for shard, start, stop, x, norms, finite, sq in _forward_ahead(Model(), "h", contexts, spans, 1,
+                                                                   "float16"):
         got.append((shard, start, stop, len(launched)))
         want = np.repeat(np.arange(start, stop), 3)[:, None] * np.array([1.0, 2.0, 2.0])
         assert x.dtype == np.float16 and np.array_equal(x, want)
         assert np.allclose(norms, 3 * np.repeat(np.arange(start, stop), 3))
+        assert finite.all() and np.allclose(sq, np.square(want).sum(1))
     assert got == [(0, 0, 2, 2), (0, 2, 4, 3), (1, 4, 5, 3)]
 
 
@@ -308,3 +324,11 @@ def test_a_complete_harvest_whose_contexts_were_deleted_gets_them_back(tiny_acts
     shutil.copytree(tiny_acts.path, copy)
     (copy / "contexts.npy").unlink()
     _assert_same(harvest(_cfg(copy), progress=False, model=tiny_model), tiny_acts)
+
+
+def test_each_shard_records_the_sum_of_squares_of_what_it_stores(tiny_acts):
+    """The sums of squares behind the normalisation scale are summed from per-row sums made
+    beside the forward pass; they equal those of the stored shards."""
+    for entry in tiny_acts.manifest["shards"]:
+        x = np.load(tiny_acts.path / f"{entry['file']}.npy").astype(np.float64)
+        assert entry["sum_sq"] == pytest.approx(float(np.square(x).sum()), rel=1e-6)
