@@ -123,7 +123,9 @@ def grouped_expert_encode_gmm(
     buf = x_c.new_zeros(P + N * (align - 1), d).index_copy(0, dest, x_c[token_idx[order]])
     # W.transpose(1, 2) is [N, d, m] in column-major layout, as the grouped GEMM wants it
     out = torch._grouped_mm(buf, W.transpose(1, 2), offs=ends.to(torch.int32))
-    z_sorted = F.relu(out[dest] + b[e_sorted])
+    # the bias added in float32 (its gradient then sums each expert's rows in float32, as the
+    # loop's GEMM does, instead of one bf16 rounding per row)
+    z_sorted = F.relu(out[dest].float() + b.float()[e_sorted]).to(x_c.dtype)
     return z_sorted.new_empty(P, m).index_copy(0, order, z_sorted)
 
 

@@ -186,14 +186,19 @@ def test_a_training_step_never_waits_for_the_gpu(arch):
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_grouped_gemm_on_the_gpu_equals_the_loop():
-    """On CUDA in bf16 the expert encode is one grouped GEMM where the GPU has its fast path
-    (Hopper, Blackwell): its output and gradients are as close to the float32 loop's as the
-    bf16 loop's are (both round to bf16; neither is exact)."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_grouped_gemm_in_bf16_is_as_exact_as_the_loop(device):
+    """In bf16 (on CUDA the grouped GEMM's fast path, on Hopper and Blackwell) the grouped GEMM's
+    output and gradients are as close to the float32 result on the same inputs as the bf16
+    loop's are. Gradients are compared away from ReLU's kink: the loop adds the bias inside its
+    GEMM and rounds once, the grouped GEMM rounds and then adds it, so a few pre-activations
+    within rounding of zero land on the other side — each such flip moves a gradient by a whole
+    entry (measured: 0.02 % of entries, 2 % of the gradient's norm), and neither side is wrong."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     from engine.sae.moe import expert_encoder
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)
     N, m, d, B = 16, 64, 256, 1000
     x = torch.randn(B, d, device=dev, generator=g).bfloat16().requires_grad_()
@@ -203,16 +208,21 @@ def test_the_grouped_gemm_on_the_gpu_equals_the_loop():
     experts = torch.randint(0, N - 1, (2 * B,), device=dev, generator=g)  # expert N−1 empty
     exact = grouped_expert_encode(x.float(), tokens, experts, W.float(), b.float())
     loop = grouped_expert_encode(x, tokens, experts, W, b)
-    encode = expert_encoder(dev, torch.bfloat16)
-    fast = encode(x, tokens, experts, W, b)
+    fast = grouped_expert_encode_gmm(x, tokens, experts, W, b)
+    if device == "cuda":
+        encode = expert_encoder(dev, torch.bfloat16)
+        print("expert encode on this GPU:", encode.__name__, torch.cuda.get_device_capability(dev))
     assert fast.dtype == torch.bfloat16
-    err = lambda a, ref: float((a.float() - ref).norm() / ref.norm())  # noqa: E731
+
+    def err(a, ref):
+        return float((a.detach().float() - ref.detach()).norm() / ref.detach().norm())
+
     assert err(fast, exact) <= 1.5 * err(loop, exact) + 1e-3
-    go = torch.randn_like(exact)
+    same_side = ((exact > 0) == (loop > 0)) & ((exact > 0) == (fast > 0))
+    assert same_side.float().mean() > 0.999
+    go = torch.randn(exact.shape, device=dev, generator=g) * same_side
     g_exact = torch.autograd.grad(exact, (x, W, b), go)
     g_loop = torch.autograd.grad(loop, (x, W, b), go.bfloat16())
     g_fast = torch.autograd.grad(fast, (x, W, b), go.bfloat16())
     for name, e, lo, fa in zip("xWb", g_exact, g_loop, g_fast, strict=True):
         assert err(fa, e) <= 1.5 * err(lo, e) + 1e-3, (name, err(fa, e), err(lo, e))
-    print("expert encode on this GPU:", encode.__name__,
-          "capability", torch.cuda.get_device_capability(dev))
