@@ -102,8 +102,10 @@ def profile_steps(size: dict, device: torch.device, archs: list[str], out: dict)
                     fn(x)
                 sync(device)
             avg = prof.key_averages()
-            row["gpu_busy_ms"] = sum(e.self_device_time_total for e in avg) / 10 / 1000
-            row["kernels_per_step"] = sum(e.count for e in avg if e.self_device_time_total > 0) / 10
+            # kernels only: an operator's row repeats the time of the kernels it launched
+            kernels = [e for e in avg if e.device_type == torch.autograd.DeviceType.CUDA]
+            row["gpu_busy_ms"] = sum(e.self_device_time_total for e in kernels) / 10 / 1000
+            row["kernels_per_step"] = sum(e.count for e in kernels) / 10
             print(f"== {name}: eager {row['eager_ms']:.2f} ms, GPU busy {row['gpu_busy_ms']:.2f} ms a step")
             print(avg.table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=70))
         except Exception as exc:
