@@ -58,7 +58,7 @@ class SourceConfig:
     eval_fraction: float = 0.1
     """Fraction of contexts held out for evaluation (of each shuffled block of 8,192)."""
     batch_contexts: int | None = None
-    """Contexts per forward pass (default: 8 on the CPU, 64 on a GPU)."""
+    """Contexts per forward pass (default: 8 on the CPU, 256 on a GPU)."""
     drop_outliers: bool = True
     """Drop tokens whose norm is > 10x the running median."""
     model_dtype: str = "float32"
@@ -427,6 +427,14 @@ WRITERS = 3
 order, each only once its files are on disk."""
 
 
+def default_batch_contexts(device) -> int:
+    """Contexts per forward pass when --batch-contexts is not given, for harvests and streams
+    alike: larger on a GPU, where a forward pass through TransformerLens's bridge costs about the
+    same host time whatever its size (256 contexts gave 250k tokens/s where 64 gave 135k on an
+    H200, benchmarks/profile_gpu.py)."""
+    return 256 if str(device).startswith("cuda") else 8
+
+
 def write_shards(
     lm: LoadedModel, hook: str, out: Path, identity: dict, contexts: ContextFeed,
     dtype: str = "float16", shard_mb: float = 64.0, batch_contexts: int | None = None,
@@ -502,9 +510,7 @@ def write_shards(
         disable=not progress,
         dynamic_ncols=True,
     )
-    # Larger batches on a GPU: a forward pass of the bridge costs the same host time whatever its
-    # size (256 contexts: 250k tokens/s where 64 gave 135k, H200, benchmarks/profile_gpu.py).
-    batch_contexts = batch_contexts or (256 if str(lm.device).startswith("cuda") else 8)
+    batch_contexts = batch_contexts or default_batch_contexts(lm.device)
     # Shards are written by background threads while the model computes the next ones; the
     # manifest lists a shard only once its files are on disk, in order, so a kill still resumes
     # cleanly.

@@ -165,7 +165,14 @@ def stream_source(cfg, run: Path, device: torch.device, dist, progress: bool) ->
     the first segment. With several processes each streams its own share of the segments."""
     from ..models import load_model
     from .activation_store import ActivationStore
-    from .harvest import ContextFeed, check_source, save_contexts, split_contexts, write_shards
+    from .harvest import (
+        ContextFeed,
+        check_source,
+        default_batch_contexts,
+        save_contexts,
+        split_contexts,
+        write_shards,
+    )
 
     src = cfg.source
     check_source(src)
@@ -198,7 +205,7 @@ def stream_source(cfg, run: Path, device: torch.device, dist, progress: bool) ->
         )
     source = StreamBatches(
         lm, hook, train_ctx, cfg.batch_tokens // dist.world, cfg.seed, device, buffer,
-        cfg.refill_fraction, src.batch_contexts or (64 if device.type == "cuda" else 8),
+        cfg.refill_fraction, src.batch_contexts or default_batch_contexts(device),
         src.drop_outliers, norm_scale=None, describe={}, rank=dist.rank, world=dist.world,
     )
     if dist.enabled:  # one scale for every process
