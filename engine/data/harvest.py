@@ -568,14 +568,16 @@ def write_shards(
                 future = writer.submit(write_files, todo[i], acts, np.concatenate(index),
                                        np.concatenate(norms_seen).astype(np.float32))
                 in_flight.append((todo[i], future, int(len(acts)), dropped, sum_sq))
-                if len(in_flight) > WRITERS:
-                    commit_oldest()
                 rows, index, norms_seen, dropped, sum_sq = [], [], [], 0, 0.0
+            # list each written shard as soon as those before it are (a kill loses at most the
+            # shards still being written); wait only when WRITERS are busy
+            while in_flight and (len(in_flight) > WRITERS or in_flight[0][1].done()):
+                commit_oldest()
         while in_flight:
             commit_oldest()
         _save_contexts_once(out, contexts)
     finally:
-        writer.shutdown(wait=True)
+        writer.shutdown(wait=True, cancel_futures=True)  # after a failure, no queued shard starts
         bar.close()
 
     if norm_scale is None:
