@@ -57,6 +57,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_step_ms(fn, xs, device: torch.device, repeats: int) -> float:
+    """Median over `repeats` of the mean time of fn(x) over xs, the device synchronised around."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        for x in xs:
+            fn(x)
+        sync(device)
+        times.append((time.perf_counter() - t) / len(xs))
+    return statistics.median(times) * 1000
+
+
 def step_fn(cfg: SAEConfig, device: torch.device, precision: str, kernels: str):
     torch.manual_seed(0)
     sae = build_sae(cfg).to(device)
@@ -97,15 +110,7 @@ def bench_steps(size: dict, device: torch.device, precisions, steps: int, repeat
                     fn = step_fn(cfg, device, precision, kernels)
                     fn(xs[0])
                     fn(xs[1 % steps])  # warm-up (allocations, kernel selection)
-                    times = []
-                    for _ in range(repeats):
-                        sync(device)
-                        t = time.perf_counter()
-                        for x in xs:
-                            fn(x)
-                        sync(device)
-                        times.append((time.perf_counter() - t) / steps)
-                    ms = statistics.median(times) * 1000
+                    ms = median_step_ms(fn, xs, device, repeats)
                     rows.append({"model": name, "precision": precision, "kernels": kernels,
                                  "step_ms": ms, "tokens_per_s": size["batch"] / ms * 1000})
                 except Exception as exc:  # e.g. out of memory: reported, not hidden
@@ -264,6 +269,9 @@ def main() -> None:
     size = SIZES[size_name]
     precisions = [p for p in available_precisions(device)
                   if not args.precisions or p in args.precisions.split(",")]
+    if not precisions:
+        sys.exit(f"None of --precisions {args.precisions} is available on this device; "
+                 f"available: {', '.join(available_precisions(device))}.")
     parts = set(args.parts.split(","))
     result = {
         "date": date.today().isoformat(),

@@ -31,22 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_gpu import ARCHS, SIZES, step_fn, sync  # noqa: E402
+from benchmarks.bench_gpu import ARCHS, SIZES, median_step_ms, step_fn, sync  # noqa: E402
 from engine.options import set_flat  # noqa: E402
 from engine.sae import SAEConfig, build_sae  # noqa: E402
 from engine.training.schedule import lr_for_width  # noqa: E402
-
-
-def _median_ms(fn, xs, device, repeats=3) -> float:
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        for x in xs:
-            fn(x)
-        sync(device)
-        times.append((time.perf_counter() - t) / len(xs))
-    return statistics.median(times) * 1000
 
 
 def graph_step(cfg: SAEConfig, device: torch.device, x_static: torch.Tensor):
@@ -95,7 +83,7 @@ def profile_steps(size: dict, device: torch.device, archs: list[str], out: dict)
             fn = step_fn(cfg, device, "bf16", "fast")
             fn(xs[0])
             fn(xs[1])
-            row["eager_ms"] = _median_ms(fn, xs, device)
+            row["eager_ms"] = median_step_ms(fn, xs, device, 3)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for x in xs[:10]:
@@ -119,7 +107,7 @@ def profile_steps(size: dict, device: torch.device, archs: list[str], out: dict)
                 x_static.copy_(x)
                 replay()
 
-            row["graph_ms"] = _median_ms(graphed, xs, device)
+            row["graph_ms"] = median_step_ms(graphed, xs, device, 3)
             print(f"== {name}: CUDA graph {row['graph_ms']:.2f} ms a step")
         except Exception as exc:
             traceback.print_exc()

@@ -320,8 +320,7 @@ def _load_split(data: TokenSet, device: torch.device, pin: bool = False) -> torc
         out[start : start + len(rows)].copy_(torch.from_numpy(np.array(rows)))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="load") as pool:
-        for _ in pool.map(copy, data.raw_pieces(1 << 16)):
-            pass
+        list(pool.map(copy, data.raw_pieces(1 << 16)))  # waits for every piece, raises its errors
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out
