@@ -38,7 +38,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.synthetic import synthetic_harvest  # noqa: E402
 from engine.options import set_flat  # noqa: E402
-from engine.runtime import RuntimeConfig, available_precisions, default_precision, resolve  # noqa: E402
+from engine.runtime import (  # noqa: E402
+    RuntimeConfig,
+    available_precisions,
+    default_precision,
+    keep_freed_memory,
+    resolve,
+)
 from engine.sae import SAEConfig, build_sae  # noqa: E402
 from engine.training.config import TrainConfig  # noqa: E402
 from engine.training.schedule import lr_for_width, make_adam  # noqa: E402
@@ -273,12 +279,14 @@ def main() -> None:
         sys.exit(f"None of --precisions {args.precisions} is available on this device; "
                  f"available: {', '.join(available_precisions(device))}.")
     parts = set(args.parts.split(","))
+    kept = keep_freed_memory()  # as the moesae command does
     result = {
         "date": date.today().isoformat(),
         "device": torch.cuda.get_device_name(device) if gpu
         else f"CPU {platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "size": size_name, "config": size, "precisions": precisions,
         "steps": [], "trainer": [], "harvest": None, "stream": None,
+        "allocator": "glibc, freed memory kept" if kept else "system default",
     }
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

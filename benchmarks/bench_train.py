@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.runtime import keep_freed_memory
 from engine.sae import SAEConfig, build_sae
 from engine.training.schedule import lr_for_width, make_adam
 
@@ -108,8 +109,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's allocator as it is (the moesae command keeps freed memory)")
     ap.add_argument("--out", default="benchmarks/results/train.json")
     args = ap.parse_args()
+    kept = not args.system_malloc and keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -152,6 +156,7 @@ def main() -> None:
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads, "
                    f"torch {torch.__version__}",
+        "allocator": "glibc, freed memory kept" if kept else "system default",
         "config": vars(args) | {"d": d},
         "rows": rows,
     }

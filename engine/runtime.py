@@ -98,3 +98,43 @@ def resolve(cfg: RuntimeConfig) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         torch.backends.cudnn.allow_tf32 = precision == "tf32"
     return Runtime(device, precision)
+
+
+MALLOC_ENV = "MOESAE_SYSTEM_MALLOC"
+"""Set to 1 to leave glibc's allocator as it is (see `keep_freed_memory`)."""
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default glibc maps each large block (above an adaptive 128 KB–32 MB) afresh and returns
+    it when freed, and trims the heap whenever its free top passes a threshold; the next tensor
+    of that size is then faulted in again, one 4 KB page at a time. A training step allocates
+    and frees tens of tensors of 10–80 MB, so on a CPU the page faults cost more than the
+    arithmetic: on the 2-core benchmark machine a fresh 10 MB tensor takes ~4 ms to fault in,
+    a pass over one already mapped ~1 ms. With large blocks taken from the heap and the heap
+    never trimmed, a Scale e=2 training step there took 137 instead of 156 ms and a dense TopK
+    step 326 instead of 426 ms (benchmarks/bench_train.py, `--system-malloc` for the other).
+    The cost: the process keeps its peak memory until it exits, as PyTorch's CUDA caching
+    allocator does on a GPU.
+
+    Applied by the `moesae` command and the benchmarks; a no-op (False) where the C library
+    is not glibc or MOESAE_SYSTEM_MALLOC=1.
+    """
+    import ctypes
+    import ctypes.util
+    import os
+
+    if os.environ.get(MALLOC_ENV) == "1":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    # glibc's own symbol: other C libraries differ in what mallopt takes, if they have it
+    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):
+        return False
+    mallopt = libc.mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

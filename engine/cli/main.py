@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from ..errors import UserError
+from ..runtime import keep_freed_memory
 from . import (
     analyze,
     build,
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    keep_freed_memory()
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)

@@ -23,9 +23,13 @@ from .config import SAEConfig
 from .initialisation import geometric_median, unit_rows
 from .moe import (
     TopKCodes,
+    decode_picks,
     expert_counts,
     expert_encoder,
     grouped_expert_encode,
+    picks_decoder,
+    router_logits,
+    router_logits_fused,
     topk_encode,
     topk_encode_sparse,
 )
@@ -38,7 +42,7 @@ Reduce = Callable[[Tensor], Tensor]
 def _centred_sq_sum(v: Tensor, reduce: Reduce | None) -> Tensor:
     """Σ ‖v − mean(v)‖² over the rows of every process."""
     if reduce is None:
-        return (v - v.mean(0)).pow(2).sum()
+        return torch.linalg.vector_norm(v - v.mean(0)).square()
     n = reduce(v.new_tensor(float(v.shape[0])))
     s1 = reduce(v.sum(0))
     return reduce(v.pow(2).sum()) - s1.pow(2).sum() / n
@@ -127,17 +131,23 @@ class SparseAutoencoder(nn.Module, ABC):
         return int(per_expert.topk(min(e, self.cfg.experts)).values.sum())
 
     # -- shared ----------------------------------------------------------------------------
-    def select_topk(self, x_c: Tensor, W: Tensor, b: Tensor, experts: Tensor | None,
+    def select_topk(self, x: Tensor, W: Tensor, b: Tensor, experts: Tensor | None,
                     weights: Tensor | None, dead_mask: Tensor | None, k_aux: int) -> TopKCodes:
-        """z = TopK_k( concat_{i ∈ experts} w_i · ReLU(W_i x_c + b_i) ) (+ AuxK picks), by the
-        kernels this SAE is set to (engine/sae/moe.py). W [N, m, d], b [N, m]."""
-        dev = x_c.device.type
-        compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_c.dtype
+        """z = TopK_k( concat_{i ∈ experts} w_i · ReLU(W_i (x − b_dec) + b_i) ) (+ AuxK picks),
+        by the kernels this SAE is set to (engine/sae/moe.py). W [N, m, d], b [N, m]."""
+        dev = x.device.type
+        compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         if self.kernels == "reference":
-            return topk_encode(x_c, W, b, self.cfg.k, experts, weights, dead_mask, k_aux,
-                               encode=grouped_expert_encode)
-        return topk_encode_sparse(x_c, W, b, self.cfg.k, experts, weights, dead_mask, k_aux,
-                                  encode=expert_encoder(x_c.device, compute), compute_dtype=compute)
+            return topk_encode(x, self.b_dec, W, b, self.cfg.k, experts, weights, dead_mask,
+                               k_aux, encode=grouped_expert_encode)
+        return topk_encode_sparse(x, self.b_dec, W, b, self.cfg.k, experts, weights, dead_mask,
+                                  k_aux, encode=expert_encoder(x.device, compute),
+                                  compute_dtype=compute)
+
+    def centred_logits(self, x: Tensor, centre: Tensor, W: Tensor) -> Tensor:
+        """A router's (x − centre) · Wᵀ, by the kernels this SAE is set to."""
+        fn = router_logits if self.kernels == "reference" else router_logits_fused
+        return fn(x, centre, W)
 
     @property
     def num_features(self) -> int:
@@ -149,9 +159,12 @@ class SparseAutoencoder(nn.Module, ABC):
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """x̂ = W_decᵀ z + b_dec, touching only the k selected rows per token."""
-        y = F.embedding_bag(top_indices, self.W_dec, per_sample_weights=top_acts.to(self.W_dec.dtype),
-                            mode="sum")
-        return y + self.b_dec
+        return self.decode_rows(top_acts, top_indices) + self.b_dec
+
+    def decode_rows(self, acts: Tensor, indices: Tensor) -> Tensor:
+        """Σ_j acts[b, j] · W_dec[indices[b, j]], by the kernels this SAE is set to."""
+        decode = decode_picks if self.kernels == "reference" else picks_decoder(self.W_dec.device)
+        return decode(acts.to(self.W_dec.dtype), indices, self.W_dec)
 
     def dense_codes(self, codes: EncoderOutput) -> Tensor:
         """[B, M] dense code vector z (for analysis and tests; training never builds it)."""
@@ -167,15 +180,16 @@ class SparseAutoencoder(nn.Module, ABC):
         k_aux = (auxk_k or x.shape[-1] // 2) if dead_mask is not None else 0
         codes = self.encode(x, dead_mask, k_aux)
         x_hat = self.decode(codes.top_acts, codes.top_indices)
-        err = x - x_hat
-        sq = err.pow(2).sum(-1)
-        mse = sq.mean()
-        sse = sq.sum().detach()
+        # mse = mean over tokens of ‖x − x̂‖², as one fused kernel forward and backward
+        sse = F.mse_loss(x_hat, x, reduction="sum")
+        mse = sse / x.shape[0]
+        sse = sse.detach()
         fvu = (reduce(sse) if reduce else sse) / _centred_sq_sum(x, reduce).clamp_min(1e-12)
         lb = self.load_balance_loss(codes, reduce)
         auxk = x.new_zeros(())
         if codes.aux_acts is not None:
-            auxk = self._auxk_loss(err.detach(), codes, reduce) * dead_mask.any()  # 0 if none dead
+            err = (x - x_hat).detach()
+            auxk = self._auxk_loss(err, codes, reduce) * dead_mask.any()  # 0 if none dead
         return ForwardOutput(x_hat, codes, mse, fvu, lb, auxk)
 
     def load_balance_loss(self, codes: EncoderOutput, reduce: Reduce | None = None) -> Tensor:
@@ -196,8 +210,7 @@ class SparseAutoencoder(nn.Module, ABC):
 
     def _auxk_loss(self, err: Tensor, codes: EncoderOutput, reduce: Reduce | None = None) -> Tensor:
         """AuxK (Gao et al. 2024): dead features reconstruct the residual; normalised MSE."""
-        e_hat = F.embedding_bag(codes.aux_indices, self.W_dec, mode="sum",
-                                per_sample_weights=codes.aux_acts.to(self.W_dec.dtype))
+        e_hat = self.decode_rows(codes.aux_acts, codes.aux_indices)
         num = (e_hat - err).pow(2).sum()
         if reduce is not None:
             num = reduce(num)
@@ -213,8 +226,8 @@ class SparseAutoencoder(nn.Module, ABC):
         g = self.W_dec.grad
         if g is None:
             return
-        parallel = (g * self.W_dec).sum(-1, keepdim=True)
-        g.sub_(parallel * self.W_dec)
+        parallel = torch.linalg.vecdot(g, self.W_dec)  # ⟨g_f, W_f⟩ per row
+        g.addcmul_(parallel[:, None], self.W_dec, value=-1)  # g_f −= ⟨g_f, W_f⟩ · W_f, in place
 
     # -- raw-unit helpers for the model-facing code (eval, analysis, steering) ------------
     def normalise(self, x_raw: Tensor) -> Tensor:

@@ -29,13 +29,13 @@ class SwitchSAE(SparseAutoencoder):
     def encode(self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int = 0) -> EncoderOutput:
         N, m = self.cfg.experts, self.cfg.expert_width
         # p(x) = softmax( W_r (x − b_router) );  i* = argmax p
-        p = torch.softmax((x - self.b_router) @ self.W_r.T, dim=-1)
+        p = torch.softmax(self.centred_logits(x, self.b_router, self.W_r), dim=-1)
         p_star, i_star = p.max(dim=-1)
         S = i_star[:, None]
         w = p_star[:, None] if self.cfg.expert_weighting == "softmax" else torch.ones_like(p_star[:, None])
         # z = TopK_k( p_{i*} · ReLU( W_enc[i*] (x − b_dec) + b_enc[i*] ) ), only expert i*'s m
         # features. The factor p_{i*} is what gives the router a reconstruction gradient (§2).
-        codes = self.select_topk(x - self.b_dec, self.W_enc.view(N, m, -1), self.b_enc.view(N, m),
+        codes = self.select_topk(x, self.W_enc.view(N, m, -1), self.b_enc.view(N, m),
                                  S, w, dead_mask, k_aux)
         return EncoderOutput(codes.top_acts, codes.top_indices, S, w, p,
                              codes.aux_acts, codes.aux_indices)

@@ -9,9 +9,13 @@ import torch
 
 from engine.sae import SAEConfig, build_sae
 from engine.sae.moe import (
+    decode_picks,
+    decode_picks_sddmm,
     expert_counts,
     grouped_expert_encode,
     grouped_expert_encode_gmm,
+    router_logits,
+    router_logits_fused,
     topk_encode,
     topk_encode_sparse,
 )
@@ -122,23 +126,59 @@ def test_sparse_backward_equals_the_reference(arch, kw, with_dead):
 
 def test_sparse_backward_with_the_grouped_gemm_equals_the_reference():
     sae = make("scale")
-    x = torch.randn(40, 12)
+    x = torch.randn(40, 12, requires_grad=True)
     W, b = sae.scaled_encoder(), sae.b_enc.view(4, 16)
     g = torch.softmax(x @ sae.W_g.T, -1)
     top_p, S = g.topk(2)
     w = torch.softmax(top_p, -1)
-    ref = topk_encode(x, W, b, 6, S, w)
-    fast = topk_encode_sparse(x, W, b, 6, S, w,
+    ref = topk_encode(x, sae.b_dec, W, b, 6, S, w)
+    fast = topk_encode_sparse(x, sae.b_dec, W, b, 6, S, w,
                               encode=lambda *a: grouped_expert_encode_gmm(*a, align=16))
     assert torch.equal(ref.top_indices.sort(1).values, fast.top_indices.sort(1).values)
     go = torch.randn_like(ref.top_acts)
     # gradients are compared per selected feature, so order the picks alike
     r_ord, f_ord = ref.top_indices.argsort(1), fast.top_indices.argsort(1)
-    gr = torch.autograd.grad(ref.top_acts.gather(1, r_ord), (sae.W_enc, sae.T, sae.omega, w), go,
-                             retain_graph=True)
-    gf = torch.autograd.grad(fast.top_acts.gather(1, f_ord), (sae.W_enc, sae.T, sae.omega, w), go)
+    # every input, the centre b_dec (its own gradient in the fast path) and x itself included
+    inputs = (sae.W_enc, sae.T, sae.omega, w, sae.b_dec, x)
+    gr = torch.autograd.grad(ref.top_acts.gather(1, r_ord), inputs, go, retain_graph=True)
+    gf = torch.autograd.grad(fast.top_acts.gather(1, f_ord), inputs, go)
     for p, q in zip(gr, gf, strict=True):
         assert torch.allclose(p, q, atol=1e-5)
+
+
+def test_the_fused_router_logits_equal_the_plain_ones():
+    g = torch.Generator().manual_seed(0)
+    x, c, W = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+               for shape in ((10, 6), (6,), (4, 6)))
+    go = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    a, b = router_logits(x, c, W), router_logits_fused(x, c, W)
+    assert torch.allclose(a, b, atol=1e-12)
+    for p, q in zip(torch.autograd.grad(a, (x, c, W), go), torch.autograd.grad(b, (x, c, W), go),
+                    strict=True):
+        assert torch.allclose(p, q, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["distinct", "repeated"])
+def test_the_sddmm_decode_equals_the_bag(case):
+    """x̂ and the gradients of the values and of W: the SDDMM backward against embedding_bag's
+    own, on picks in no order, and with a feature picked twice by one token (no CSR pattern:
+    the fallback)."""
+    g = torch.Generator().manual_seed(0)
+    B, k, M, d = 9, 5, 40, 12
+    idx = torch.stack([torch.randperm(M, generator=g)[:k] for _ in range(B)])
+    if case == "repeated":
+        idx[3, 4] = idx[3, 1]
+    acts = torch.rand(B, k, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(M, d, generator=g, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(B, d, generator=g, dtype=torch.float64)
+    out = {}
+    for decode in (decode_picks, decode_picks_sddmm):
+        y = decode(acts, idx, W)
+        out[decode] = (y, *torch.autograd.grad(y, (acts, W), go))
+    for a, c in zip(out[decode_picks], out[decode_picks_sddmm], strict=True):
+        assert torch.allclose(a, c, atol=1e-12)
+    # by hand: ∂acts[b, j] = ⟨g[b], W[idx[b, j]]⟩
+    assert torch.allclose(out[decode_picks_sddmm][1], (W[idx] * go[:, None, :]).sum(-1), atol=1e-12)
 
 
 def test_auxk_is_zero_without_dead_features():
