@@ -119,22 +119,38 @@ def keep_freed_memory() -> bool:
     allocator does on a GPU.
 
     Applied by the `moesae` command and the benchmarks; a no-op (False) where the C library
-    is not glibc or MOESAE_SYSTEM_MALLOC=1.
+    is not glibc or MOESAE_SYSTEM_MALLOC=1. `release_freed_memory` hands it back (before the
+    command waits on the explorer's server).
     """
-    import ctypes
-    import ctypes.util
     import os
 
-    if os.environ.get(MALLOC_ENV) == "1":
+    libc = _glibc()
+    if libc is None or os.environ.get(MALLOC_ENV) == "1":
         return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_memory() -> None:
+    """Return the freed memory `keep_freed_memory` kept to the kernel (glibc's malloc_trim)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    """The C library through ctypes when it is glibc (other C libraries differ in what mallopt
+    takes, if they have it), else None."""
+    import ctypes
+    import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
-        return False
-    # glibc's own symbol: other C libraries differ in what mallopt takes, if they have it
-    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):
-        return False
-    mallopt = libc.mallopt
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+        return None
+    if not all(hasattr(libc, f) for f in ("gnu_get_libc_version", "mallopt", "malloc_trim")):
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    return libc

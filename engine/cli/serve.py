@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from ..runtime import release_freed_memory
 
 HELP = "open the explorer on a DuckDB file"
 
@@ -30,4 +31,5 @@ def run(args) -> int:
     if not db.exists():
         raise UserError(f"{db} does not exist; build one with `moesae build` or `moesae demo`.")
     open_db(db).close()  # a wrong or old file fails here with one sentence
+    release_freed_memory()  # what a build before it (`moesae demo`) kept, while the server runs
     return serve(db, host=args.host, port=args.port)
