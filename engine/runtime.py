@@ -113,9 +113,9 @@ def keep_freed_memory() -> bool:
     and frees tens of tensors of 10–80 MB, so on a CPU the page faults cost more than the
     arithmetic: on the 2-core benchmark machine a fresh 10 MB tensor takes ~4 ms to fault in,
     a pass over one already mapped ~1 ms. With large blocks taken from the heap and the heap
-    never trimmed, a Scale e=2 training step there took 137 instead of 156 ms and a dense TopK
-    step 326 instead of 426 ms (benchmarks/bench_train.py, `--system-malloc` for the other).
-    The cost: the process keeps its peak memory until it exits, as PyTorch's CUDA caching
+    never trimmed, dense TopK trained 25 % faster there (its [B, M] candidates, 75 MB, are
+    always mapped afresh by default) and the MoE SAEs ~4 % (benchmarks/bench_train.py, and
+    `--system-malloc` for glibc's defaults; README table 1). The cost: the process keeps its peak memory until it exits, as PyTorch's CUDA caching
     allocator does on a GPU.
 
     Applied by the `moesae` command and the benchmarks; a no-op (False) where the C library
