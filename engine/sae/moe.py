@@ -343,7 +343,6 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, acts, indices, W):
         ctx.save_for_backward(acts, indices, W)
-        ctx.mark_non_differentiable(indices)
         return F.embedding_bag(indices, W, per_sample_weights=acts, mode="sum")
 
     @staticmethod
