@@ -128,8 +128,10 @@ def keep_freed_memory() -> bool:
     if libc is None or os.environ.get(MALLOC_ENV) == "1":
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(
-        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    # older glibc takes an mmap threshold of at most HEAP_MAX_SIZE / 2 (32 MB on 64-bit): then that
+    mapped = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    kept = libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    return bool(mapped) and bool(kept)
 
 
 def release_freed_memory() -> None:

@@ -163,8 +163,9 @@ class SparseAutoencoder(nn.Module, ABC):
 
     def decode_rows(self, acts: Tensor, indices: Tensor) -> Tensor:
         """Σ_j acts[b, j] · W_dec[indices[b, j]], by the kernels this SAE is set to."""
-        decode = decode_picks if self.kernels == "reference" else picks_decoder(self.W_dec.device)
-        return decode(acts.to(self.W_dec.dtype), indices, self.W_dec)
+        W = self.W_dec
+        decode = decode_picks if self.kernels == "reference" else picks_decoder(W.device, W.dtype)
+        return decode(acts.to(W.dtype), indices, W)
 
     def dense_codes(self, codes: EncoderOutput) -> Tensor:
         """[B, M] dense code vector z (for analysis and tests; training never builds it)."""

@@ -75,15 +75,21 @@ class _CentredLinear(torch.autograd.Function):
     def forward(ctx, x, c, W):
         x_c = x - c
         ctx.save_for_backward(x_c, W)
+        ctx.dtypes = (x.dtype, c.dtype)
         return x_c @ W.T  # bf16 under autocast, as the reference
 
     @staticmethod
     def backward(ctx, g):
         x_c, W = ctx.saved_tensors
         g = g.float()
-        grad_x = (g @ W.float()).to(x_c.dtype) if ctx.needs_input_grad[0] else None
-        grad_c = -(g.sum(0) @ W.float()).to(x_c.dtype) if ctx.needs_input_grad[1] else None
-        grad_W = (g.T @ x_c.float()).to(W.dtype) if ctx.needs_input_grad[2] else None
+        g_rows = g.reshape(-1, W.shape[0])  # any leading shape: the tokens are its rows
+        grad_x = grad_c = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ W.float()).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad_c = -(g_rows.sum(0) @ W.float()).to(ctx.dtypes[1])
+        if ctx.needs_input_grad[2]:
+            grad_W = (g_rows.T @ x_c.reshape(-1, W.shape[1]).float()).to(W.dtype)
         return grad_x, grad_c, grad_W
 
 
@@ -275,8 +281,8 @@ class _SparseTopK(torch.autograd.Function):
         ctx.mark_non_differentiable(idx_all)
         top_idx = idx_all[:, :k]
         aux_idx = idx_all[:, k:] if len(picks) > 1 else None
-        aux = outs[1].to(x.dtype) if len(picks) > 1 else None
-        return top_f.to(x.dtype), top_idx, aux, aux_idx
+        aux = outs[1].to(x_c.dtype) if len(picks) > 1 else None  # x − centre's promoted dtype
+        return top_f.to(x_c.dtype), top_idx, aux, aux_idx
 
     @staticmethod
     def backward(ctx, g_top, _g_idx, g_aux, _g_aux_idx):
@@ -377,10 +383,13 @@ def decode_picks_sddmm(acts: Tensor, indices: Tensor, W: Tensor) -> Tensor:
     return _SparseDecode.apply(acts, indices, W)
 
 
-def picks_decoder(device: torch.device) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """The decode for `device`: the SDDMM backward on the CPU, where it was measured faster;
-    the bag's own backward elsewhere (on a GPU the SDDMM has not been measured)."""
-    return decode_picks_sddmm if device.type == "cpu" else decode_picks
+def picks_decoder(device: torch.device, dtype: torch.dtype) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """The decode for weights of `dtype` on `device`: the SDDMM backward on the CPU, where it
+    was measured faster (and where `sampled_addmm` takes float32 and float64 only); the bag's
+    own backward elsewhere (on a GPU the SDDMM has not been measured)."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        return decode_picks_sddmm
+    return decode_picks
 
 
 def topk_encode_sparse(

@@ -146,11 +146,12 @@ def test_sparse_backward_with_the_grouped_gemm_equals_the_reference():
         assert torch.allclose(p, q, atol=1e-5)
 
 
-def test_the_fused_router_logits_equal_the_plain_ones():
+@pytest.mark.parametrize("lead", [(10,), (2, 5)])
+def test_the_fused_router_logits_equal_the_plain_ones(lead):
     g = torch.Generator().manual_seed(0)
     x, c, W = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
-               for shape in ((10, 6), (6,), (4, 6)))
-    go = torch.randn(10, 4, generator=g, dtype=torch.float64)
+               for shape in ((*lead, 6), (6,), (4, 6)))
+    go = torch.randn(*lead, 4, generator=g, dtype=torch.float64)
     a, b = router_logits(x, c, W), router_logits_fused(x, c, W)
     assert torch.allclose(a, b, atol=1e-12)
     for p, q in zip(torch.autograd.grad(a, (x, c, W), go), torch.autograd.grad(b, (x, c, W), go),
@@ -179,6 +180,23 @@ def test_the_sddmm_decode_equals_the_bag(case):
         assert torch.allclose(a, c, atol=1e-12)
     # by hand: ∂acts[b, j] = ⟨g[b], W[idx[b, j]]⟩
     assert torch.allclose(out[decode_picks_sddmm][1], (W[idx] * go[:, None, :]).sum(-1), atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["topk", "switch", "scale"])
+def test_the_fast_kernels_take_other_dtypes_as_the_reference_does(arch):
+    """float16 input to float32 weights gives codes in the promoted dtype of x − b_dec, as the
+    reference; bf16 weights on the CPU train (the SDDMM takes float32/64 only: the bag then)."""
+    x = torch.randn(16, 12)
+    sae = make(arch)
+    dtypes = set()
+    for kernels in ("reference", "fast"):
+        sae.kernels = kernels
+        dtypes.add(sae(x.half()).codes.top_acts.dtype)
+    assert dtypes == {torch.float32}
+    sae = make(arch).to(torch.bfloat16)
+    out = sae(x.bfloat16(), dead_mask=torch.ones(64, dtype=torch.bool), auxk_k=5)
+    (out.mse + out.lb_loss + out.auxk_loss).backward()
+    assert sae.W_dec.grad.dtype == torch.bfloat16 and bool(sae.W_dec.grad.abs().sum() > 0)
 
 
 def test_auxk_is_zero_without_dead_features():
