@@ -40,6 +40,7 @@ from benchmarks.synthetic import synthetic_harvest  # noqa: E402
 from engine.options import set_flat  # noqa: E402
 from engine.runtime import (  # noqa: E402
     RuntimeConfig,
+    allocator_label,
     available_precisions,
     default_precision,
     keep_freed_memory,
@@ -286,7 +287,7 @@ def main() -> None:
         else f"CPU {platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "size": size_name, "config": size, "precisions": precisions,
         "steps": [], "trainer": [], "harvest": None, "stream": None,
-        "allocator": "glibc, freed memory kept" if kept else "system default",
+        "allocator": allocator_label(kept),
     }
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

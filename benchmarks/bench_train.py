@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.runtime import keep_freed_memory
+from engine.runtime import allocator_label, keep_freed_memory
 from engine.sae import SAEConfig, build_sae
 from engine.training.schedule import lr_for_width, make_adam
 
@@ -156,7 +156,7 @@ def main() -> None:
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads, "
                    f"torch {torch.__version__}",
-        "allocator": "glibc, freed memory kept" if kept else "system default",
+        "allocator": allocator_label(kept),
         "config": vars(args) | {"d": d},
         "rows": rows,
     }

