@@ -77,25 +77,51 @@ def median_step_ms(fn, xs, device: torch.device, repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def step_fn(cfg: SAEConfig, device: torch.device, precision: str, kernels: str):
+def step_fn(cfg: SAEConfig, device: torch.device, precision: str, kernels: str, graph: bool = False):
+    """The trainer's step before any feature is dead (AuxK off) as a function of the batch;
+    with `graph`, recorded once as a CUDA graph as the trainer records it (capturable fused
+    Adam with its lr on the device, autocast without its cast cache, three warm-up steps on a
+    side stream) and replayed with each batch copied into the recorded input."""
     torch.manual_seed(0)
     sae = build_sae(cfg).to(device)
     sae.kernels = kernels
     rt = resolve(RuntimeConfig(device=str(device), precision=precision))
-    opt = make_adam(sae.parameters(), lr_for_width(cfg.width))
+    lr = lr_for_width(cfg.width)
+    opt = make_adam(sae.parameters(), torch.tensor(lr, device=device) if graph else lr, capturable=graph)
 
-    def step(x):  # as the trainer's step before any feature is dead (AuxK off)
-        with rt.autocast():
+    def step(x, zero_grad=True):
+        with rt.autocast(cache=not graph):
             out = sae(x)
         loss = out.mse + 0.01 * cfg.d_in * out.lb_loss
-        opt.zero_grad(set_to_none=True)
+        if zero_grad:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_gradient_parallel_to_decoder()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         opt.step()
         sae.set_decoder_norm_to_unit()
 
-    return step
+    if not graph:
+        return step
+    recorded: dict = {}
+
+    def graphed(x):
+        if "graph" not in recorded:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step(x)
+            torch.cuda.current_stream(device).wait_stream(side)
+            recorded["x"] = x.clone()
+            opt.zero_grad(set_to_none=True)
+            recorded["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(recorded["graph"]):
+                step(recorded["x"], zero_grad=False)
+        recorded["x"].copy_(x)
+        recorded["graph"].replay()
+
+    return graphed
 
 
 def bench_steps(size: dict, device: torch.device, precisions, steps: int, repeats: int,
@@ -104,7 +130,7 @@ def bench_steps(size: dict, device: torch.device, precisions, steps: int, repeat
     xs = [torch.randn(size["batch"], size["d"], device=device, generator=g) for _ in range(steps)]
     for name, kw in ARCHS:
         for precision in precisions:
-            for kernels in ("fast", "reference"):
+            for kernels in ("fast", "fast, graph", "reference") if device.type == "cuda" else ("fast", "reference"):
                 if device.type == "cpu" and precision == "bf16" and kernels == "reference":
                     # the dense bf16 backward takes seconds per step on a CPU without bf16 units
                     rows.append({"model": name, "precision": precision, "kernels": kernels,
@@ -114,7 +140,7 @@ def bench_steps(size: dict, device: torch.device, precisions, steps: int, repeat
                 cfg = SAEConfig(d_in=size["d"], width=size["width"], experts=size["experts"],
                                 k=size["k"], **kw)
                 try:
-                    fn = step_fn(cfg, device, precision, kernels)
+                    fn = step_fn(cfg, device, precision, kernels.split(",")[0], graph="graph" in kernels)
                     fn(xs[0])
                     fn(xs[1 % steps])  # warm-up (allocations, kernel selection)
                     ms = median_step_ms(fn, xs, device, repeats)
@@ -138,8 +164,8 @@ def _error(exc: BaseException) -> str:
 
 def _row(r: dict) -> str:
     if "error" in r:
-        return f"{r['model']:<11}{r['precision']:>6}{r['kernels']:>11}   {r['error']}"
-    return (f"{r['model']:<11}{r['precision']:>6}{r['kernels']:>11}{r['step_ms']:>10.2f} ms"
+        return f"{r['model']:<11}{r['precision']:>6}{r['kernels']:>13}   {r['error']}"
+    return (f"{r['model']:<11}{r['precision']:>6}{r['kernels']:>13}{r['step_ms']:>10.2f} ms"
             f"{r['tokens_per_s']:>14,.0f} tok/s")
 
 
@@ -149,19 +175,24 @@ def bench_trainer(size: dict, device: torch.device, precisions, tokens: int, ste
     precisions = sorted(precisions, key=lambda p: p != default_precision(device))
     with tempfile.TemporaryDirectory(prefix="moesae-bench-") as tmp:
         acts = synthetic_harvest(Path(tmp) / "acts", tokens, size["d"])
-        for precision in precisions:
+        # on CUDA the trainer records its step as a graph (auto); the default precision once
+        # more without, to show what the graph is worth end to end
+        runs = [(p, "auto") for p in precisions]
+        if device.type == "cuda":
+            runs.insert(1, (precisions[0], "off"))
+        for precision, graph in runs:
             cfg = set_flat(TrainConfig(), dict(
-                acts=str(acts.path), out=str(Path(tmp) / f"run-{precision}"), arch="scale",
+                acts=str(acts.path), out=str(Path(tmp) / f"run-{precision}-{graph}"), arch="scale",
                 active=2, width=size["width"], experts=size["experts"], k=size["k"],
                 batch_tokens=size["batch"], steps=steps, log_every=max(1, steps // 10),
-                checkpoint_every=steps, device=str(device), precision=precision,
+                checkpoint_every=steps, device=str(device), precision=precision, cuda_graph=graph,
             ))
             t = time.perf_counter()
             try:
                 run = train(cfg, progress=False)
             except Exception as exc:  # reported, not hidden; the other precisions still run
                 traceback.print_exc()
-                rows.append({"precision": precision, "error": _error(exc)})
+                rows.append({"precision": precision, "cuda_graph": graph, "error": _error(exc)})
                 print(rows[-1], flush=True)
                 save()
                 continue
@@ -169,19 +200,21 @@ def bench_trainer(size: dict, device: torch.device, precisions, tokens: int, ste
             log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
             train_rows = [r for r in log if r["kind"] == "train"]
             logged = statistics.median(r["tokens_per_s"] for r in train_rows[1:] or train_rows)
+            kernels = "fast, graph" if device.type == "cuda" and graph == "auto" else "fast"
             step_only = next((r["tokens_per_s"] for r in step_rows if r.get("model") == "scale e=2"
-                              and r["precision"] == precision and r["kernels"] == "fast"
+                              and r["precision"] == precision and r["kernels"] == kernels
                               and "tokens_per_s" in r), None)
             rows.append({
-                "precision": precision, "steps": steps, "tokens": tokens,
+                "precision": precision, "cuda_graph": graph, "steps": steps, "tokens": tokens,
                 "tokens_per_s_logged": logged, "tokens_per_s_wall": steps * size["batch"] / wall,
-                "step_only_tokens_per_s": step_only,
+                "step_only_kernels": kernels, "step_only_tokens_per_s": step_only,
                 "ratio_to_step_only": logged / step_only if step_only else None,
                 "final_fvu": train_rows[-1]["fvu"], "wall_seconds": wall,
             })
             print(rows[-1], flush=True)
             save()
-    fp32 = next((r["final_fvu"] for r in rows if r["precision"] == "fp32" and "final_fvu" in r), None)
+    fp32 = next((r["final_fvu"] for r in rows if r["precision"] == "fp32" and r["cuda_graph"] == "auto"
+                 and "final_fvu" in r), None)
     for r in rows:
         if "final_fvu" in r:
             r["fvu_vs_fp32"] = (r["final_fvu"] - fp32) / fp32 if fp32 else None
@@ -240,14 +273,17 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["steps"] if "tokens_per_s" in r and r["kernels"] == "fast"]
-    ref = {(r["model"], r["precision"]): r["tokens_per_s"] for r in result["steps"]
-           if "tokens_per_s" in r and r["kernels"] == "reference"}
+    rate = {(r["model"], r["precision"], r["kernels"]): r["tokens_per_s"] for r in result["steps"]
+            if "tokens_per_s" in r}
+    kinds = [k for k in ("reference", "fast", "fast, graph") if any(key[2] == k for key in rate)]
     labels = [f"{r['model']}\n{r['precision']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
     xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [ref.get((r["model"], r["precision"]), 0) for r in rows], 0.4,
-           label="reference kernels")
-    ax.bar([x + 0.2 for x in xs], [r["tokens_per_s"] for r in rows], 0.4, label="fast kernels")
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+        ax.bar([x - 0.4 + width * (i + 0.5) for x in xs],
+               [rate.get((r["model"], r["precision"], kind), 0) for r in rows], width,
+               label=f"{kind} kernels" if kind != "fast, graph" else "fast kernels, one CUDA graph")
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel("training tokens / s")
     ax.set_title(f"One training step, {result['device']} ({result['size']})")

@@ -33,41 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_gpu import ARCHS, SIZES, median_step_ms, step_fn, sync  # noqa: E402
 from engine.options import set_flat  # noqa: E402
-from engine.sae import SAEConfig, build_sae  # noqa: E402
-from engine.training.schedule import lr_for_width  # noqa: E402
-
-
-def graph_step(cfg: SAEConfig, device: torch.device, x_static: torch.Tensor):
-    """The same step as bench_gpu's, captured once as a CUDA graph (capturable fused Adam with
-    its learning rate on the device, autocast without its weight-cast cache); returns replay."""
-    torch.manual_seed(0)
-    sae = build_sae(cfg).to(device)
-    sae.kernels = "fast"
-    lr = torch.tensor(lr_for_width(cfg.width), device=device)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True, capturable=True)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            out = sae(x_static)
-        loss = out.mse + 0.01 * cfg.d_in * out.lb_loss
-        loss.backward()
-        sae.remove_gradient_parallel_to_decoder()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        sae.set_decoder_norm_to_unit()
-
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    opt.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+from engine.sae import SAEConfig  # noqa: E402
 
 
 def profile_steps(size: dict, device: torch.device, archs: list[str], out: dict) -> None:
@@ -94,19 +60,17 @@ def profile_steps(size: dict, device: torch.device, archs: list[str], out: dict)
             kernels = [e for e in avg if e.device_type == torch.autograd.DeviceType.CUDA]
             row["gpu_busy_ms"] = sum(e.self_device_time_total for e in kernels) / 10 / 1000
             row["kernels_per_step"] = sum(e.count for e in kernels) / 10
+            kernels.sort(key=lambda e: -e.self_device_time_total)
+            row["top_kernels"] = [{"name": e.key[:160], "ms_per_step": e.self_device_time_total / 10 / 1000,
+                                   "per_step": e.count / 10} for e in kernels[:30]]
             print(f"== {name}: eager {row['eager_ms']:.2f} ms, GPU busy {row['gpu_busy_ms']:.2f} ms a step")
             print(avg.table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=70))
         except Exception as exc:
             traceback.print_exc()
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         try:
-            x_static = xs[0].clone()
-            replay = graph_step(cfg, device, x_static)
-
-            def graphed(x, x_static=x_static, replay=replay):
-                x_static.copy_(x)
-                replay()
-
+            graphed = step_fn(cfg, device, "bf16", "fast", graph=True)
+            graphed(xs[0])
             row["graph_ms"] = median_step_ms(graphed, xs, device, 3)
             print(f"== {name}: CUDA graph {row['graph_ms']:.2f} ms a step")
         except Exception as exc:

@@ -45,10 +45,11 @@ class Runtime:
     def compute_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
-    def autocast(self):
-        """The context the SAE's forward pass runs in."""
+    def autocast(self, cache: bool = True):
+        """The context the SAE's forward pass runs in (`cache=False` for a step recorded as a
+        CUDA graph: autocast's cache of cast weights must not outlive the recording)."""
         if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
         return contextlib.nullcontext()
 
 

@@ -118,6 +118,16 @@ class SparseAutoencoder(nn.Module, ABC):
         """How many experts encode each token (None: a dense SAE, every feature competes)."""
         return None
 
+    def step_waits_for_device(self, device: torch.device, compute: torch.dtype) -> bool:
+        """Whether a training step with these kernels reads the device on the host (so it can
+        be neither free of host synchronisation nor recorded as a CUDA graph): the reference
+        always, the fast kernels where the experts' matmuls fall back to a loop of one per
+        expert (the grouped GEMM runs in bf16 on Hopper and Blackwell; a dense SAE has none)."""
+        if self.kernels == "reference":
+            return True
+        routed = self.experts_per_token() is not None
+        return routed and expert_encoder(device, compute) is grouped_expert_encode
+
     @torch.no_grad()
     def dead_candidates_bound(self, dead_mask: Tensor) -> int:
         """The most dead features one token's TopK can choose among: every dead feature for a

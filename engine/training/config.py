@@ -12,6 +12,8 @@ from ..options import to_flat
 from ..runtime import RuntimeConfig
 from ..sae.config import SAEConfig
 
+CUDA_GRAPH = ("auto", "on", "off")
+
 
 @dataclass
 class TrainConfig:
@@ -65,12 +67,14 @@ class TrainConfig:
     """Under torchrun: gloo or nccl (default: nccl on CUDA, gloo on the CPU)."""
     kernels: str = field(default="fast", metadata={"choices": ("fast", "reference")})
     """fast (sparse backward; grouped GEMM where it needs no host sync) or reference (plain autograd: the test oracle)."""
+    cuda_graph: str = field(default="auto", metadata={"choices": CUDA_GRAPH})
+    """Record the training step once as a CUDA graph and replay it each step (no per-kernel launch cost on the host): auto (where the step never waits for the device — CUDA, one process, the fast kernels, and for Switch and Scale bf16 on Hopper or Blackwell), on, or off."""
 
     def identity(self) -> dict:
         """The options that define what is trained (not where, how often it logs or on what
         device), flat: the run folder's name in a build is a hash of this."""
         d = to_flat(self)
-        for key in ("out", "checkpoint_every", "log_every", "device", "batches", "kernels",
+        for key in ("out", "checkpoint_every", "log_every", "device", "batches", "kernels", "cuda_graph",
                     "batch_contexts", "dist_backend"):
             d.pop(key)
         if self.acts:  # a harvest: the stream's options do not apply

@@ -92,6 +92,9 @@ class RunFolder:
                    tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """The SAE, the optimiser state and the trainer's own tensors at `step`, atomically."""
         sd = opt.state_dict()
+        # a learning rate kept on the device (a step recorded as a CUDA graph) is saved as a number
+        groups = [{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in g.items()}
+                  for g in sd["param_groups"]]
         flat = {f"extra.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
         for pid, st in sd["state"].items():
             for key, val in st.items():
@@ -101,7 +104,7 @@ class RunFolder:
             save_sae(sae, tmp / "sae", meta)
             save_file(flat, str(tmp / "optim.safetensors"))
             (tmp / "state.json").write_text(
-                json.dumps({"step": step, "param_groups": sd["param_groups"]})
+                json.dumps({"step": step, "param_groups": groups})
             )
 
         atomic_folder(self.state, write, may_replace=lambda p: (p / "state.json").exists(), kind="a training state folder")

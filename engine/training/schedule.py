@@ -20,10 +20,12 @@ def lr_at(step: int, steps: int, lr: float, decay_fraction: float) -> float:
     return lr * max(0.0, (steps - step) / max(1, steps - decay_start))
 
 
-def make_adam(params, lr: float) -> torch.optim.Adam:
-    """Adam(0.9, 0.999) (METHOD §3), the fused kernel where this torch build has one."""
+def make_adam(params, lr: float | torch.Tensor, capturable: bool = False) -> torch.optim.Adam:
+    """Adam(0.9, 0.999) (METHOD §3), the fused kernel where this torch build has one.
+    `capturable` (CUDA): its step count stays on the device and `lr` may be a device tensor,
+    so that its step can be recorded in a CUDA graph and the schedule still applies."""
     params = list(params)
     try:
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True, capturable=capturable)
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), capturable=capturable)

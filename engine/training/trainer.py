@@ -35,7 +35,7 @@ from ..data.batches import BatchSource, harvest_batches
 from ..errors import ConfigError, TrainingError
 from ..runtime import Runtime, RuntimeConfig, resolve
 from ..sae import SparseAutoencoder, build_sae, registry
-from .config import TrainConfig
+from .config import CUDA_GRAPH, TrainConfig
 from .distributed import Dist, from_environment
 from .log import Window, redundancy_row
 from .run_folder import RunFolder
@@ -58,6 +58,26 @@ def check_config(cfg: TrainConfig) -> None:
         )
     if cfg.kernels not in ("fast", "reference"):
         raise ConfigError(f"Unknown kernels '{cfg.kernels}'; choose fast or reference.")
+    if cfg.cuda_graph not in CUDA_GRAPH:
+        raise ConfigError(f"Unknown --cuda-graph '{cfg.cuda_graph}'; choose {', '.join(CUDA_GRAPH)}.")
+
+
+def use_cuda_graph(cfg: TrainConfig, sae: SparseAutoencoder, rt: Runtime, dist: Dist) -> bool:
+    """Whether the step is recorded as a CUDA graph: `auto` where it can be (CUDA, one process,
+    a step that never reads the device on the host — see `step_waits_for_device`); `on` where
+    it cannot is refused in one sentence."""
+    blocker = None
+    if rt.device.type != "cuda":
+        blocker = "it needs a CUDA device"
+    elif dist.enabled:
+        blocker = "it is not used with several processes"
+    elif sae.step_waits_for_device(rt.device, rt.compute_dtype):
+        blocker = ("the reference kernels wait for the device inside a step" if cfg.kernels != "fast"
+                   else f"the experts' matmuls in {rt.precision} are a loop that waits for the device "
+                        f"on this GPU (one grouped GEMM needs bf16 on Hopper or Blackwell)")
+    if cfg.cuda_graph == "on" and blocker:
+        raise ConfigError(f"--cuda-graph on cannot be used here: {blocker}; use --cuda-graph auto or off.")
+    return cfg.cuda_graph != "off" and blocker is None
 
 
 class Trainer:
@@ -107,12 +127,20 @@ class Trainer:
         sae.kernels = cfg.kernels
         sae.input_scale.fill_(self.scale)
         self.sae = sae
-        self.opt = make_adam(sae.parameters(), self.lr)
+        self.graphed = use_cuda_graph(cfg, sae, self.rt, dist)
+        # The step reads its number and (when recorded as a graph) its lr from the device.
+        self.step_t = torch.zeros((), dtype=torch.long, device=self.device)
+        self.lr_t = torch.full((), self.lr, device=self.device) if self.graphed else None
+        self.opt = make_adam(sae.parameters(), self.lr_t if self.graphed else self.lr,
+                             capturable=self.graphed)
         self.since_fired = torch.zeros(self.sae_cfg.width, dtype=torch.long, device=self.device)
         self.start_step = 0
         if run.has_state():
             self.start_step, extra = run.load_state(sae, self.opt, self.device)
-            self.since_fired = extra["since_fired"].to(self.device)
+            self.since_fired.copy_(extra["since_fired"])
+            for group in self.opt.param_groups:  # as this run needs them, whatever wrote it
+                group["capturable"] = self.graphed
+                group["lr"] = self.lr_t if self.graphed else self.lr
             if dist.is_main:
                 print(f"resumed {run.path} from step {self.start_step:,} of {cfg.steps:,}",
                       file=sys.stderr, flush=True)
@@ -130,6 +158,8 @@ class Trainer:
         self.window = Window(self.sae_cfg.experts, self.device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         self.k_aux = self._aux_picks(self.since_fired > cfg.dead_tokens)
+        self.graph, self.static_x, self.warm, self.captures = None, None, 0, 0
+        self.side = torch.cuda.Stream(self.device) if self.graphed else None
         self.last_good = self.start_step
         self.bar = None
         if self.progress and dist.is_main:
@@ -161,23 +191,45 @@ class Trainer:
     # -- one step -----------------------------------------------------------------------------
     def step(self, step: int, x: torch.Tensor) -> None:
         """One optimisation step on x, this process's [batch_tokens / processes, d] slice."""
-        cfg, sae, dist = self.cfg, self.sae, self.dist
+        cfg, dist = self.cfg, self.dist
         if step < self.start_step or self.done:
             return
         lr = lr_at(step, cfg.steps, self.lr, cfg.decay_fraction)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        self.step_t.fill_(step)
+        if self.graphed:
+            self.lr_t.fill_(lr)
+            self._graphed_step(x)
+        else:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            self._device_step(x)
+        global_tokens = x.shape[0] * dist.world
+        self.tokens_since += global_tokens
+        if self.bar is not None:
+            self.bar.update(1)
+        done = step + 1
+        log_now = done % cfg.log_every == 0 or done == cfg.steps
+        ckpt_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if log_now or ckpt_now:
+            self._report(done, lr, log_now, ckpt_now)
+
+    def _device_step(self, x: torch.Tensor, zero_grad: bool = True) -> None:
+        """All of a step's work on the device. It reads the step's number and lr from device
+        tensors and changes everything that lasts between steps in place (weights, Adam state,
+        firing counts, the log window, the first non-finite step), so it can be recorded once
+        as a CUDA graph and replayed."""
+        cfg, sae, dist = self.cfg, self.sae, self.dist
         if self.unscale != 1.0:
             x = x * self.unscale
         dead = self.since_fired > cfg.dead_tokens if self.k_aux else None
-        with self.rt.autocast():
+        with self.rt.autocast(cache=not self.graphed):
             out = self.model(x, dead_mask=dead, auxk_k=self.k_aux or None,
                              reduce=dist.sum if dist.enabled else None)
         loss = out.mse + self.lb_weight * out.lb_loss + cfg.auxk_alpha * out.auxk_loss
         bad = ~torch.isfinite(loss.detach())
-        self.first_bad = torch.where(bad & (self.first_bad < 0),
-                                     torch.full_like(self.first_bad, step), self.first_bad)
-        self.opt.zero_grad(set_to_none=True)
+        self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), self.step_t, self.first_bad))
+        if zero_grad:
+            self.opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_gradient_parallel_to_decoder()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
@@ -190,18 +242,46 @@ class Trainer:
             0, out.codes.top_indices.reshape(-1), (out.codes.top_acts > 0).reshape(-1).float()
         )
         dist.sum_(fired)
-        global_tokens = x.shape[0] * dist.world
-        self.since_fired = torch.where(fired > 0, torch.zeros_like(self.since_fired),
-                                       self.since_fired + global_tokens)
+        self.since_fired.add_(x.shape[0] * dist.world).masked_fill_(fired > 0, 0)
         self.window.add(out, loss)
-        self.tokens_since += global_tokens
-        if self.bar is not None:
-            self.bar.update(1)
-        done = step + 1
-        log_now = done % cfg.log_every == 0 or done == cfg.steps
-        ckpt_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
-        if log_now or ckpt_now:
-            self._report(done, lr, log_now, ckpt_now)
+
+    def _graphed_step(self, x: torch.Tensor) -> None:
+        """The step as a CUDA graph: a few eager steps on a side stream (lazy initialisation:
+        Adam's state, cuBLAS workspaces), then the next step is recorded and every later one
+        replays it with its batch copied into the recorded input. Recorded again whenever
+        AuxK's pick count changes (a log step may change it). Each of these is a real step on
+        its own batch: the order of steps and data is the eager trainer's."""
+        if self.static_x is not None and self.static_x.shape != x.shape:  # recorded for another
+            self.graph, self.static_x, self.warm = None, None, 0
+        if self.graph is None and self.warm < (3 if self.static_x is None else 1):
+            self.side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.side):
+                self._device_step(x)
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
+            self.warm += 1
+            return
+        if self.static_x is None:
+            self.static_x = torch.empty_like(x)
+        self.static_x.copy_(x)
+        if self.graph is None:
+            self.opt.zero_grad(set_to_none=True)  # the recorded backward allocates its own
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self._device_step(self.static_x, zero_grad=False)
+            except RuntimeError as exc:  # recording runs nothing: the step is still to do
+                if self.cfg.cuda_graph == "on":
+                    raise TrainingError(f"The training step could not be recorded as a CUDA graph "
+                                        f"({str(exc).splitlines()[0]}); use --cuda-graph off.") from None
+                print(f"note: the training step could not be recorded as a CUDA graph "
+                      f"({str(exc).splitlines()[0]}); training goes on without one.",
+                      file=sys.stderr, flush=True)
+                self.graphed = False
+                self._device_step(x)
+                return
+            self.graph = graph
+            self.captures += 1
+        self.graph.replay()
 
     def _report(self, done: int, lr: float, log_now: bool, ckpt_now: bool) -> None:
         cfg, run, dist = self.cfg, self.run, self.dist
@@ -212,15 +292,17 @@ class Trainer:
                 f"the last good checkpoint (step {self.last_good}) is kept in {run.state}."
             )
         dead_now = self.since_fired > cfg.dead_tokens
-        self.k_aux = self._aux_picks(dead_now)
+        k_aux = self._aux_picks(dead_now)
+        if k_aux != self.k_aux:
+            self.k_aux = k_aux
+            self.graph, self.warm = None, 0  # a recorded step has its pick count built in
         if log_now:
             self._sync()
             now = time.perf_counter()
             tps = self.tokens_since / max(now - self.t_last, 1e-9)  # checkpoints included
             self.t_last, self.tokens_since = now, 0
             if dist.enabled:  # every process's window, averaged
-                dist.sum_(self.window.sums)
-                self.window.sums /= dist.world
+                dist.sum_(self.window.sums)  # the step counts add up too
                 dist.sum_(self.window.load)
             row = self.window.summary(done, done * cfg.batch_tokens, lr, tps, self.sae,
                                       float(dead_now.float().mean()))
@@ -228,6 +310,8 @@ class Trainer:
             # (loss stays the training objective, in the SAE's units).
             row["mse"] /= self.scale**2
             row["mse_unit"] = "model"
+            if self.device.type == "cuda":
+                row["cuda_graph"] = self.graphed
             if dist.is_main:
                 run.append_log(row)
             if self.bar is not None:

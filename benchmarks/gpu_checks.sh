@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# README table 7 and the CUDA tests in one command on a GPU machine, each part under a time
+# limit of its own (one that hangs leaves the others their time); one log and the benchmarks'
+# JSON and plot land in OUT:
+#
+#     bash benchmarks/gpu_checks.sh OUT [corpus.jsonl]
+#
+# The CUDA tests (the graphed trainer, fast against reference kernels in each precision, the
+# sync-free step), bench_gpu's step times and trainer end to end, profile_gpu's kernel
+# breakdown, then harvest and training from the model (these two need the offline model).
+set -u
+out=${1:?give an output folder}
+corpus=${2:-}
+mkdir -p "$out"
+log="$out/checks.log"
+part() {  # name, time limit in seconds, command…
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  echo "== $name: $(date +%T), limit ${limit}s" | tee -a "$log"
+  timeout -k 10 "$limit" "$@" >> "$log" 2>&1
+  rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$log"
+}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c 'import torch; print("torch", torch.__version__)'
+  git log -1 --format='commit %h %s' 2>/dev/null; } | tee -a "$log"
+part tests "${LIMIT_TESTS:-100}" python3 -m pytest -q -p no:cacheprovider \
+  tests/engine/training/test_cuda_graph.py tests/engine/training/test_precision.py \
+  tests/engine/sae/test_moe.py
+part bench "${LIMIT_BENCH:-220}" python3 benchmarks/bench_gpu.py --parts step,trainer \
+  --train-steps 400 --out "$out/gpu-cuda.json"
+part profile "${LIMIT_PROFILE:-60}" python3 benchmarks/profile_gpu.py --parts step \
+  --archs "topk,scale e=2" --out "$out/profile-gpu.json"
+part harvest "${LIMIT_HARVEST:-140}" python3 benchmarks/bench_gpu.py --parts harvest,stream \
+  ${corpus:+--corpus "$corpus"} --out "$out/gpu-cuda-harvest.json"
