@@ -4,18 +4,22 @@
 # JSON and plot land in OUT:
 #
 #     bash benchmarks/gpu_checks.sh OUT [corpus.jsonl]
+#     PARTS="tests bench" PRECISIONS=bf16,fp32 bash benchmarks/gpu_checks.sh OUT
 #
-# The CUDA tests (the graphed trainer, fast against reference kernels in each precision, the
-# sync-free step), bench_gpu's step times and trainer end to end, profile_gpu's kernel
-# breakdown, then harvest and training from the model (these two need the offline model).
+# Parts: tests (the graphed trainer, fast against reference kernels in each precision, the
+# sync-free step), bench (bench_gpu's step times and trainer end to end), profile
+# (profile_gpu's kernel breakdown and the gathers' A/B), harvest (harvest and training from the
+# model), harvest-profile (where the harvest's time goes); the last two need the offline model.
 set -u
 out=${1:?give an output folder}
 corpus=${2:-}
 mkdir -p "$out"
 log="$out/checks.log"
+parts=" ${PARTS:-tests bench profile harvest} "
 part() {  # name, time limit in seconds, command…
   local name=$1 limit=$2 t0=$SECONDS rc
   shift 2
+  [[ $parts == *" $name "* ]] || return 0
   echo "== $name: $(date +%T), limit ${limit}s" | tee -a "$log"
   timeout -k 10 "$limit" "$@" >> "$log" 2>&1
   rc=$?
@@ -28,8 +32,10 @@ part tests "${LIMIT_TESTS:-100}" python3 -m pytest -q -p no:cacheprovider \
   tests/engine/training/test_cuda_graph.py tests/engine/training/test_precision.py \
   tests/engine/sae/test_moe.py
 part bench "${LIMIT_BENCH:-220}" python3 benchmarks/bench_gpu.py --parts step,trainer \
-  --train-steps 400 --out "$out/gpu-cuda.json"
+  --train-steps 400 ${PRECISIONS:+--precisions "$PRECISIONS"} --out "$out/gpu-cuda.json"
 part profile "${LIMIT_PROFILE:-60}" python3 benchmarks/profile_gpu.py --parts step \
   --archs "topk,scale e=2" --out "$out/profile-gpu.json"
 part harvest "${LIMIT_HARVEST:-140}" python3 benchmarks/bench_gpu.py --parts harvest,stream \
   ${corpus:+--corpus "$corpus"} --out "$out/gpu-cuda-harvest.json"
+part harvest-profile "${LIMIT_HARVEST_PROFILE:-90}" python3 benchmarks/profile_gpu.py --parts harvest \
+  --tokens 1000000 --batches 256,1024 ${corpus:+--corpus "$corpus"} --out "$out/profile-harvest.json"

@@ -34,6 +34,21 @@ from torch import Tensor
 GMM_ALIGN = 16
 """Rows per expert group are padded to a multiple of this for the CUDA grouped GEMM."""
 
+LOW_PRECISION_GATHERS = True
+"""On CUDA under bf16/fp16 autocast, the fast kernels' row gathers — the decoder's forward and
+backward over the picked rows of W_dec, and the encoder's weight gradient summed from the
+picked tokens' rows — read half-precision copies (W_dec cast once a step; x − b_dec as the
+encoder's matmul already has it), accumulating in float32 inside the kernel. These gathers
+were the largest kernels of a bf16 step on an H100 (benchmarks/profile_gpu.py). The
+benchmark's A/B switch; the reference kernels always gather in float32."""
+
+
+def gather_dtype(device: torch.device, compute: torch.dtype, weights: torch.dtype) -> torch.dtype:
+    """The dtype the fast kernels gather rows in (see LOW_PRECISION_GATHERS)."""
+    if LOW_PRECISION_GATHERS and device.type == "cuda" and compute in (torch.bfloat16, torch.float16):
+        return compute
+    return weights
+
 
 class TopKCodes(NamedTuple):
     top_acts: Tensor
@@ -275,7 +290,9 @@ class _SparseTopK(torch.autograd.Function):
             if len(picks) > 1:
                 z_all[:, k:] = torch.where(outs[1] > 0, z_all[:, k:], torch.zeros_like(outs[1]))
             slot = pos_all // m if experts is not None else None
-        ctx.save_for_backward(x_c, W, idx_all, z_all.float(), slot,
+        # the rows the encoder's weight gradient gathers: x − centre in the gather dtype
+        x_rows = xc if gather_dtype(x.device, compute_dtype, W.dtype) != W.dtype else x_c
+        ctx.save_for_backward(x_c, x_rows, W, idx_all, z_all.float(), slot,
                               weights if weights is not None else None)
         ctx.k = k
         ctx.mark_non_differentiable(idx_all)
@@ -286,7 +303,7 @@ class _SparseTopK(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_top, _g_idx, g_aux, _g_aux_idx):
-        x_c, W, idx, z, slot, weights = ctx.saved_tensors
+        x_c, x_rows, W, idx, z, slot, weights = ctx.saved_tensors
         N, m, d = W.shape
         g = g_top if g_aux is None else torch.cat([g_top, g_aux], 1)
         g = g.float()
@@ -300,7 +317,8 @@ class _SparseTopK(torch.autograd.Function):
             grad_x = F.embedding_bag(idx, W.reshape(N * m, d).float(),
                                      per_sample_weights=g_pre, mode="sum").to(x_c.dtype)
         if want_W:
-            grad_W = _scatter_rows(idx, g_pre, x_c.float(), N * m).view(N, m, d).to(W.dtype)
+            rows = x_rows if x_rows.dtype != x_c.dtype else x_rows.float()
+            grad_W = _scatter_rows(idx, g_pre.to(rows.dtype), rows, N * m).view(N, m, d).to(W.dtype)
         if want_b or want_centre:
             g_b = torch.zeros(N * m, dtype=torch.float32, device=W.device).index_add_(
                 0, idx.reshape(-1), g_pre.reshape(-1))  # ∂b: Σ of g_pre over each feature's picks

@@ -156,14 +156,12 @@ def test_nan_activations_are_a_data_error(tiny_model, tmp_path, monkeypatch):
 def test_disk_full_keeps_manifest_valid(tiny_acts, tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "full"
     real = np.lib.format.write_array
-    calls = {"n": 0}
 
     def write_array(fp, array, *args, **kwargs):
-        calls["n"] += 1
-        # shard 1's norms, index and activations, shard 2's norms and index, then shard 2's
-        # activations: the disk fills up there (the contexts are saved last, so the rerun
-        # tokenises them again)
-        if calls["n"] == 6:
+        # shard 2's activations (its norms and index are written first): the disk fills up
+        # there, whichever of the shards being written at once gets there first (the contexts
+        # are saved last, so the rerun tokenises them again)
+        if "train-00001.npy" in str(getattr(fp, "name", "")):
             fp.write(b"\x93NUMPY partial")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fp, array, *args, **kwargs)

@@ -283,3 +283,37 @@ def test_the_grouped_gemm_in_bf16_is_as_exact_as_the_loop(device):
     g_fast = torch.autograd.grad(fast, (x, W, b), go.bfloat16())
     for name, e, lo, fa in zip("xWb", g_exact, g_loop, g_fast, strict=True):
         assert err(fa, e) <= 1.5 * err(lo, e) + 1e-3, (name, err(fa, e), err(lo, e))
+
+
+def test_half_precision_gathers_only_on_cuda_under_autocast():
+    from engine.sae import moe
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert moe.gather_dtype(cpu, torch.bfloat16, torch.float32) == torch.float32
+    assert moe.gather_dtype(cuda, torch.float32, torch.float32) == torch.float32
+    assert moe.gather_dtype(cuda, torch.bfloat16, torch.float32) == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["topk", "switch", "scale"])
+def test_half_precision_gathers_keep_every_gradient(arch, monkeypatch):
+    """A bf16 step whose row gathers read bf16 copies (W_dec; x − b_dec for the encoder's
+    gradient) against the same step gathering float32 rows: every parameter's gradient and the
+    loss agree to bf16's precision."""
+    from engine.sae import moe
+
+    grads, losses = {}, {}
+    x = torch.randn(2048, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    for low in (False, True):
+        monkeypatch.setattr(moe, "LOW_PRECISION_GATHERS", low)
+        torch.manual_seed(0)
+        sae = make(arch, width=4096, experts=16, d_in=256).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = sae(x)
+        (out.mse + out.lb_loss).backward()
+        losses[low] = float(out.mse)
+        grads[low] = {n: p.grad.float() for n, p in sae.named_parameters() if p.grad is not None}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2)
+    for n, g in grads[False].items():
+        err = float((grads[True][n] - g).norm() / g.norm().clamp_min(1e-12))
+        assert err < 2e-2, (n, err)

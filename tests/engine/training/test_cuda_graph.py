@@ -92,7 +92,8 @@ def test_a_learning_rate_on_the_device_is_checkpointed_as_a_number(tmp_path):
 
 
 def _weights(run) -> dict[str, torch.Tensor]:
-    return {k: v.float() for k, v in load_sae(run).state_dict().items()}
+    sae, _ = load_sae(run / "final")
+    return {k: v.float() for k, v in sae.state_dict().items()}
 
 
 def _train_log(run) -> list[dict]:
