@@ -35,7 +35,8 @@ part bench "${LIMIT_BENCH:-220}" python3 benchmarks/bench_gpu.py --parts step,tr
   --train-steps 400 ${PRECISIONS:+--precisions "$PRECISIONS"} --out "$out/gpu-cuda.json"
 part profile "${LIMIT_PROFILE:-60}" python3 benchmarks/profile_gpu.py --parts step \
   --archs "topk,scale e=2" --out "$out/profile-gpu.json"
-part harvest "${LIMIT_HARVEST:-140}" python3 benchmarks/bench_gpu.py --parts harvest,stream \
-  ${corpus:+--corpus "$corpus"} --out "$out/gpu-cuda-harvest.json"
+part harvest "${LIMIT_HARVEST:-140}" python3 benchmarks/bench_gpu.py --parts "${HARVEST_PARTS:-harvest,stream}" \
+  ${HARVEST_TOKENS:+--harvest-tokens "$HARVEST_TOKENS"} ${corpus:+--corpus "$corpus"} \
+  --out "$out/gpu-cuda-harvest.json"
 part harvest-profile "${LIMIT_HARVEST_PROFILE:-90}" python3 benchmarks/profile_gpu.py --parts harvest \
   --tokens 1000000 --batches 256,1024 ${corpus:+--corpus "$corpus"} --out "$out/profile-harvest.json"

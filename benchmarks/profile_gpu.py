@@ -74,13 +74,13 @@ def profile_steps(size: dict, device: torch.device, archs: list[str], out: dict)
             row["graph_ms"] = median_step_ms(graphed, xs, device, 3)
             print(f"== {name}: CUDA graph {row['graph_ms']:.2f} ms a step")
             # A/B: the same graphed step with the row gathers in float32 (moe.LOW_PRECISION_GATHERS)
-            moe.LOW_PRECISION_GATHERS = False
+            moe.LOW_PRECISION_GATHERS = ()
             try:
                 graphed = step_fn(cfg, device, "bf16", "fast", graph=True)
                 graphed(xs[0])
                 row["graph_ms_fp32_gathers"] = median_step_ms(graphed, xs, device, 3)
             finally:
-                moe.LOW_PRECISION_GATHERS = True
+                moe.LOW_PRECISION_GATHERS = ("cuda",)
             print(f"== {name}: CUDA graph, float32 gathers {row['graph_ms_fp32_gathers']:.2f} ms a step")
         except Exception as exc:
             traceback.print_exc()

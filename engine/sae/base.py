@@ -24,6 +24,7 @@ from .initialisation import geometric_median, unit_rows
 from .moe import (
     TopKCodes,
     decode_picks,
+    decode_picks_half,
     expert_counts,
     expert_encoder,
     gather_dtype,
@@ -180,7 +181,9 @@ class SparseAutoencoder(nn.Module, ABC):
             return decode_picks(acts.to(W.dtype), indices, W)
         dev = W.device.type
         compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W.dtype
-        W = W.to(gather_dtype(W.device, compute, W.dtype))
+        low = gather_dtype(W.device, compute, W.dtype)
+        if low != W.dtype:
+            return decode_picks_half(acts.to(W.dtype), indices, W, low)
         return picks_decoder(W.device, W.dtype)(acts.to(W.dtype), indices, W)
 
     def dense_codes(self, codes: EncoderOutput) -> Tensor:
