@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_gpu import ARCHS, SIZES, median_step_ms, step_fn, sync  # noqa: E402
 from engine.options import set_flat  # noqa: E402
-from engine.sae import SAEConfig, moe  # noqa: E402
+from engine.sae import SAEConfig  # noqa: E402
 
 
 def profile_steps(size: dict, device: torch.device, archs: list[str], out: dict) -> None:
@@ -73,15 +73,6 @@ def profile_steps(size: dict, device: torch.device, archs: list[str], out: dict)
             graphed(xs[0])
             row["graph_ms"] = median_step_ms(graphed, xs, device, 3)
             print(f"== {name}: CUDA graph {row['graph_ms']:.2f} ms a step")
-            # A/B: the same graphed step with the row gathers in float32 (moe.LOW_PRECISION_GATHERS)
-            moe.LOW_PRECISION_GATHERS = ()
-            try:
-                graphed = step_fn(cfg, device, "bf16", "fast", graph=True)
-                graphed(xs[0])
-                row["graph_ms_fp32_gathers"] = median_step_ms(graphed, xs, device, 3)
-            finally:
-                moe.LOW_PRECISION_GATHERS = ("cuda",)
-            print(f"== {name}: CUDA graph, float32 gathers {row['graph_ms_fp32_gathers']:.2f} ms a step")
         except Exception as exc:
             traceback.print_exc()
             row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]

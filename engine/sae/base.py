@@ -24,10 +24,8 @@ from .initialisation import geometric_median, unit_rows
 from .moe import (
     TopKCodes,
     decode_picks,
-    decode_picks_half,
     expert_counts,
     expert_encoder,
-    gather_dtype,
     grouped_expert_encode,
     picks_decoder,
     router_logits,
@@ -174,17 +172,10 @@ class SparseAutoencoder(nn.Module, ABC):
         return self.decode_rows(top_acts, top_indices) + self.b_dec
 
     def decode_rows(self, acts: Tensor, indices: Tensor) -> Tensor:
-        """Σ_j acts[b, j] · W_dec[indices[b, j]], by the kernels this SAE is set to (the fast
-        ones gather half-precision rows under bf16 on CUDA: `moe.gather_dtype`)."""
+        """Σ_j acts[b, j] · W_dec[indices[b, j]], by the kernels this SAE is set to."""
         W = self.W_dec
-        if self.kernels == "reference":
-            return decode_picks(acts.to(W.dtype), indices, W)
-        dev = W.device.type
-        compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W.dtype
-        low = gather_dtype(W.device, compute, W.dtype)
-        if low != W.dtype:
-            return decode_picks_half(acts.to(W.dtype), indices, W, low)
-        return picks_decoder(W.device, W.dtype)(acts.to(W.dtype), indices, W)
+        decode = decode_picks if self.kernels == "reference" else picks_decoder(W.device, W.dtype)
+        return decode(acts.to(W.dtype), indices, W)
 
     def dense_codes(self, codes: EncoderOutput) -> Tensor:
         """[B, M] dense code vector z (for analysis and tests; training never builds it)."""

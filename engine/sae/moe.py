@@ -11,7 +11,7 @@ Each step exists twice, under the same name, and the tests hold the fast one to 
 | `router_logits`: (x − b) · Wᵀ with autograd | `router_logits_fused`: the same forward; the centre's gradient as one [N] × [N, d] product |
 | `grouped_expert_encode`: a Python loop of one matmul per expert, group sizes read on the host | `grouped_expert_encode_gmm`: one grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper in bf16), group offsets computed on the device — no loop, no host synchronisation |
 | `topk_encode`: ReLU, weighting and TopK with ordinary autograd, so the backward pass is dense over all computed candidates | `topk_encode_sparse`: the same forward inside one autograd Function whose backward touches only the k selected latents (and the AuxK picks), as EleutherAI sparsify's fused encoder does |
-| `decode_picks`: `embedding_bag` over each token's picks, with the bag's own backward | `decode_picks_sddmm`: the same forward; the values' gradient as one sampled dense-dense product, the decoder's as the encoder's segmented sum (CPU; `picks_decoder`). `decode_picks_half`: the same over a bf16 copy of W_dec (CUDA under bf16; `LOW_PRECISION_GATHERS`) |
+| `decode_picks`: `embedding_bag` over each token's picks, with the bag's own backward | `decode_picks_sddmm`: the same forward; the values' gradient as one sampled dense-dense product, the decoder's as the encoder's segmented sum (CPU; `picks_decoder`) |
 
 Feature Scaling has its pair in engine/sae/scale.py (`ScaleSAE.scaled_encoder`: METHOD §3
 written out with autograd, or `_FeatureScaling`, one fused multiply-add with its own backward).
@@ -33,22 +33,6 @@ from torch import Tensor
 
 GMM_ALIGN = 16
 """Rows per expert group are padded to a multiple of this for the CUDA grouped GEMM."""
-
-LOW_PRECISION_GATHERS: tuple[str, ...] = ("cuda",)
-"""Device types on which, under bf16/fp16 autocast, the fast kernels' row gathers — the
-decoder's forward and backward over the picked rows of W_dec, and the encoder's weight
-gradient summed from the picked tokens' rows — read half-precision copies (W_dec cast once a
-step; x − b_dec as the encoder's matmul already has it), accumulating in float32 inside the
-kernel. These gathers were the largest kernels of a bf16 step on an H100
-(benchmarks/profile_gpu.py, which also times the step with this set to ()). The reference
-kernels always gather float32 rows."""
-
-
-def gather_dtype(device: torch.device, compute: torch.dtype, weights: torch.dtype) -> torch.dtype:
-    """The dtype the fast kernels gather rows in (see LOW_PRECISION_GATHERS)."""
-    if device.type in LOW_PRECISION_GATHERS and compute in (torch.bfloat16, torch.float16):
-        return compute
-    return weights
 
 
 class TopKCodes(NamedTuple):
@@ -291,9 +275,7 @@ class _SparseTopK(torch.autograd.Function):
             if len(picks) > 1:
                 z_all[:, k:] = torch.where(outs[1] > 0, z_all[:, k:], torch.zeros_like(outs[1]))
             slot = pos_all // m if experts is not None else None
-        # the rows the encoder's weight gradient gathers: x − centre in the gather dtype
-        x_rows = xc if gather_dtype(x.device, compute_dtype, W.dtype) != W.dtype else x_c
-        ctx.save_for_backward(x_c, x_rows, W, idx_all, z_all.float(), slot,
+        ctx.save_for_backward(x_c, W, idx_all, z_all.float(), slot,
                               weights if weights is not None else None)
         ctx.k = k
         ctx.mark_non_differentiable(idx_all)
@@ -304,7 +286,7 @@ class _SparseTopK(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_top, _g_idx, g_aux, _g_aux_idx):
-        x_c, x_rows, W, idx, z, slot, weights = ctx.saved_tensors
+        x_c, W, idx, z, slot, weights = ctx.saved_tensors
         N, m, d = W.shape
         g = g_top if g_aux is None else torch.cat([g_top, g_aux], 1)
         g = g.float()
@@ -318,8 +300,7 @@ class _SparseTopK(torch.autograd.Function):
             grad_x = F.embedding_bag(idx, W.reshape(N * m, d).float(),
                                      per_sample_weights=g_pre, mode="sum").to(x_c.dtype)
         if want_W:
-            rows = x_rows if x_rows.dtype != x_c.dtype else x_rows.float()
-            grad_W = _scatter_rows(idx, g_pre.to(rows.dtype), rows, N * m).view(N, m, d).to(W.dtype)
+            grad_W = _scatter_rows(idx, g_pre, x_c.float(), N * m).view(N, m, d).to(W.dtype)
         if want_b or want_centre:
             g_b = torch.zeros(N * m, dtype=torch.float32, device=W.device).index_add_(
                 0, idx.reshape(-1), g_pre.reshape(-1))  # ∂b: Σ of g_pre over each feature's picks
@@ -400,41 +381,6 @@ def _picked_dots(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
 def decode_picks_sddmm(acts: Tensor, indices: Tensor, W: Tensor) -> Tensor:
     """`decode_picks` with the backward of `_SparseDecode`."""
     return _SparseDecode.apply(acts, indices, W)
-
-
-class _HalfRowsDecode(torch.autograd.Function):
-    """Forward: `decode_picks` over a half-precision copy of W (float32 accumulation inside the
-    bag; the output in that precision). Backward: ∂acts[b, j] = ⟨g[b], W[idx[b, j]]⟩ over the
-    float32 rows (the bag's own per-pick kernel, which CUDA has for float32 and float16 but not
-    bfloat16), ∂W by `_scatter_rows` over half-precision rows of g, straight into the float32
-    master weights."""
-
-    @staticmethod
-    def forward(ctx, acts, indices, W, dtype):
-        ctx.save_for_backward(acts, indices, W)
-        ctx.dtype = dtype
-        return F.embedding_bag(indices, W.detach().to(dtype), per_sample_weights=acts.to(dtype),
-                               mode="sum")
-
-    @staticmethod
-    def backward(ctx, g):
-        acts, indices, W = ctx.saved_tensors
-        B, k = indices.shape
-        grad_acts = grad_W = None
-        if ctx.needs_input_grad[0]:
-            flat = indices.reshape(-1)
-            offsets = torch.arange(0, B * k, k, device=flat.device)
-            bag_of = torch.div(torch.arange(B * k, device=flat.device), k, rounding_mode="floor")
-            grad_acts = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                g.to(W.dtype), W, flat, offsets, bag_of, 0, -1).view(B, k).to(acts.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_W = _scatter_rows(indices, acts.to(ctx.dtype), g.to(ctx.dtype), W.shape[0]).to(W.dtype)
-        return grad_acts, None, grad_W, None
-
-
-def decode_picks_half(acts: Tensor, indices: Tensor, W: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """`decode_picks` gathering half-precision rows, with the backward of `_HalfRowsDecode`."""
-    return _HalfRowsDecode.apply(acts, indices, W, dtype)
 
 
 def picks_decoder(device: torch.device, dtype: torch.dtype) -> Callable[[Tensor, Tensor, Tensor], Tensor]:

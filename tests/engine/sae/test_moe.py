@@ -10,7 +10,6 @@ import torch
 from engine.sae import SAEConfig, build_sae
 from engine.sae.moe import (
     decode_picks,
-    decode_picks_half,
     decode_picks_sddmm,
     expert_counts,
     grouped_expert_encode,
@@ -183,31 +182,6 @@ def test_the_sddmm_decode_equals_the_bag(case):
     assert torch.allclose(out[decode_picks_sddmm][1], (W[idx] * go[:, None, :]).sum(-1), atol=1e-12)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-@pytest.mark.parametrize("case", ["distinct", "repeated"])
-def test_the_half_rows_decode_equals_the_bag(case, device):
-    """`decode_picks_half` gathering rows in float64 is the bag exactly (its backward's
-    arithmetic); gathering bf16 rows of float32 weights, it is the bag to bf16's precision."""
-    g = torch.Generator().manual_seed(0)
-    B, k, M, d = 64, 5, 40, 48
-    idx = torch.stack([torch.randperm(M, generator=g)[:k] for _ in range(B)]).to(device)
-    if case == "repeated":
-        idx[3, 4] = idx[3, 1]
-    for weights, rows, tol in ((torch.float64, torch.float64, 1e-12), (torch.float32, torch.bfloat16, 2e-2)):
-        acts = torch.rand(B, k, generator=g, dtype=weights).to(device).requires_grad_()
-        W = torch.randn(M, d, generator=g, dtype=weights).to(device).requires_grad_()
-        go = torch.randn(B, d, generator=g, dtype=weights).to(device)
-        y = decode_picks(acts, idx, W)
-        ref = (y, *torch.autograd.grad(y, (acts, W), go))
-        y = decode_picks_half(acts, idx, W, rows)
-        assert y.dtype == rows
-        got = (y, *torch.autograd.grad(y, (acts, W), go.to(rows)))
-        assert got[1].dtype == acts.dtype and got[2].dtype == W.dtype
-        for a, c in zip(ref, got, strict=True):
-            assert float((c.detach().double() - a.detach().double()).norm() / a.detach().double().norm()) < tol
-
-
 @pytest.mark.parametrize("arch", ["topk", "switch", "scale"])
 def test_the_fast_kernels_take_other_dtypes_as_the_reference_does(arch):
     """float16 input to float32 weights gives codes in the promoted dtype of x − b_dec, as the
@@ -309,38 +283,3 @@ def test_the_grouped_gemm_in_bf16_is_as_exact_as_the_loop(device):
     g_fast = torch.autograd.grad(fast, (x, W, b), go.bfloat16())
     for name, e, lo, fa in zip("xWb", g_exact, g_loop, g_fast, strict=True):
         assert err(fa, e) <= 1.5 * err(lo, e) + 1e-3, (name, err(fa, e), err(lo, e))
-
-
-def test_half_precision_gathers_only_on_cuda_under_autocast():
-    from engine.sae import moe
-
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert moe.gather_dtype(cpu, torch.bfloat16, torch.float32) == torch.float32
-    assert moe.gather_dtype(cuda, torch.float32, torch.float32) == torch.float32
-    assert moe.gather_dtype(cuda, torch.bfloat16, torch.float32) == torch.bfloat16
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-@pytest.mark.parametrize("arch", ["topk", "switch", "scale"])
-def test_half_precision_gathers_keep_every_gradient(arch, device, monkeypatch):
-    """A bf16 step whose row gathers read bf16 copies (W_dec; x − b_dec for the encoder's
-    gradient) against the same step gathering float32 rows: every parameter's gradient and the
-    loss agree to bf16's precision (on the CPU too, with the gathers switched on there)."""
-    from engine.sae import moe
-
-    grads, losses = {}, {}
-    x = torch.randn(2048, 256, generator=torch.Generator().manual_seed(0)).to(device)
-    for low in ((), (device,)):
-        monkeypatch.setattr(moe, "LOW_PRECISION_GATHERS", low)
-        torch.manual_seed(0)
-        sae = make(arch, width=1024, experts=8, d_in=256, k=16).to(device)
-        with torch.autocast(device, dtype=torch.bfloat16):
-            out = sae(x)
-        (out.mse + out.lb_loss).backward()
-        losses[low] = float(out.mse.detach())
-        grads[low] = {n: p.grad.float() for n, p in sae.named_parameters() if p.grad is not None}
-    assert losses[(device,)] == pytest.approx(losses[()], rel=1e-2)
-    for n, g in grads[()].items():
-        err = float((grads[(device,)][n] - g).norm() / g.norm().clamp_min(1e-12))
-        assert err < 2e-2, (n, err)
