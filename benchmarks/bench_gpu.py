@@ -211,7 +211,10 @@ def bench_trainer(size: dict, device: torch.device, precisions, tokens: int, ste
             log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
             train_rows = [r for r in log if r["kind"] == "train"]
             logged = statistics.median(r["tokens_per_s"] for r in train_rows[1:] or train_rows)
-            kernels = "fast, graph" if device.type == "cuda" and graph == "auto" else "fast"
+            scale = SAEConfig(d_in=size["d"], width=size["width"], experts=size["experts"],
+                              k=size["k"], arch="scale", active=2)
+            graphed = device.type == "cuda" and graph == "auto" and not _waits(scale, device, precision)
+            kernels = "fast, graph" if graphed else "fast"
             step_only = next((r["tokens_per_s"] for r in step_rows if r.get("model") == "scale e=2"
                               and r["precision"] == precision and r["kernels"] == kernels
                               and "tokens_per_s" in r), None)
