@@ -15,7 +15,10 @@ first non-finite loss accumulate on it and are read at log and checkpoint steps 
 consequences: a NaN is reported at the next log step (with the step it happened at; the
 last good checkpoint is kept), and AuxK starts at the first log step at which a feature is
 dead (whether any is, and k_aux = min(d/2, the most dead features one token can choose
-among) are read there).
+among, rounded up to a power of two) are read there).
+
+On CUDA the step is recorded once as a CUDA graph and replayed (`StepRecorder`,
+`--cuda-graph`); everything that lasts between steps is changed in place for that.
 
 Under `torchrun` (engine.training.distributed) each process trains on its slice of every
 global batch; rank 0 alone writes.
@@ -78,6 +81,30 @@ def use_cuda_graph(cfg: TrainConfig, sae: SparseAutoencoder, rt: Runtime, dist: 
     if cfg.cuda_graph == "on" and blocker:
         raise ConfigError(f"--cuda-graph on cannot be used here: {blocker}; use --cuda-graph auto or off.")
     return cfg.cuda_graph != "off" and blocker is None
+
+
+class StepRecorder:
+    """The trainer's only contact with CUDA graphs (so a test can stand in for it on the CPU):
+    `eager(fn)` runs a step on a side stream, as warm-up before recording must; `record(fn)`
+    records fn once — running nothing — and returns what replays it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.side = torch.cuda.Stream(device)
+
+    def eager(self, fn) -> None:
+        main = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):
+            fn()
+        main.wait_stream(self.side)
+
+    def record(self, fn):
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a batch source's prefetch thread may allocate and copy meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            fn()
+        return graph.replay
 
 
 class Trainer:
@@ -158,8 +185,8 @@ class Trainer:
         self.window = Window(self.sae_cfg.experts, self.device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         self.k_aux = self._aux_picks(self.since_fired > cfg.dead_tokens)
-        self.graph, self.static_x, self.warm, self.captures = None, None, 0, 0
-        self.side = torch.cuda.Stream(self.device) if self.graphed else None
+        self.replay, self.static_x, self.warm, self.recordings = None, None, 0, 0
+        self.recorder = StepRecorder(self.device) if self.graphed else None
         self.last_good = self.start_step
         self.bar = None
         if self.progress and dist.is_main:
@@ -172,11 +199,15 @@ class Trainer:
         return self.start_step
 
     def _aux_picks(self, dead: torch.Tensor) -> int:
-        """AuxK's k_aux = min(d/2, the most dead features a token can choose among), 0 when
-        AuxK is off or nothing is dead; refreshed at log steps (it reads the device)."""
+        """AuxK's k_aux = min(d/2, the most dead features a token can choose among, rounded up
+        to a power of two), 0 when AuxK is off or nothing is dead; refreshed at log steps (it
+        reads the device). The rounding adds only zero picks (nothing to the loss or any
+        gradient) and bounds how often a step recorded as a CUDA graph, whose pick count is
+        built in, is recorded again: at most log2(d/2) times in a run."""
         if self.cfg.auxk_alpha <= 0:
             return 0
-        return min(self.d_in // 2, self.sae.dead_candidates_bound(dead))
+        bound = self.sae.dead_candidates_bound(dead)
+        return min(self.d_in // 2, 1 << (bound - 1).bit_length()) if bound else 0
 
     def _global_rows(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """The first n rows of the global batch whose local slice is x."""
@@ -213,7 +244,7 @@ class Trainer:
         if log_now or ckpt_now:
             self._report(done, lr, log_now, ckpt_now)
 
-    def _device_step(self, x: torch.Tensor, zero_grad: bool = True) -> None:
+    def _device_step(self, x: torch.Tensor) -> None:
         """All of a step's work on the device. It reads the step's number and lr from device
         tensors and changes everything that lasts between steps in place (weights, Adam state,
         firing counts, the log window, the first non-finite step), so it can be recorded once
@@ -228,8 +259,9 @@ class Trainer:
         loss = out.mse + self.lb_weight * out.lb_loss + cfg.auxk_alpha * out.auxk_loss
         bad = ~torch.isfinite(loss.detach())
         self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), self.step_t, self.first_bad))
-        if zero_grad:
-            self.opt.zero_grad(set_to_none=True)
+        # Recorded as a CUDA graph, this runs once, at recording: the recorded backward then
+        # allocates the gradients (in the graph's memory) and every replay writes them afresh.
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_gradient_parallel_to_decoder()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
@@ -249,39 +281,32 @@ class Trainer:
         """The step as a CUDA graph: a few eager steps on a side stream (lazy initialisation:
         Adam's state, cuBLAS workspaces), then the next step is recorded and every later one
         replays it with its batch copied into the recorded input. Recorded again whenever
-        AuxK's pick count changes (a log step may change it). Each of these is a real step on
-        its own batch: the order of steps and data is the eager trainer's."""
+        AuxK's pick count changes (at a log step) or the batch's shape does. Each of these is a
+        real step on its own batch: the order of steps and data is the eager trainer's."""
         if self.static_x is not None and self.static_x.shape != x.shape:  # recorded for another
-            self.graph, self.static_x, self.warm = None, None, 0
-        if self.graph is None and self.warm < (3 if self.static_x is None else 1):
-            self.side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.side):
-                self._device_step(x)
-            torch.cuda.current_stream(self.device).wait_stream(self.side)
+            self.replay, self.static_x, self.warm = None, None, 0
+        if self.replay is None and self.warm < (3 if self.static_x is None else 1):
+            self.recorder.eager(lambda: self._device_step(x))
             self.warm += 1
             return
         if self.static_x is None:
             self.static_x = torch.empty_like(x)
         self.static_x.copy_(x)
-        if self.graph is None:
-            self.opt.zero_grad(set_to_none=True)  # the recorded backward allocates its own
-            graph = torch.cuda.CUDAGraph()
+        if self.replay is None:
             try:
-                with torch.cuda.graph(graph):
-                    self._device_step(self.static_x, zero_grad=False)
-            except RuntimeError as exc:  # recording runs nothing: the step is still to do
-                if self.cfg.cuda_graph == "on":
-                    raise TrainingError(f"The training step could not be recorded as a CUDA graph "
-                                        f"({str(exc).splitlines()[0]}); use --cuda-graph off.") from None
-                print(f"note: the training step could not be recorded as a CUDA graph "
-                      f"({str(exc).splitlines()[0]}); training goes on without one.",
-                      file=sys.stderr, flush=True)
-                self.graphed = False
-                self._device_step(x)
-                return
-            self.graph = graph
-            self.captures += 1
-        self.graph.replay()
+                self.replay = self.recorder.record(lambda: self._device_step(self.static_x))
+            except RuntimeError as exc:
+                # A failed recording can leave CUDA's stream and allocator state unusable for
+                # the rest of this process: stop here (the last checkpoint is kept).
+                cause = exc.__context__ if isinstance(exc.__context__, RuntimeError) else exc
+                why = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+                raise TrainingError(
+                    f"The training step could not be recorded as a CUDA graph ({why}); run the "
+                    f"same command with --cuda-graph off to resume from step {self.last_good} "
+                    f"without one."
+                ) from None
+            self.recordings += 1
+        self.replay()
 
     def _report(self, done: int, lr: float, log_now: bool, ckpt_now: bool) -> None:
         cfg, run, dist = self.cfg, self.run, self.dist
@@ -295,7 +320,7 @@ class Trainer:
         k_aux = self._aux_picks(dead_now)
         if k_aux != self.k_aux:
             self.k_aux = k_aux
-            self.graph, self.warm = None, 0  # a recorded step has its pick count built in
+            self.replay, self.warm = None, 0  # a recorded step has its pick count built in
         if log_now:
             self._sync()
             now = time.perf_counter()
@@ -330,6 +355,7 @@ class Trainer:
             self.last_good = done
 
     def finish(self) -> Path:
+        self.replay = self.static_x = None  # the recorded step's memory goes back
         if self.bar is not None:
             self.bar.close()
         if not self.done:
