@@ -138,6 +138,10 @@ def test_inspect_text_runs_live(server, page):
     page.goto(f"{server}/inspect_text?sae=scale-e2")
     page.wait_for_selector("text=Top features at token", timeout=90_000)
     _settle(page)
+    # the links to each feature's page come after the heading (the script may still be running
+    # when the status widget has not appeared yet): wait for them, fail if they never come
+    page.wait_for_selector('[data-testid="stPageLink"]', timeout=30_000)
+    _settle(page)
     _no_exception(page, "Inspect text")
     assert page.locator('[data-testid="stPageLink"]').count() > 0
     _shot(page, "inspect_text")
