@@ -26,8 +26,7 @@ part() {  # name, time limit in seconds, command…
   echo "== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$log"
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c 'import torch; print("torch", torch.__version__)'
-  git log -1 --format='commit %h %s' 2>/dev/null; } | tee -a "$log"
+  python3 -c 'import torch; print("torch", torch.__version__)'; } | tee -a "$log"
 part tests "${LIMIT_TESTS:-100}" python3 -m pytest -q -p no:cacheprovider \
   tests/engine/training/test_cuda_graph.py tests/engine/training/test_precision.py \
   tests/engine/sae/test_moe.py
