@@ -49,7 +49,7 @@ from engine.runtime import (  # noqa: E402
 from engine.sae import SAEConfig, build_sae  # noqa: E402
 from engine.training.config import TrainConfig  # noqa: E402
 from engine.training.schedule import lr_for_width, make_adam  # noqa: E402
-from engine.training.trainer import train  # noqa: E402
+from engine.training.trainer import StepRecorder, train  # noqa: E402
 
 SIZES = {
     "paper": dict(d=576, width=24576, experts=64, k=32, batch=8192),
@@ -79,9 +79,9 @@ def median_step_ms(fn, xs, device: torch.device, repeats: int) -> float:
 
 def step_fn(cfg: SAEConfig, device: torch.device, precision: str, kernels: str, graph: bool = False):
     """The trainer's step before any feature is dead (AuxK off) as a function of the batch;
-    with `graph`, recorded once as a CUDA graph as the trainer records it (capturable fused
-    Adam with its lr on the device, autocast without its cast cache, three warm-up steps on a
-    side stream) and replayed with each batch copied into the recorded input."""
+    with `graph`, recorded once as a CUDA graph by the trainer's `StepRecorder` (capturable
+    fused Adam with its lr on the device, autocast without its cast cache, three warm-up steps
+    on a side stream) and replayed with each batch copied into the recorded input."""
     torch.manual_seed(0)
     sae = build_sae(cfg).to(device)
     sae.kernels = kernels
@@ -89,12 +89,11 @@ def step_fn(cfg: SAEConfig, device: torch.device, precision: str, kernels: str, 
     lr = lr_for_width(cfg.width)
     opt = make_adam(sae.parameters(), torch.tensor(lr, device=device) if graph else lr, capturable=graph)
 
-    def step(x, zero_grad=True):
+    def step(x):
         with rt.autocast(cache=not graph):
             out = sae(x)
         loss = out.mse + 0.01 * cfg.d_in * out.lb_loss
-        if zero_grad:
-            opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_gradient_parallel_to_decoder()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
@@ -103,23 +102,17 @@ def step_fn(cfg: SAEConfig, device: torch.device, precision: str, kernels: str, 
 
     if not graph:
         return step
+    recorder = StepRecorder(device)  # the trainer's own
     recorded: dict = {}
 
     def graphed(x):
-        if "graph" not in recorded:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    step(x)
-            torch.cuda.current_stream(device).wait_stream(side)
+        if "replay" not in recorded:
+            for _ in range(3):
+                recorder.eager(lambda: step(x))
             recorded["x"] = x.clone()
-            opt.zero_grad(set_to_none=True)
-            recorded["graph"] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(recorded["graph"]):
-                step(recorded["x"], zero_grad=False)
+            recorded["replay"] = recorder.record(lambda: step(recorded["x"]))
         recorded["x"].copy_(x)
-        recorded["graph"].replay()
+        recorded["replay"]()
 
     return graphed
 
