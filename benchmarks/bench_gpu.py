@@ -229,20 +229,60 @@ def bench_trainer(size: dict, device: torch.device, precisions, tokens: int, ste
 
 
 def bench_harvest(device: torch.device, tokens: int, dtype: str, corpus: str | None) -> dict:
+    """`moesae harvest` of `tokens` tokens with each way of reading the hook (--model-forward):
+    auto (the model's own forward pass, the default) and bridge (TransformerLens), one after
+    the other on one loaded model; the auto run's numbers at the top level."""
     from engine.data.harvest import HarvestConfig, harvest
+    from engine.models import load_model
 
-    with tempfile.TemporaryDirectory(prefix="moesae-harvest-") as tmp:
-        cfg = set_flat(HarvestConfig(), dict(tokens=tokens, out=str(Path(tmp) / "h"), corpus=corpus,
-                                             model_dtype=dtype, device=str(device)))
-        from engine.models import load_model
+    runs = {}
+    lm = None
+    for forward in ("bridge", "auto"):
+        with tempfile.TemporaryDirectory(prefix="moesae-harvest-") as tmp:
+            cfg = set_flat(HarvestConfig(), dict(tokens=tokens, out=str(Path(tmp) / "h"),
+                                                 corpus=corpus, model_dtype=dtype,
+                                                 device=str(device), model_forward=forward))
+            lm = lm or load_model(cfg.source.model_name, device=str(device), dtype=dtype)
+            t = time.perf_counter()
+            store = harvest(cfg, progress=False, model=lm)
+            secs = time.perf_counter() - t
+            n = store.split("train").n_tokens + store.split("eval").n_tokens
+        runs[forward] = {"tokens": n, "seconds": secs, "tokens_per_s": n / secs}
+        print(f"harvest, --model-forward {forward}: {n / secs:,.0f} tokens/s", flush=True)
+    checked = {h: ok for h, ok in lm._direct_ok.items()}
+    # The forward pass alone, both ways interleaved (the harvests above also tokenise and
+    # write, and ran one after the other): one 8-token context — nearly all host time on a
+    # GPU — and one batch of the harvest's size (`default_batch_contexts`, 128 tokens each).
+    from engine.data.harvest import default_batch_contexts
 
-        lm = load_model(cfg.source.model_name, device=str(device), dtype=dtype)
-        t = time.perf_counter()
-        store = harvest(cfg, progress=False, model=lm)
-        secs = time.perf_counter() - t
-        n = store.split("train").n_tokens + store.split("eval").n_tokens
-    return {"model": cfg.source.model_name, "hook": store.hook, "model_dtype": dtype, "tokens": n, "seconds": secs,
-            "tokens_per_s": n / secs, "note": "includes tokenising the corpus (beside the forward passes after its first "
+    g = torch.Generator().manual_seed(0)
+    for label, shape, repeats in (("one_context_ms", (1, 8), 24),
+                                  ("batch_ms", (default_batch_contexts(device), 128), 12)):
+        toks = torch.randint(0, len(lm.tokenizer), shape, generator=g)
+        toks[:, 0] = lm.bos_token_id or 0
+        times = {"bridge": [], "auto": []}
+        for r in range(repeats + 2):
+            for forward in ("bridge", "auto") if r % 2 == 0 else ("auto", "bridge"):
+                lm.forward = forward
+                sync(device)
+                t = time.perf_counter()
+                lm.activations(toks, store.hook)
+                sync(device)
+                if r >= 2:  # two rounds of warm-up
+                    times[forward].append(time.perf_counter() - t)
+        for forward, ts in times.items():
+            runs[forward][label] = 1000 * statistics.median(ts)
+            if label == "batch_ms":
+                runs[forward]["forward_tokens_per_s"] = shape[0] * shape[1] / statistics.median(ts)
+        print(f"forward of {shape[0]}×{shape[1]} tokens: bridge {runs['bridge'][label]:.1f} ms, "
+              f"auto {runs['auto'][label]:.1f} ms", flush=True)
+    lm.forward = "auto"
+    return {"model": cfg.source.model_name, "hook": store.hook, "model_dtype": dtype, **runs["auto"],
+            "model_forward": "auto", "direct_path_used": checked.get(store.hook, False),
+            "bridge": runs["bridge"],
+            "ratio_to_bridge": runs["auto"]["tokens_per_s"] / runs["bridge"]["tokens_per_s"],
+            "forward_ratio_to_bridge": runs["bridge"]["batch_ms"] / runs["auto"]["batch_ms"],
+            "note": "includes tokenising the corpus (beside the forward passes after its first "
                     "block of 8,192 contexts)"}
 
 

@@ -9,6 +9,8 @@ machine load hits every variant alike, and reports the ratio steered / plain of 
 run of each (the least disturbed by other processes on a shared machine; medians are shown too). Target:
 ≤ 1.2× for additive steering. The SAE is a random Scale SAE of the demo's shape (M = 4608,
 N = 16, e = 2, k = 32) at the model's default hook; speed does not depend on its weights.
+`--compare-forward` also times every variant through TransformerLens's bridge instead of the
+model's own forward pass (rows marked [bridge]; their ratios too are to the default's plain run).
 Prints a table and one JSON line.
 """
 
@@ -39,6 +41,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--width", type=int, default=4608)
     ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--compare-forward", action="store_true",
+                    help="also time every variant through TransformerLens's bridge "
+                         "(--model-forward bridge), interleaved with the default")
     args = ap.parse_args()
 
     torch.set_grad_enabled(False)
@@ -61,7 +66,10 @@ def main() -> None:
         "force expert": SteerSpec(force_expert=0),
     }
 
-    def run(spec: SteerSpec | None) -> float:
+    forwards = ["auto", "bridge"] if args.compare_forward else ["auto"]
+
+    def run(spec: SteerSpec | None, forward: str = "auto") -> float:
+        lm.forward = forward
         t = time.perf_counter()
         if spec is None:
             out = lm.generate(tokens, args.tokens, stop_at_eos=False)
@@ -72,23 +80,27 @@ def main() -> None:
         assert len(out) == args.tokens
         return time.perf_counter() - t
 
-    for spec in variants.values():  # warm-up
-        run(spec)
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    for forward in forwards:  # warm-up
+        for spec in variants.values():
+            run(spec, forward)
+    label = {(f, name): name if f == "auto" else f"{name} [bridge]"
+             for f in forwards for name in variants}
+    times: dict[str, list[float]] = {v: [] for v in label.values()}
     for _ in range(args.repeats):
-        for name, spec in variants.items():
-            times[name].append(run(spec))
+        for forward in forwards:
+            for name, spec in variants.items():
+                times[label[forward, name]].append(run(spec, forward))
 
     plain = min(times["plain"])
     rows = []
     print(f"{args.model}, hook {hook}, prompt {P} tokens + {args.tokens} new, "
           f"best of {args.repeats}, {torch.get_num_threads()} threads")
-    print(f"{'variant':<22} {'best s':>8} {'median s':>9} {'tokens/s':>9} {'ratio':>6}")
+    print(f"{'variant':<31} {'best s':>8} {'median s':>9} {'tokens/s':>9} {'ratio':>6}")
     for name, ts in times.items():
         best, med = min(ts), statistics.median(ts)
         rows.append({"variant": name, "seconds": best, "median_seconds": med,
                      "tokens_per_s": args.tokens / best, "ratio": best / plain})
-        print(f"{name:<22} {best:8.3f} {med:9.3f} {args.tokens / best:9.1f} {best / plain:6.2f}")
+        print(f"{name:<31} {best:8.3f} {med:9.3f} {args.tokens / best:9.1f} {best / plain:6.2f}")
     add_ratio = next(r["ratio"] for r in rows if r["variant"] == "add (all positions)")
     print(f"additive steering overhead: {add_ratio:.2f}× (target ≤ 1.2×: "
           f"{'met' if add_ratio <= 1.2 else 'NOT met'})")

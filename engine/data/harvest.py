@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from ..models import DEFAULT_MODEL, LoadedModel, load_model
+from ..models import DEFAULT_MODEL, MODEL_FORWARDS, LoadedModel, load_model
 from ..options import to_flat
 from ..paths import atomic_write, data_dir
 from ..runtime import DeviceConfig
@@ -63,6 +63,8 @@ class SourceConfig:
     """Drop tokens whose norm is > 10x the running median."""
     model_dtype: str = "float32"
     """The model's weights and activations: float32, bfloat16 or float16 (on a GPU, bf16/fp16 are several times faster)."""
+    model_forward: str = field(default="auto", metadata={"choices": MODEL_FORWARDS})
+    """How activations are read: auto (the model's own Hugging Face forward pass with SDPA attention, stopped at the hook, once its first batch matched TransformerLens's bridge; else the bridge) or bridge (always TransformerLens's bridge)."""
     runtime: DeviceConfig = field(default_factory=DeviceConfig)
     """Where the model runs (--device)."""
 
@@ -142,7 +144,7 @@ def _write_error(path: Path, e: OSError) -> DataError:
 # ---- harvest ---------------------------------------------------------------------------
 
 
-NOT_IDENTITY = ("out", "batch_contexts", "device")
+NOT_IDENTITY = ("out", "batch_contexts", "device", "model_forward")
 """Options that change how a harvest runs, not what it stores."""
 
 
@@ -348,6 +350,7 @@ def harvest(
     if model is not None and model.name != src.model_name:
         raise ConfigError(f"harvest was given model {model.name} but the config names {src.model_name}.")
     lm = model or load_model(src.model_name, device=src.runtime.device, dtype=src.model_dtype)
+    lm.forward = src.model_forward
     hook = lm.resolve_hook(src.hook)
     out = Path(cfg.out).expanduser() if cfg.out else default_out(cfg, hook)
     identity = _identity(cfg, lm, hook)

@@ -177,6 +177,7 @@ def stream_source(cfg, run: Path, device: torch.device, dist, progress: bool) ->
     src = cfg.source
     check_source(src)
     lm = load_model(src.model_name, device=str(device), dtype=src.model_dtype)
+    lm.forward = src.model_forward
     hook = lm.resolve_hook(src.hook)
     folder = run / "stream"
     if dist.is_main and not (folder / "contexts.npy").exists():

@@ -75,7 +75,7 @@ class TrainConfig:
         device), flat: the run folder's name in a build is a hash of this."""
         d = to_flat(self)
         for key in ("out", "checkpoint_every", "log_every", "device", "batches", "kernels", "cuda_graph",
-                    "batch_contexts", "dist_backend"):
+                    "batch_contexts", "dist_backend", "model_forward"):
             d.pop(key)
         if self.acts:  # a harvest: the stream's options do not apply
             for key in ("model", "hook", "corpus", "tokens", "context_len", "eval_fraction",

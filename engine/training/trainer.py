@@ -141,6 +141,10 @@ class Trainer:
     def start(self) -> int:
         """Build or restore the SAE; returns the first step still to train (steps when done)."""
         cfg, run, dist = self.cfg, self.run, self.dist
+        with torch.device("meta"):  # the architecture alone, to refuse `--cuda-graph on` where
+            probe = build_sae(self.sae_cfg)  # it cannot apply before the run folder is claimed
+        probe.kernels = cfg.kernels
+        self.graphed = use_cuda_graph(cfg, probe, self.rt, dist)
         if dist.is_main:
             run.claim(cfg.identity(), cfg.to_dict())
         dist.barrier()
@@ -154,7 +158,6 @@ class Trainer:
         sae.kernels = cfg.kernels
         sae.input_scale.fill_(self.scale)
         self.sae = sae
-        self.graphed = use_cuda_graph(cfg, sae, self.rt, dist)
         # The step reads its number and (when recorded as a graph) its lr from the device.
         self.step_t = torch.zeros((), dtype=torch.long, device=self.device)
         self.lr_t = torch.full((), self.lr, device=self.device) if self.graphed else None

@@ -169,7 +169,7 @@ def test_a_graph_where_there_can_be_none_is_one_sentence(tiny_acts, tmp_path):
         train(_cfg(tiny_acts.path, tmp_path / "run", cuda_graph="on"), progress=False)
     msg = str(e.value)
     assert "--cuda-graph on cannot be used here: it needs a CUDA device" in msg and msg.count(".") == 1
-    assert not (tmp_path / "run" / "state").exists()
+    assert not (tmp_path / "run").exists()  # refused before the run folder was claimed
 
 
 def test_a_learning_rate_on_the_device_is_checkpointed_as_a_number(tmp_path):

@@ -1,0 +1,243 @@
+"""The direct (Hugging Face) forward path against TransformerLens's bridge, its reference."""
+
+import pytest
+import torch
+
+from engine.hf_forward import TOLERANCE, DirectForward, agrees
+from engine.models import DEFAULT_MODEL, TINY_MODEL, load_model
+
+
+def _tokens(lm, batch=3, length=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(0, len(lm.tokenizer), (batch, length), generator=g)
+    toks[:, 0] = lm.bos_token_id
+    return toks
+
+
+def _hooks(lm):
+    return [f"blocks.{L}.{name}" for L in range(lm.n_layers)
+            for name in ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")]
+
+
+@pytest.fixture
+def fresh_model():
+    """A model of its own (tests here change its `forward` and its per-hook checks)."""
+    return load_model(TINY_MODEL)
+
+
+def test_every_block_hook_matches_the_bridge(fresh_model):
+    lm = fresh_model
+    direct = DirectForward.of(lm.model)
+    assert direct is not None and direct.attention == "sdpa"
+    toks = lm._tokens(_tokens(lm))
+    for hook in _hooks(lm):
+        target = direct.target(hook)
+        assert target is not None, hook
+        got = direct.capture(toks, target)
+        ref = lm.bridge_activations(toks, hook)
+        ok, rel = agrees(got, ref)
+        assert ok and rel < 1e-5, (hook, rel)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_activations_auto_equal_bridge_and_are_checked_once(fresh_model, monkeypatch):
+    lm = fresh_model
+    hook = "blocks.1.hook_resid_post"
+    toks = _tokens(lm, batch=4)
+    ref = lm.bridge_activations(toks, hook)
+    calls = []
+    real = lm.bridge_activations
+    monkeypatch.setattr(lm, "bridge_activations", lambda t, h: calls.append(t.shape) or real(t, h))
+    first = lm.activations(toks, hook)
+    second = lm.activations(toks, hook)
+    assert calls == [(2, toks.shape[1])]  # one check, on the first batch's first two contexts
+    assert lm._direct_ok[hook] is True
+    torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, first)
+
+
+def test_direct_tree_shares_weights_and_leaves_the_bridge_alone(fresh_model):
+    lm = fresh_model
+    hf = lm.model.original_model
+    direct = DirectForward.of(lm.model)
+    ours = list(direct.root.parameters())
+    theirs = {p.data_ptr() for p in hf.parameters()}
+    assert ours and all(p.data_ptr() in theirs for p in ours)  # the same tensors, no copy
+    assert hf.config._attn_implementation == "eager"  # the bridge's own config is untouched
+    # no bridge component, no hook point in the copy
+    assert not any(hasattr(m, "original_component") for m in direct.root.modules())
+    # a hook on the copy does not fire on the bridge's module
+    layer = direct.target("blocks.0.hook_resid_post")[0]
+    fired = []
+    handle = layer.register_forward_hook(lambda *a: fired.append(1))
+    try:
+        lm.bridge_activations(_tokens(lm), "blocks.1.hook_resid_post")
+    finally:
+        handle.remove()
+    assert fired == []
+
+
+def test_direct_pass_stops_at_the_hook(fresh_model):
+    lm = fresh_model
+    direct = DirectForward.of(lm.model)
+    later = direct.target("blocks.1.hook_resid_pre")[0]
+    ran = []
+    handle = later.register_forward_pre_hook(lambda *a: ran.append(1))
+    try:
+        lm.activations(_tokens(lm), "blocks.0.hook_resid_post")
+    finally:
+        handle.remove()
+    assert lm._direct_ok["blocks.0.hook_resid_post"] is True
+    assert ran == []  # block 1 never ran
+
+
+def test_unmapped_hook_reads_the_bridge(fresh_model):
+    lm = fresh_model
+    hook = "blocks.0.attn.hook_pattern" if "blocks.0.attn.hook_pattern" in lm.hook_names() \
+        else "hook_embed"
+    direct = DirectForward.of(lm.model)
+    assert direct.target(hook) is None
+    toks = _tokens(lm)
+    torch.testing.assert_close(lm.activations(toks, hook), lm.bridge_activations(toks, hook))
+    assert hook not in lm._direct_ok
+
+
+def test_disagreement_falls_back_to_the_bridge_with_one_note(fresh_model, capsys):
+    lm = fresh_model
+    hook = "blocks.1.hook_resid_post"
+    direct = DirectForward.of(lm.model)
+    direct._targets[hook] = direct.target("blocks.0.hook_resid_post")  # the wrong layer
+    lm._direct = direct
+    toks = _tokens(lm)
+    got = lm.activations(toks, hook)
+    torch.testing.assert_close(got, lm.bridge_activations(toks, hook))
+    assert lm._direct_ok[hook] is False
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "through TransformerLens's bridge" in err and "differed" in err
+    captured = []
+    direct.capture = lambda *a: captured.append(1)
+    lm.activations(toks, hook)  # decided once: no second attempt, no second note
+    assert captured == [] and capsys.readouterr().err == ""
+
+
+def test_bridge_mode_and_bridge_hooks_use_the_bridge(fresh_model):
+    lm = fresh_model
+    hook = "blocks.1.hook_resid_post"
+    toks = _tokens(lm)
+    lm.forward = "bridge"
+    assert lm._direct_path(hook) is None
+    lm.forward = "auto"
+    clean = lm.activations(toks, hook)
+    assert lm._direct_ok[hook] is True
+    with lm.hooked("blocks.0.hook_resid_post", lambda a: a * 2):  # only the bridge runs it
+        assert lm._direct_path(hook) is None
+        hooked = lm.activations(toks, hook)
+        torch.testing.assert_close(hooked, lm.bridge_activations(toks, hook))
+    assert not torch.allclose(hooked, clean)
+
+
+def test_instance_forward_refuses_the_direct_path(fresh_model):
+    inner = fresh_model.model.blocks[0].original_component
+    inner.forward = inner.forward  # as accelerate's dispatch hooks do
+    try:
+        assert DirectForward.of(fresh_model.model) is None
+    finally:
+        del inner.forward
+    assert DirectForward.of(fresh_model.model) is not None
+
+
+def test_agrees_on_hand_made_cases():
+    ref = torch.tensor([[3.0, 4.0], [0.0, 1.0], [1.0, 0.0]])
+    ok, rel = agrees(ref.clone(), ref)
+    assert ok and rel == 0.0
+    off = ref.clone()
+    off[0] = torch.tensor([3.0, 4.5])  # token 0 off by 0.5 / 5 = 0.1, the others exact
+    assert agrees(off, ref) == (True, 0.0)  # the median token is exact
+    off[1] = torch.tensor([0.0, 1.1])  # now two of three tokens are off: median 0.1
+    ok, rel = agrees(off, ref)
+    assert not ok and rel == pytest.approx(0.1)
+    assert agrees(off.bfloat16(), ref.bfloat16())[0] is (0.1 <= TOLERANCE[torch.bfloat16])
+    assert agrees(ref[:2], ref) == (False, float("inf"))  # shape
+    assert agrees(ref.double(), ref) == (False, float("inf"))  # dtype
+    nan = ref.clone()
+    nan[2, 0] = float("nan")
+    assert agrees(nan, ref)[0] is False
+    assert agrees(torch.zeros(2, 2), torch.zeros(2, 2)) == (True, 0.0)
+
+
+def test_bfloat16_model_agrees_within_its_tolerance():
+    lm = load_model(TINY_MODEL, dtype="bfloat16")
+    toks = _tokens(lm)
+    direct = DirectForward.of(lm.model)
+    for hook in _hooks(lm):
+        ok, rel = agrees(direct.capture(lm._tokens(toks), direct.target(hook)),
+                         lm.bridge_activations(toks, hook))
+        assert ok, (hook, rel)
+
+
+def test_harvest_stores_the_same_activations_either_way(tmp_path):
+    from engine.data.harvest import HarvestConfig, harvest
+    from engine.options import set_flat
+
+    stores = {}
+    for mode in ("auto", "bridge"):
+        cfg = set_flat(HarvestConfig(), dict(model=TINY_MODEL, tokens=1500, context_len=32,
+                                             seed=1, out=str(tmp_path / mode), model_forward=mode))
+        stores[mode] = harvest(cfg, progress=False)
+    for split in ("train", "eval"):
+        a, b = stores["auto"].split(split), stores["bridge"].split(split)
+        assert len(a) == len(b) > 0
+        torch.testing.assert_close(torch.from_numpy(a.slice(0, len(a)).astype("float32")),
+                                   torch.from_numpy(b.slice(0, len(b)).astype("float32")),
+                                   rtol=2e-3, atol=2e-3)  # float16 storage
+
+
+@pytest.mark.slow
+def test_default_model_layer_15_matches_the_bridge():
+    lm = load_model(DEFAULT_MODEL)
+    toks = _tokens(lm, batch=2, length=64)
+    for hook in ("blocks.15.hook_resid_post", "blocks.29.hook_resid_post", "blocks.15.hook_mlp_out"):
+        lm._direct_ok.clear()
+        got = lm.activations(toks, hook)
+        assert lm._direct_ok[hook] is True
+        torch.testing.assert_close(got, lm.bridge_activations(toks, hook), rtol=1e-4, atol=1e-3)
+
+
+def test_logits_and_replaced_logits_match_the_bridge(fresh_model):
+    lm = fresh_model
+    toks = _tokens(lm)
+    clean = lm.logits(toks)
+    assert lm._direct_ok["logits"] is True
+    torch.testing.assert_close(clean, lm.model(toks, return_type="logits"), rtol=1e-5, atol=1e-5)
+    for hook in _hooks(lm):
+        def fn(a):
+            return a * 0.5 + 1.0
+
+        got = lm.logits_with_hook(toks, hook, fn)
+        assert lm._direct_ok[hook] is True, hook
+        ref = lm.model.run_with_hooks(toks, fwd_hooks=[(hook, lambda a, hook: fn(a))],
+                                      return_type="logits")
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(got, clean, atol=1e-3)  # the replacement took effect
+    # the hook is gone afterwards, also when fn raises
+    with pytest.raises(ZeroDivisionError):
+        lm.logits_with_hook(toks, "blocks.0.hook_resid_post", lambda a: 1 / 0)
+    torch.testing.assert_close(lm.logits(toks), clean)
+
+
+def test_steered_generation_is_the_same_either_way(fresh_model):
+    lm = fresh_model
+    prompt = lm.to_tokens("The capital of France is")
+    hook = "blocks.1.hook_resid_pre"
+    g = torch.Generator().manual_seed(3)
+    push = torch.randn(lm.d_model, generator=g) * 4
+
+    def fn(a):
+        return a + push
+
+    direct = lm.generate(prompt, max_new_tokens=12, hook=hook, fn=fn, stop_at_eos=False)
+    assert lm._direct_ok[hook] is True and lm._direct_ok["logits"] is True
+    lm.forward = "bridge"
+    bridge = lm.generate(prompt, max_new_tokens=12, hook=hook, fn=fn, stop_at_eos=False)
+    plain = lm.generate(prompt, max_new_tokens=12, stop_at_eos=False)
+    assert direct == bridge and direct != plain
