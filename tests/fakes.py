@@ -104,6 +104,17 @@ class FakeLM:
         self.calls.append("hook")
         return self._run(tokens, fn)
 
+    def spliced(self, tokens, hook):
+        assert hook == FakeActs.hook
+        self.calls.append("orig")
+        act = self.E[tokens]
+
+        def resume(new):
+            self.calls.append("resume")
+            return self._run(tokens, lambda a: new)
+
+        return self._run(tokens), act, resume
+
     def token_strs(self, ids):
         return [f" t{i}" if i != 7 else "it's" for i in ids]
 

@@ -62,13 +62,17 @@ def ce_metrics_many(saes: list, acts: Any, model: Any, ce_contexts: int,
             np.asarray(tokens)[ids], dtype=torch.long, device=getattr(model, "device", None)
         )
         target = t[:, 2:, None]
-        lp_orig = _next_token_logprobs(model.logits(t))
+        # one pass to the end; each intervention then resumes from the hook (on the model's
+        # own forward pass only the blocks after it run again: LoadedModel.spliced)
+        logits, act, resume = model.spliced(t, hook)
+        lp_orig = _next_token_logprobs(logits)
+        del logits
         ce["orig"] += float(-lp_orig.gather(-1, target).sum())
-        lp = _next_token_logprobs(model.logits_with_hook(t, hook, splice_zero))
+        lp = _next_token_logprobs(resume(splice_zero(act)))
         ce["zero"] += float(-lp.gather(-1, target).sum())
         del lp
         for j, sae in enumerate(saes):
-            lp = _next_token_logprobs(model.logits_with_hook(t, hook, splice(sae)))
+            lp = _next_token_logprobs(resume(splice(sae)(act)))
             ce_sae[j] += float(-lp.gather(-1, target).sum())
             kl[j] += float(F.kl_div(lp, lp_orig, log_target=True, reduction="sum"))
             del lp

@@ -196,7 +196,7 @@ def test_several_saes_share_the_models_own_passes():
     model.calls.clear()
     together = evaluate_many(saes, store, model, cfg)
     assert together == alone and list(together[0]) == list(alone[0])
-    assert model.calls.count("orig") == 2 and model.calls.count("hook") == 2 * (1 + len(saes))
+    assert model.calls.count("orig") == 2 and model.calls.count("resume") == 2 * (1 + len(saes))
 
 
 def test_no_lm_head_means_no_ce():
