@@ -7,9 +7,9 @@
 #     PARTS="tests bench" PRECISIONS=bf16,fp32 bash benchmarks/gpu_checks.sh OUT
 #
 # Parts: tests (the graphed trainer, fast against reference kernels in each precision, the
-# sync-free step), bench (bench_gpu's step times and trainer end to end), profile
-# (profile_gpu's kernel breakdown and the gathers' A/B), harvest (harvest and training from the
-# model), harvest-profile (where the harvest's time goes); the last two need the offline model.
+# sync-free step, the model's own forward pass against TransformerLens's bridge), bench (bench_gpu's step times and trainer end to end), profile
+# (profile_gpu's kernel breakdown and the gathers' A/B), harvest (harvest through the bridge and
+# through the model's own forward pass, and training from the model), harvest-profile (where the harvest's time goes); the last two need the offline model.
 set -u
 out=${1:?give an output folder}
 corpus=${2:-}
@@ -29,12 +29,12 @@ part() {  # name, time limit in seconds, command…
   python3 -c 'import torch; print("torch", torch.__version__)'; } | tee -a "$log"
 part tests "${LIMIT_TESTS:-100}" python3 -m pytest -q -p no:cacheprovider \
   tests/engine/training/test_cuda_graph.py tests/engine/training/test_precision.py \
-  tests/engine/sae/test_moe.py
+  tests/engine/sae/test_moe.py tests/engine/test_hf_forward.py
 part bench "${LIMIT_BENCH:-220}" python3 benchmarks/bench_gpu.py --parts step,trainer \
   --train-steps 400 ${PRECISIONS:+--precisions "$PRECISIONS"} --out "$out/gpu-cuda.json"
 part profile "${LIMIT_PROFILE:-60}" python3 benchmarks/profile_gpu.py --parts step \
   --archs "topk,scale e=2" --out "$out/profile-gpu.json"
-part harvest "${LIMIT_HARVEST:-140}" python3 benchmarks/bench_gpu.py --parts "${HARVEST_PARTS:-harvest,stream}" \
+part harvest "${LIMIT_HARVEST:-200}" python3 benchmarks/bench_gpu.py --parts "${HARVEST_PARTS:-harvest,stream}" \
   ${HARVEST_TOKENS:+--harvest-tokens "$HARVEST_TOKENS"} ${corpus:+--corpus "$corpus"} \
   --out "$out/gpu-cuda-harvest.json"
 part harvest-profile "${LIMIT_HARVEST_PROFILE:-90}" python3 benchmarks/profile_gpu.py --parts harvest \
