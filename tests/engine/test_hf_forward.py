@@ -125,12 +125,12 @@ def test_bridge_mode_and_bridge_hooks_use_the_bridge(fresh_model):
     hook = "blocks.1.hook_resid_post"
     toks = _tokens(lm)
     lm.forward = "bridge"
-    assert lm._direct_path(hook, 24) is None
+    assert lm._direct_path(hook) is None
     lm.forward = "auto"
     clean = lm.activations(toks, hook)
     assert lm._direct_ok[hook] is True
     with lm.hooked("blocks.0.hook_resid_post", lambda a: a * 2):  # only the bridge runs it
-        assert lm._direct_path(hook, 24) is None
+        assert lm._direct_path(hook) is None
         hooked = lm.activations(toks, hook)
         torch.testing.assert_close(hooked, lm.bridge_activations(toks, hook))
     assert not torch.allclose(hooked, clean)
@@ -232,9 +232,7 @@ def test_logits_and_replaced_logits_match_the_bridge(fresh_model):
 
 def test_steered_generation_is_the_same_either_way(fresh_model):
     lm = fresh_model
-    prompt = lm.to_tokens("The capital of France is Paris, the capital of Germany is Berlin, "
-                          "and the capital of Italy is")
-    assert prompt.shape[1] >= 16  # long enough to check the direct path on
+    prompt = lm.to_tokens("The capital of France is")  # checked on its tokens repeated
     hook = "blocks.1.hook_resid_pre"
     g = torch.Generator().manual_seed(3)
     push = torch.randn(lm.d_model, generator=g) * 4
@@ -304,25 +302,26 @@ def test_spliced_falls_back_to_whole_passes(fresh_model, capsys):
     torch.testing.assert_close(resume(fn(act)), _bridge_splice(lm, toks, hook, fn), rtol=1e-4, atol=1e-4)
 
 
-def test_short_contexts_read_the_bridge_until_checked_and_longer_ones_are_checked_again(
-        fresh_model, monkeypatch):
+def test_short_inputs_are_checked_tiled_and_longer_ones_checked_again(fresh_model, monkeypatch):
     from engine.models import MIN_CHECK_TOKENS
 
     lm = fresh_model
     hook = "blocks.1.hook_resid_post"
     checks = []
     real = lm.bridge_activations
-    monkeypatch.setattr(lm, "bridge_activations", lambda t, h: checks.append(t.shape) or real(t, h))
-    short = _tokens(lm, length=MIN_CHECK_TOKENS - 1)
-    lm.activations(short, hook)
-    assert hook not in lm._direct_ok and checks == [short.shape]  # the bridge, nothing decided
-    checks.clear()
-    lm.activations(_tokens(lm, length=20), hook)  # checked on 20 tokens
-    lm.activations(_tokens(lm, length=40), hook)  # up to twice as long: trusted
-    lm.activations(short, hook)  # shorter: trusted, no bridge at all
-    assert checks == [(2, 20)]
-    lm.activations(_tokens(lm, length=41), hook)  # longer: checked again
-    assert checks == [(2, 20), (2, 41)] and lm._checked_len[hook] == 41
+    monkeypatch.setattr(lm, "bridge_activations", lambda t, h: checks.append(t) or real(t, h))
+    short = lm._tokens(_tokens(lm, length=5))
+    got = lm.activations(short, hook)
+    assert lm._direct_ok[hook] is True and len(checks) == 1
+    probe = checks[0]  # the first two contexts, repeated to the minimum length
+    assert probe.shape == (2, MIN_CHECK_TOKENS)
+    assert torch.equal(probe, short[:2].repeat(1, 4)[:, :MIN_CHECK_TOKENS])
+    torch.testing.assert_close(got, real(short, hook), rtol=1e-5, atol=1e-5)
+    lm.activations(_tokens(lm, length=2 * MIN_CHECK_TOKENS), hook)  # up to twice as long: trusted
+    assert len(checks) == 1
+    lm.activations(_tokens(lm, length=2 * MIN_CHECK_TOKENS + 1), hook)  # longer: checked again
+    assert [c.shape for c in checks] == [(2, MIN_CHECK_TOKENS), (2, 2 * MIN_CHECK_TOKENS + 1)]
+    assert lm._checked_len[hook] == 2 * MIN_CHECK_TOKENS + 1
 
 
 def test_hooks_the_bridge_can_replace_but_not_read_alone_still_work(fresh_model, capsys):
@@ -355,3 +354,43 @@ def test_a_moved_model_gets_a_new_copy(fresh_model):
     assert lm._direct is not before and got.dtype == torch.float64
     assert lm._direct_ok[hook] is True
     torch.testing.assert_close(got, lm.bridge_activations(toks, hook))
+
+
+def test_cached_steps_give_the_whole_sequence_logits(fresh_model):
+    lm = fresh_model
+    direct = DirectForward.of(lm.model)
+    seq = lm._tokens(_tokens(lm, batch=1, length=20))
+    logits, cache = direct.step(seq)
+    torch.testing.assert_close(logits, lm.model(seq, return_type="logits")[:, -1:],
+                               rtol=1e-5, atol=1e-5)
+    for nxt in (5, 17, 300):
+        seq = torch.cat([seq, seq.new_tensor([[nxt]])], 1)
+        logits, cache = direct.step(seq[:, -1:], cache)  # one new position
+        torch.testing.assert_close(logits, lm.model(seq, return_type="logits")[:, -1:],
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_steering_with_a_kv_cache_matches_the_bridge_without_one(fresh_model, positions):
+    from engine.sae import SAEConfig, build_sae
+    from engine.steering.intervention import Intervention
+    from engine.steering.run import generate_steered
+    from engine.steering.spec import SteerSpec
+
+    lm = fresh_model
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(arch="scale", d_in=lm.d_model, width=64, experts=4, active=2,
+                              k=4)).eval()
+    prompt = lm.to_tokens("One two three four five six")
+    hook = lm.default_hook
+    spec = SteerSpec(features=[(3, 30.0), (40, -10.0)], positions=positions)
+    sample = dict(max_new_tokens=10, stop_at_eos=False)
+    out = {}
+    for forward in ("auto", "bridge"):
+        lm.forward = forward
+        out[forward] = generate_steered(lm, prompt, hook, Intervention(sae, spec, prompt.shape[1]),
+                                        sample)
+    assert lm._direct_ok[hook] is True  # the auto run took the cached direct path
+    lm.forward = "auto"
+    plain = lm.generate(prompt, **sample)
+    assert out["auto"] == out["bridge"] and out["auto"] != plain
