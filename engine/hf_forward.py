@@ -83,7 +83,10 @@ class DirectForward:
             return None
         if any("forward" in vars(m) for m in root.modules()):
             return None
-        return cls(bridge, root)
+        try:
+            return cls(bridge, root)
+        except Exception:  # noqa: BLE001 - an optimisation that cannot be built: the bridge
+            return None
 
     def _unwrap(self, module: nn.Module) -> nn.Module:
         """The copy of `module` with every bridge component replaced by (the copy of) the

@@ -387,9 +387,14 @@ class LoadedModel:
         if self._direct_ok.get(key) and T <= 2 * self._checked_len.get(key, 0):
             return True
         few = _tiled(tokens[:2], MIN_CHECK_TOKENS)
-        got = direct(few)
+        try:
+            got = direct(few)
+        except Exception as e:  # noqa: BLE001 - the first pass of an optimisation: the bridge
+            got, failed = None, f"failed ({type(e).__name__}: {_short(e)})"
+        else:
+            failed = "never reached it"
         if got is None:
-            why = "never reached it"
+            why = failed
         else:
             try:
                 ok, rel = agrees(got, reference(few))

@@ -394,3 +394,18 @@ def test_steering_with_a_kv_cache_matches_the_bridge_without_one(fresh_model, po
     lm.forward = "auto"
     plain = lm.generate(prompt, **sample)
     assert out["auto"] == out["bridge"] and out["auto"] != plain
+
+
+def test_a_direct_path_that_fails_on_its_first_pass_falls_back(fresh_model, capsys):
+    lm = fresh_model
+    hook = "blocks.1.hook_resid_post"
+    direct = lm._direct = DirectForward.of(lm.model)
+
+    def broken(*a, **k):
+        raise TypeError("unexpected keyword argument 'input_ids'")
+
+    direct.root.forward = broken
+    toks = _tokens(lm)
+    torch.testing.assert_close(lm.activations(toks, hook), lm.bridge_activations(toks, hook))
+    err = capsys.readouterr().err
+    assert lm._direct_ok[hook] is False and "failed (TypeError" in err and err.count("\n") == 1
