@@ -56,9 +56,10 @@ def forced_codes(sae: SparseAutoencoder, x_norm: Tensor, expert: int) -> tuple[T
 class Intervention:
     """The hook function of one SteerSpec: `fn(act [B, T, d]) -> act`.
 
-    `generate` reruns the whole sequence each step (no KV cache), but this also accepts
-    one-position calls of a cached loop: it tracks how far the sequence has grown to know the
-    absolute position of each row (needed for positions='generated').
+    `generate` calls it on the prompt, then on one position a step (a KV cache, on the model's
+    own forward pass), or on the whole sequence each step (through TransformerLens's bridge):
+    it tracks how far the sequence has grown to know the absolute position of each row (needed
+    for positions='generated').
     """
 
     def __init__(self, sae: SparseAutoencoder, spec: SteerSpec, prompt_len: int,
