@@ -114,43 +114,35 @@ class DirectForward:
         """(module, "in" | "out") whose input or output the bridge's hook `hook` sees, or None
         where the hook is not a bridge component's `hook_in` / `hook_out`."""
         if hook not in self._targets:
-            point = self.bridge.hook_dict.get(hook)
-            found = None
-            for component in self.bridge.modules():
-                if point is None or getattr(component, "original_component", None) is None:
-                    continue
-                for side in ("in", "out"):
-                    if component._modules.get(f"hook_{side}") is point and id(component) in self._memo:
-                        found = (self._memo[id(component)], side)
-                        break
-                if found:
-                    break
-            self._targets[hook] = found
+            self._targets[hook] = self._find(self.bridge.hook_dict.get(hook))
         return self._targets[hook]
+
+    def _find(self, point) -> tuple[nn.Module, str] | None:
+        """The copy of the bridge component whose `hook_in` / `hook_out` is `point`, and which."""
+        if point is None:
+            return None
+        for component in self.bridge.modules():
+            if id(component) not in self._memo or getattr(component, "original_component", None) is None:
+                continue
+            for side in ("in", "out"):
+                if component._modules.get(f"hook_{side}") is point:
+                    return self._memo[id(component)], side
+        return None
 
     @torch.no_grad()
     def capture(self, tokens: Tensor, target: tuple[nn.Module, str]) -> Tensor | None:
         """[B, T] → the activations at `target`, [B, T, d]; nothing after it runs. None when the
         pass never reached it or it is not one tensor."""
-        module, side = target
         got: list = []
 
-        def on_output(mod, args, output) -> None:
-            got.append(_first(output))
+        def stop(act) -> None:
+            got.append(act)
             raise _Stop
 
-        def on_input(mod, args, kwargs) -> None:
-            got.append(_input(args, kwargs))
-            raise _Stop
-
-        if side == "out":
-            handle = module.register_forward_hook(on_output)
-        else:
-            handle = module.register_forward_pre_hook(on_input, with_kwargs=True)
+        handle = _hook_at(*target, stop)
         try:
-            self.root(input_ids=tokens, use_cache=False)
-        except _Stop:
-            pass
+            with contextlib.suppress(_Stop):
+                self.root(input_ids=tokens, use_cache=False)
         finally:
             handle.remove()
         return got[0] if got and isinstance(got[0], Tensor) else None
@@ -161,7 +153,7 @@ class DirectForward:
         """[B, T] → [B, T, vocab] (None when the model returns none); with `target`,
         `replace(act) -> act` substituted for the activation there (the hook is removed
         afterwards, also when `replace` raises)."""
-        handle = _replacing_hook(*target, replace) if target is not None else None
+        handle = _hook_at(*target, replace) if target is not None else None
         try:
             out = getattr(self.root(input_ids=tokens, use_cache=False), "logits", None)
             return out if isinstance(out, Tensor) else None
@@ -173,7 +165,7 @@ class DirectForward:
     def replacing(self, target: tuple[nn.Module, str] | None, fn):
         """`with direct.replacing(target, fn):` — fn replaces the activation at `target` in
         every pass inside (nothing without a target); removed on exit, also on exception."""
-        handle = _replacing_hook(*target, fn) if target is not None else None
+        handle = _hook_at(*target, fn) if target is not None else None
         try:
             yield self
         finally:
@@ -227,7 +219,6 @@ class DirectForward:
         parts = self._resume_parts(target)
         if parts is None:
             return None
-        module, side = target
         blocks, start, norm, unembed = parts
         calls: dict[int, tuple[tuple, dict]] = {}
         got: list = []
@@ -238,16 +229,9 @@ class DirectForward:
                 calls.setdefault(j, (args[1:], rest))
             return pre
 
-        def keep_output(mod, args, output) -> None:
-            got.append(_first(output))
-
-        def keep_input(mod, args, kwargs) -> None:
-            got.append(_input(args, kwargs))
-
         handles = [blocks[j].register_forward_pre_hook(keep_call(j), with_kwargs=True)
                    for j in range(start, len(blocks))]
-        handles.append(module.register_forward_hook(keep_output) if side == "out"
-                       else module.register_forward_pre_hook(keep_input, with_kwargs=True))
+        handles.append(_hook_at(*target, got.append))  # returns None: changes nothing
         try:
             logits = getattr(self.root(input_ids=tokens, use_cache=False), "logits", None)
         finally:
@@ -272,9 +256,10 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def _replacing_hook(module: nn.Module, side: str, fn):
-    """A hook on `module` that replaces its output (side "out") or input ("in") by `fn(it)`."""
-    if side == "out":  # fn returning None changes nothing, as in TransformerLens
+def _hook_at(module: nn.Module, side: str, fn):
+    """A hook on `module` that calls `fn` on its output (side "out") or input ("in"); a tensor
+    `fn` returns replaces it, None changes nothing (as in TransformerLens)."""
+    if side == "out":
         def on_output(mod, args, output):
             new = fn(_first(output))
             if new is None:

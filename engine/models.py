@@ -338,14 +338,12 @@ class LoadedModel:
     def activations(self, tokens: torch.Tensor, hook: str | None = None) -> torch.Tensor:
         """[B, T] → [B, T, d] at `hook`; nothing after the hook runs. With `forward` auto, by
         the model's own forward pass (engine/hf_forward.py) once it matched the bridge at this
-        hook (`_check`); else through the bridge. Not for two threads at once on one model
+        hook (`_checked`); else through the bridge. Not for two threads at once on one model
         (the explorer and steering hold `lock`)."""
         hook = self.resolve_hook(hook)
         tokens = self._tokens(tokens)
-        direct = self._direct_path(hook)
-        if direct is not None and self._checked(
-                hook, tokens, lambda t: direct.capture(t, direct.target(hook)),
-                lambda t: self.bridge_activations(t, hook)):
+        direct = self._hook_ready(tokens, hook)
+        if direct is not None:
             x = direct.capture(tokens, direct.target(hook))
             if x is not None:
                 return x
@@ -416,12 +414,17 @@ class LoadedModel:
         """The direct path for logits with `hook` replaced, once both the activations at `hook`
         and the logits agreed with the bridge on contexts as long as `tokens`' (checked here
         if they have not been): together they make the replaced pass the bridge's."""
+        return self._logits_ready(tokens) if self._hook_ready(tokens, hook) is not None else None
+
+    def _hook_ready(self, tokens: torch.Tensor, hook: str) -> DirectForward | None:
+        """The direct path for the activations at `hook` once they agreed with the bridge's on
+        contexts as long as `tokens`' (checked here if they have not been)."""
         direct = self._direct_path(hook)
         if direct is None or not self._checked(
                 hook, tokens, lambda t: direct.capture(t, direct.target(hook)),
                 lambda t: self.bridge_activations(t, hook)):
             return None
-        return self._logits_ready(tokens)
+        return direct
 
     def _logits_ready(self, tokens: torch.Tensor) -> DirectForward | None:
         """The direct path for logits once they agreed with the bridge's on contexts as long

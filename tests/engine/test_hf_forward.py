@@ -1,5 +1,7 @@
 """The direct (Hugging Face) forward path against TransformerLens's bridge, its reference."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -12,6 +14,18 @@ def _tokens(lm, batch=3, length=24, seed=0):
     toks = torch.randint(0, len(lm.tokenizer), (batch, length), generator=g)
     toks[:, 0] = lm.bos_token_id
     return toks
+
+
+@contextlib.contextmanager
+def _runs_of(module, before=False):
+    """A list that gets one entry each time `module` runs (a pre-hook with before=True)."""
+    ran = []
+    register = module.register_forward_pre_hook if before else module.register_forward_hook
+    handle = register(lambda *a: ran.append(1))
+    try:
+        yield ran
+    finally:
+        handle.remove()
 
 
 def _hooks(lm):
@@ -67,26 +81,16 @@ def test_direct_tree_shares_weights_and_leaves_the_bridge_alone(fresh_model):
     # no bridge component, no hook point in the copy
     assert not any(hasattr(m, "original_component") for m in direct.root.modules())
     # a hook on the copy does not fire on the bridge's module
-    layer = direct.target("blocks.0.hook_resid_post")[0]
-    fired = []
-    handle = layer.register_forward_hook(lambda *a: fired.append(1))
-    try:
+    with _runs_of(direct.target("blocks.0.hook_resid_post")[0]) as fired:
         lm.bridge_activations(_tokens(lm), "blocks.1.hook_resid_post")
-    finally:
-        handle.remove()
     assert fired == []
 
 
 def test_direct_pass_stops_at_the_hook(fresh_model):
     lm = fresh_model
     direct = lm._direct = DirectForward.of(lm.model)  # the tree `activations` runs
-    later = direct.target("blocks.1.hook_resid_pre")[0]
-    ran = []
-    handle = later.register_forward_pre_hook(lambda *a: ran.append(1))
-    try:
+    with _runs_of(direct.target("blocks.1.hook_resid_pre")[0], before=True) as ran:
         lm.activations(_tokens(lm), "blocks.0.hook_resid_post")
-    finally:
-        handle.remove()
     assert lm._direct_ok["blocks.0.hook_resid_post"] is True
     assert ran == []  # block 1 never ran
 
@@ -258,7 +262,6 @@ def _bridge_splice(lm, toks, hook, fn):
 def test_spliced_resumes_after_the_hook_as_a_whole_pass_would(fresh_model, hook):
     lm = fresh_model
     toks = lm._tokens(_tokens(lm))
-    ran_before = []
     direct = DirectForward.of(lm.model)
     lm._direct = direct
     first = direct._memo[id(lm.model.embed)]  # the token embedding, before every block
@@ -266,15 +269,12 @@ def test_spliced_resumes_after_the_hook_as_a_whole_pass_would(fresh_model, hook)
     assert lm._direct_ok[f"{hook}, resumed after it"] is True
     torch.testing.assert_close(logits, lm.model(toks, return_type="logits"), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(act, lm.bridge_activations(toks, hook), rtol=1e-5, atol=1e-5)
-    handle = first.register_forward_pre_hook(lambda *a: ran_before.append(1))
-    try:
+    with _runs_of(first, before=True) as ran_before:
         for fn in (lambda a: torch.zeros_like(a), lambda a: a * 0.5 + 1.0):
             before = act.clone()
             got = resume(fn(act))
             torch.testing.assert_close(got, _bridge_splice(lm, toks, hook, fn), rtol=1e-4, atol=1e-4)
             assert torch.equal(act, before)
-    finally:
-        handle.remove()
     assert ran_before == []  # resuming never embeds the tokens again
 
 
