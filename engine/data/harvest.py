@@ -105,6 +105,9 @@ def check_source(src: SourceConfig) -> None:
         raise ConfigError(f"eval_fraction must be in [0, 1), got {src.eval_fraction}.")
     if src.batch_contexts is not None and src.batch_contexts < 1:
         raise ConfigError(f"batch_contexts must be positive, got {src.batch_contexts}.")
+    if src.model_forward not in MODEL_FORWARDS:
+        raise ConfigError(f"model_forward must be one of {', '.join(MODEL_FORWARDS)}, "
+                          f"got {src.model_forward!r}.")
 
 
 def _check(cfg: HarvestConfig) -> None:

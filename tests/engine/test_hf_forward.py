@@ -409,3 +409,16 @@ def test_a_direct_path_that_fails_on_its_first_pass_falls_back(fresh_model, caps
     torch.testing.assert_close(lm.activations(toks, hook), lm.bridge_activations(toks, hook))
     err = capsys.readouterr().err
     assert lm._direct_ok[hook] is False and "failed (TypeError" in err and err.count("\n") == 1
+
+
+def test_an_unknown_model_forward_is_one_sentence_before_anything_is_written(tmp_path):
+    from engine.data.harvest import HarvestConfig, harvest
+    from engine.errors import ConfigError
+    from engine.options import set_flat
+
+    cfg = set_flat(HarvestConfig(), dict(model=TINY_MODEL, tokens=500, out=str(tmp_path / "h"),
+                                         model_forward="fast"))
+    with pytest.raises(ConfigError) as e:
+        harvest(cfg, progress=False)
+    assert str(e.value) == "model_forward must be one of auto, bridge, got 'fast'."
+    assert not (tmp_path / "h").exists()
