@@ -10,8 +10,8 @@ Each step exists twice, under the same name, and the tests hold the fast one to 
 |----------------------------------|-------------------------------------------------------|
 | `router_logits`: (x − b) · Wᵀ with autograd | `router_logits_fused`: the same forward; the centre's gradient as one [N] × [N, d] product |
 | `grouped_expert_encode`: a Python loop of one matmul per expert, group sizes read on the host | `grouped_expert_encode_gmm`: one grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper in bf16), group offsets computed on the device — no loop, no host synchronisation |
-| `topk_encode`: ReLU, weighting and TopK with ordinary autograd, so the backward pass is dense over all computed candidates | `topk_encode_sparse`: the same forward inside one autograd Function whose backward touches only the k selected latents (and the AuxK picks), as EleutherAI sparsify's fused encoder does |
-| `decode_picks`: `embedding_bag` over each token's picks, with the bag's own backward | `decode_picks_sddmm`: the same forward; the values' gradient as one sampled dense-dense product, the decoder's as the encoder's segmented sum (CPU; `picks_decoder`) |
+| `topk_encode`: ReLU, weighting and TopK with ordinary autograd, so the backward pass is dense over all computed candidates | `topk_encode_sparse`: the same codes from one autograd Function whose backward touches only the k selected latents (and the AuxK picks), as EleutherAI sparsify's fused encoder does; its ReLU runs on the picks, after the TopK |
+| `decode_picks`: `embedding_bag` over each token's picks, with the bag's own backward | `decode_picks_sddmm`: the same forward; the values' gradient as one sampled dense-dense product (the bag's own kernel for it), the decoder's as the encoder's segmented sum (CPU; `picks_decoder`) |
 
 Feature Scaling has its pair in engine/sae/scale.py (`ScaleSAE.scaled_encoder`: METHOD §3
 written out with autograd, or `_FeatureScaling`, one fused multiply-add with its own backward).
@@ -23,7 +23,6 @@ measured as fast on the CPU (benchmarks/bench_gpu.py).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -107,11 +106,12 @@ def expert_counts(expert_idx: Tensor, N: int) -> Tensor:
     )
 
 
-# -- expert encode: ReLU(W[i] x + b[i]) for each (token, expert) pair ------------------------
+# -- expert encode: W[i] x + b[i] for each (token, expert) pair ------------------------------
 def grouped_expert_encode(
     x_c: Tensor, token_idx: Tensor, expert_idx: Tensor, W: Tensor, b: Tensor
 ) -> Tensor:
-    """ReLU(W[i] x + b[i]) for each (token, expert) pair, computing only those pairs.
+    """The pre-activations W[i] x + b[i] for each (token, expert) pair, computing only those
+    pairs (the ReLU is the caller's: the fast TopK applies it to its picks alone).
 
     Pairs are sorted by expert and each expert's block is one matmul over just its tokens,
     so the cost is (pairs × m × d), i.e. ~e/N of a dense SAE of the same width.
@@ -130,7 +130,7 @@ def grouped_expert_encode(
         if c == 0:
             continue
         xs = x_c.index_select(0, sorted_tokens[start : start + c])
-        blocks.append(F.relu(F.linear(xs, W_i[i], b_i[i])))
+        blocks.append(F.linear(xs, W_i[i], b_i[i]))
         start += c
     if not blocks:
         return x_c.new_zeros(0, m)
@@ -165,8 +165,8 @@ def grouped_expert_encode_gmm(
     out = torch._grouped_mm(buf, W.transpose(1, 2), offs=ends.to(torch.int32))
     # the bias added in float32 (its gradient then sums each expert's rows in float32, as the
     # loop's GEMM does, instead of one bf16 rounding per row)
-    z_sorted = F.relu(out[dest].float() + b.float()[e_sorted]).to(x_c.dtype)
-    return z_sorted.new_empty(P, m).index_copy(0, order, z_sorted)
+    pre_sorted = (out[dest].float() + b.float()[e_sorted]).to(x_c.dtype)
+    return pre_sorted.new_empty(P, m).index_copy(0, order, pre_sorted)
 
 
 ExpertEncode = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -181,18 +181,30 @@ def expert_encoder(device: torch.device, dtype: torch.dtype) -> ExpertEncode:
 
 
 # -- candidates → global TopK (+ AuxK) ------------------------------------------------------
-def _candidates(x_c, W, b, experts, weights, encode: ExpertEncode):
-    """f [B, e·m] = concat_i w_i · z_i over the token's experts and z [B, e·m] before weighting
-    (dense: every feature, in order). Candidate p of a token is feature `_feature_index(p)`."""
+def _preactivations(x_c, W, b, experts, encode: ExpertEncode) -> Tensor:
+    """[B, e·m] W_i x_c + b_i over each token's experts, concatenated (dense: every feature, in
+    order). Candidate p of a token is feature `_feature_index(p)`."""
     N, m, _ = W.shape
     if experts is None:  # dense: every feature is a candidate
-        z = F.relu(F.linear(x_c, W.reshape(N * m, -1), b.reshape(-1)))
-        return z, z
+        return F.linear(x_c, W.reshape(N * m, -1), b.reshape(-1))
     B, e = experts.shape
     tokens = torch.arange(B, device=x_c.device).repeat_interleave(e)
-    z = encode(x_c, tokens, experts.reshape(-1), W, b).view(B, e * m)
-    f = (z.view(B, e, m) * weights[:, :, None]).reshape(B, e * m)
-    return f, z
+    return encode(x_c, tokens, experts.reshape(-1), W, b).view(B, e * m)
+
+
+def _weighted(v: Tensor, weights: Tensor | None) -> Tensor:
+    """[B, e·m]: each expert's m candidates times the token's weight for that expert."""
+    if weights is None:
+        return v
+    B, e = weights.shape
+    return (v.view(B, e, -1) * weights[:, :, None]).reshape(B, -1)
+
+
+def _candidates(x_c, W, b, experts, weights, encode: ExpertEncode):
+    """f [B, e·m] = concat_i w_i · z_i over the token's experts, and z = ReLU(W_i x_c + b_i)
+    [B, e·m] before weighting (METHOD §3)."""
+    z = F.relu(_preactivations(x_c, W, b, experts, encode))
+    return _weighted(z, weights), z
 
 
 def _feature_index(pos: Tensor, experts: Tensor | None, m: int) -> Tensor:
@@ -244,6 +256,15 @@ class _SparseTopK(torch.autograd.Function):
     contribute nothing to the loss, so their dense gradient would be zeros (sparsify's
     fused encoder makes the same observation).
 
+    The ReLU runs on the picks after the TopK, not on all the candidates: ReLU is monotone and
+    each expert weight w_i is positive (a softmax, or 1), so w_i · ReLU(p) = ReLU(w_i · p) and
+    the TopK of the weighted pre-activations, clamped at zero, has the reference's values. Only
+    where a token has fewer than k positive candidates do its zero picks name other features
+    (the largest negative pre-activations rather than any of ReLU's zeros); a zero pick adds
+    nothing to the reconstruction, receives no gradient and is not a firing. On the CPU this
+    saves dense TopK's pass over its [B, M] candidates (~9 ms of a ~240 ms encode at B 4,096,
+    M 4,608).
+
     The centre (b_dec) is an input of its own: its gradient, −Σ_tokens Σ_picks g_pre · W[pick],
     regroups by feature as −(Σ_picks-of-f g_pre) · W[f] = −∂b · W, one [M] × [M, d] product
     instead of a [B, d] gradient of x_c gathered from B·k rows and summed. The input x gets
@@ -256,22 +277,26 @@ class _SparseTopK(torch.autograd.Function):
             x_c = x if centre is None else x - centre
             xc, Wc, bc = x_c.to(compute_dtype), W.to(compute_dtype), b.to(compute_dtype)
             wc = weights.to(compute_dtype) if weights is not None else None
-            f, z = _candidates(xc, Wc, bc, experts, wc, encode)
-            top_f, pos = f.topk(k, dim=-1, sorted=False)
+            # ReLU commutes with the TopK (it is monotone, and w_i > 0 gives w_i · ReLU(p) =
+            # ReLU(w_i · p)), so it runs on the k picks, not on all the candidates: the same
+            # values, and where fewer than k candidates are positive, zero picks either way
+            pre = _preactivations(xc, Wc, bc, experts, encode)
+            f_pre = _weighted(pre, wc)
+            top_f, pos = f_pre.topk(k, dim=-1, sorted=False)
             picks = [pos]
-            outs = [top_f]
+            outs = [top_f.relu_()]
             if dead is not None and k_aux > 0:
-                is_dead = _dead_candidates(dead, experts, m, f)
-                masked = torch.where(is_dead, f, torch.zeros_like(f))
-                if f.device.type == "cpu":  # no device to wait for: as many picks as can be dead
+                is_dead = _dead_candidates(dead, experts, m, f_pre)
+                masked = f_pre.masked_fill(~is_dead, float("-inf"))
+                if f_pre.device.type == "cpu":  # no device to wait for: as many picks as can be dead
                     k_aux = max(1, min(k_aux, int(is_dead.sum(-1).max())))
                 aux_f, apos = masked.topk(k_aux, dim=-1, sorted=False)
                 picks.append(apos)
-                outs.append(aux_f)
+                outs.append(aux_f.relu_())
             pos_all = torch.cat(picks, 1)
             idx_all = _feature_index(pos_all, experts, m)
             # z of each pick before weighting, 0 where an AuxK pick is not dead (masked out)
-            z_all = z.gather(1, pos_all)
+            z_all = pre.gather(1, pos_all).relu_()
             if len(picks) > 1:
                 z_all[:, k:] = torch.where(outs[1] > 0, z_all[:, k:], torch.zeros_like(outs[1]))
             slot = pos_all // m if experts is not None else None
@@ -342,7 +367,8 @@ def decode_picks(acts: Tensor, indices: Tensor, W: Tensor) -> Tensor:
 class _SparseDecode(torch.autograd.Function):
     """Forward: `decode_picks`. Backward: ∂acts[b, j] = ⟨g[b], W[idx[b, j]]⟩ for all picks at
     once as a sampled dense-dense product (SDDMM: g · Wᵀ evaluated only where a token picked a
-    feature), and ∂W by `_scatter_rows`, the encoder's segmented sum. On the CPU, at the
+    feature; `_picked_dots`), and ∂W by `_scatter_rows`, the encoder's segmented sum where the
+    bag's own backward adds each pick's row into a dense gradient. On the CPU, at the
     benchmark's size (B 4,096, k 32, M 4,608, d 576), these two took ~25 ms where the bag's own
     backward took 60–90 ms (benchmarks/bench_train.py measures the whole step)."""
 
@@ -363,19 +389,19 @@ class _SparseDecode(torch.autograd.Function):
 
 
 def _picked_dots(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
-    """[B, k]: ⟨g[b], W[idx[b, j]]⟩, as `torch.sparse.sampled_addmm` over the picks' pattern
-    (a CSR matrix, whose columns within a row must be sorted and distinct)."""
+    """[B, k]: ⟨g[b], W[idx[b, j]]⟩, one dot product per pick (a sampled dense-dense product).
+    It is the kernel `embedding_bag` itself runs for the gradient of its per-sample weights,
+    called alone: one pass over the picks in any order, a feature picked twice included, in
+    any dtype. It replaced `torch.sparse.sampled_addmm` over a CSR pattern of the picks, which
+    needed each token's picks sorted, a fallback for repeated features and float32/64; the
+    two took the same time at the benchmark's size on the CPU (10.3 vs 10.6 ms, median of 40
+    interleaved calls)."""
     B, k = idx.shape
-    cols, order = idx.sort(1)
-    if k > 1 and bool((cols[:, 1:] == cols[:, :-1]).any()):  # a feature picked twice: no CSR
-        return (W[idx] * g[:, None, :]).sum(-1)
-    crow = torch.arange(0, B * k + 1, k, device=idx.device)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore")
-        pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1), g.new_zeros(B * k),
-                                          (B, W.shape[0]))
-        dots = torch.sparse.sampled_addmm(pattern, g, W.T, beta=0.0).values().view(B, k)
-    return torch.empty_like(dots).scatter_(1, order, dots)
+    offsets = torch.arange(0, B * k, k, device=idx.device)
+    bag_of_pick = torch.arange(B, device=idx.device).repeat_interleave(k)
+    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        g.contiguous(), W, idx.reshape(-1).contiguous(), offsets, bag_of_pick, 0, -1)  # mode 0: sum
+    return dots.view(B, k)
 
 
 def decode_picks_sddmm(acts: Tensor, indices: Tensor, W: Tensor) -> Tensor:
@@ -384,9 +410,9 @@ def decode_picks_sddmm(acts: Tensor, indices: Tensor, W: Tensor) -> Tensor:
 
 
 def picks_decoder(device: torch.device, dtype: torch.dtype) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """The decode for weights of `dtype` on `device`: the SDDMM backward on the CPU, where it
-    was measured faster (and where `sampled_addmm` takes float32 and float64 only); the bag's
-    own backward elsewhere (on a GPU the SDDMM has not been measured)."""
+    """The decode for weights of `dtype` on `device`: the sparse backward on the CPU in float32
+    and float64, where it was measured faster; the bag's own backward elsewhere (on a GPU and
+    in half precision it has not been measured)."""
     if device.type == "cpu" and dtype in (torch.float32, torch.float64):
         return decode_picks_sddmm
     return decode_picks

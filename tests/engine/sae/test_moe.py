@@ -112,9 +112,13 @@ def test_sparse_backward_equals_the_reference(arch, kw, with_dead):
         dead[::3] = True
     ref, g_ref = _params_and_grads(sae, "reference", x, dead)
     fast, g_fast = _params_and_grads(sae, "fast", x, dead)
-    # the same picks; values equal up to rounding (the fast Feature Scaling is a fused form)
-    assert torch.equal(ref.codes.top_indices.sort(1).values, fast.codes.top_indices.sort(1).values)
-    assert torch.allclose(sae.dense_codes(ref.codes), sae.dense_codes(fast.codes), atol=1e-6)
+    # the same firing picks; values equal up to rounding (the fast Feature Scaling is a fused
+    # form). Where a token has fewer than k positive candidates the rest of its picks are zeros
+    # either way, but not the same ones: the reference picks among ReLU's zeros, the fast path
+    # takes the largest negative pre-activations (its ReLU runs after the TopK)
+    fired = {kernels: sae.dense_codes(out.codes) for kernels, out in (("ref", ref), ("fast", fast))}
+    assert torch.equal(fired["ref"] > 0, fired["fast"] > 0)
+    assert torch.allclose(fired["ref"], fired["fast"], atol=1e-6)
     assert torch.allclose(ref.auxk_loss, fast.auxk_loss, atol=1e-6)
     if with_dead:
         assert float(fast.auxk_loss.detach()) > 0
@@ -122,6 +126,26 @@ def test_sparse_backward_equals_the_reference(arch, kw, with_dead):
         assert (g is None) == (g_fast[name] is None), name
         if g is not None:
             assert torch.allclose(g, g_fast[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("arch", ["topk", "scale"])
+def test_tokens_with_fewer_positive_candidates_than_k(arch):
+    """The fast path's ReLU runs on its picks, after the TopK: where a token has fewer than k
+    positive candidates, it fills the rest with zeros from other candidates than the
+    reference's, and nothing else differs — codes, losses and every gradient."""
+    sae = make(arch)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.5)  # most pre-activations negative
+    x = torch.randn(48, 12)
+    ref, g_ref = _params_and_grads(sae, "reference", x, None)
+    fast, g_fast = _params_and_grads(sae, "fast", x, None)
+    n_fired = (ref.codes.top_acts > 0).sum(1)
+    assert bool((n_fired < 6).any()) and bool((n_fired > 0).any())
+    assert torch.equal(sae.dense_codes(ref.codes) > 0, sae.dense_codes(fast.codes) > 0)
+    assert torch.allclose(sae.dense_codes(ref.codes), sae.dense_codes(fast.codes), atol=1e-6)
+    assert torch.allclose(ref.mse, fast.mse, atol=1e-6)
+    for name, g in g_ref.items():
+        assert torch.allclose(g, g_fast[name], atol=1e-5, rtol=1e-4), name
 
 
 def test_sparse_backward_with_the_grouped_gemm_equals_the_reference():
@@ -185,7 +209,8 @@ def test_the_sddmm_decode_equals_the_bag(case):
 @pytest.mark.parametrize("arch", ["topk", "switch", "scale"])
 def test_the_fast_kernels_take_other_dtypes_as_the_reference_does(arch):
     """float16 input to float32 weights gives codes in the promoted dtype of x − b_dec, as the
-    reference; bf16 weights on the CPU train (the SDDMM takes float32/64 only: the bag then)."""
+    reference; bf16 weights on the CPU train (the sparse decode is kept to float32/64 there:
+    the bag then)."""
     x = torch.randn(16, 12)
     sae = make(arch)
     dtypes = set()
@@ -248,11 +273,8 @@ def test_a_training_step_never_waits_for_the_gpu(arch):
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_the_grouped_gemm_in_bf16_is_as_exact_as_the_loop(device):
     """In bf16 (on CUDA the grouped GEMM's fast path, on Hopper and Blackwell) the grouped GEMM's
-    output and gradients are as close to the float32 result on the same inputs as the bf16
-    loop's are. Gradients are compared away from ReLU's kink: the loop adds the bias inside its
-    GEMM and rounds once, the grouped GEMM rounds and then adds it, so a few pre-activations
-    within rounding of zero land on the other side — each such flip moves a gradient by a whole
-    entry (measured: 0.02 % of entries, 2 % of the gradient's norm), and neither side is wrong."""
+    output (the pre-activations: the ReLU is applied after it) and gradients are as close to
+    the float32 result on the same inputs as the bf16 loop's are."""
     from engine.sae.moe import expert_encoder
 
     dev = torch.device(device)
@@ -275,9 +297,7 @@ def test_the_grouped_gemm_in_bf16_is_as_exact_as_the_loop(device):
         return float((a.detach().float() - ref.detach()).norm() / ref.detach().norm())
 
     assert err(fast, exact) <= 1.5 * err(loop, exact) + 1e-3
-    same_side = ((exact > 0) == (loop > 0)) & ((exact > 0) == (fast > 0))
-    assert same_side.float().mean() > 0.999
-    go = torch.randn(exact.shape, device=dev, generator=g) * same_side
+    go = torch.randn(exact.shape, device=dev, generator=g)
     g_exact = torch.autograd.grad(exact, (x, W, b), go)
     g_loop = torch.autograd.grad(loop, (x, W, b), go.bfloat16())
     g_fast = torch.autograd.grad(fast, (x, W, b), go.bfloat16())
