@@ -8,8 +8,13 @@ trainer: `moesae train` (bf16, Scale e=2) on a synthetic harvest under cProfile:
          wall time beyond the steps goes (loading, checkpoints, evaluation).
 harvest: harvest tokens/s at several batch sizes, tokenisation alone, and a profile of the
          harvest loop (the main thread; the tokeniser and shard writer run beside it).
+decoder: an A/B of the decoder's backward in the trainer's step (bf16, recorded as a CUDA graph
+         on a GPU): embedding_bag's own backward, which the GPU uses, against the one the CPU
+         uses (the values' gradient by the same kernel, W_dec's by the encoder's segmented sum
+         over the picks sorted by feature), interleaved, for each architecture.
 
     python benchmarks/profile_gpu.py --parts step
+    python benchmarks/profile_gpu.py --parts decoder --archs "topk,scale e=2"
     python benchmarks/profile_gpu.py --parts harvest --corpus corpus.jsonl --tokens 2000000
 """
 
@@ -78,6 +83,49 @@ def profile_steps(size: dict, device: torch.device, archs: list[str], out: dict)
             row["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
+
+
+def profile_decoders(size: dict, device: torch.device, archs: list[str], out: dict,
+                     rounds: int = 3) -> None:
+    """The step with each decoder backward (module docstring), `rounds` interleaved medians."""
+    import engine.sae.base as sae_base
+    from engine.sae.moe import decode_picks, decode_picks_sddmm
+
+    chosen = sae_base.picks_decoder
+    variants = {"bag backward": decode_picks, "segmented sum": decode_picks_sddmm}
+    g = torch.Generator(device=device).manual_seed(0)
+    xs = [torch.randn(size["batch"], size["d"], device=device, generator=g) for _ in range(10)]
+    graph = device.type == "cuda"
+    for name, kw in ARCHS:
+        if name not in archs:
+            continue
+        cfg = SAEConfig(d_in=size["d"], width=size["width"], experts=size["experts"], k=size["k"], **kw)
+        row: dict = {"model": name, "precision": "bf16", "graph": graph,
+                     "default": chosen(device, torch.float32).__name__, "ms": {}}
+        out["decoder_ab"].append(row)
+        try:
+            fns = {}
+            for label, decode in variants.items():
+                sae_base.picks_decoder = lambda dev, dtype, decode=decode: decode
+                fns[label] = step_fn(cfg, device, "bf16", "fast", graph=graph)
+                fns[label](xs[0])  # eager warm-up, or the recording, with this decoder
+            times: dict = {label: [] for label in variants}
+            for _ in range(rounds):
+                for label, fn in fns.items():  # a recorded graph keeps the decoder it recorded
+                    sae_base.picks_decoder = lambda dev, dtype, decode=variants[label]: decode
+                    times[label].append(median_step_ms(fn, xs, device, 1))
+            row["ms"] = {label: statistics.median(t) for label, t in times.items()}
+            row["all_ms"] = times
+            a, b = row["ms"]["bag backward"], row["ms"]["segmented sum"]
+            print(f"== decoder A/B, {name}: bag backward {a:.3f} ms, segmented sum {b:.3f} ms "
+                  f"a step ({a / b:.2f}x)", flush=True)
+        except Exception as exc:
+            traceback.print_exc()
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            sae_base.picks_decoder = chosen
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def profile_trainer(size: dict, device: torch.device, tokens: int, steps: int, out: dict) -> None:
@@ -157,10 +205,14 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "steps": [], "trainer": None, "harvest": []}
+              "torch": torch.__version__, "steps": [], "trainer": None, "harvest": [],
+              "decoder_ab": []}
     parts = set(args.parts.split(","))
     if "step" in parts:
         profile_steps(SIZES[args.size], device, args.archs.split(","), result)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if "decoder" in parts:
+        profile_decoders(SIZES[args.size], device, args.archs.split(","), result)
         Path(args.out).write_text(json.dumps(result, indent=2))
     if "trainer" in parts:
         try:

@@ -183,19 +183,23 @@ def test_the_fused_router_logits_equal_the_plain_ones(lead):
         assert torch.allclose(p, q, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("case", ["distinct", "repeated"])
-def test_the_sddmm_decode_equals_the_bag(case):
-    """x̂ and the gradients of the values and of W: the SDDMM backward against embedding_bag's
-    own, on picks in no order, and with a feature picked twice by one token (no CSR pattern:
-    the fallback)."""
+def test_the_sddmm_decode_equals_the_bag(case, device):
+    """x̂ and the gradients of the values and of W: the sparse backward against embedding_bag's
+    own, on picks in no order, and with a feature picked twice by one token (on the GPU too,
+    where benchmarks/profile_gpu.py compares their speed)."""
     g = torch.Generator().manual_seed(0)
     B, k, M, d = 9, 5, 40, 12
     idx = torch.stack([torch.randperm(M, generator=g)[:k] for _ in range(B)])
     if case == "repeated":
         idx[3, 4] = idx[3, 1]
-    acts = torch.rand(B, k, generator=g, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(M, d, generator=g, dtype=torch.float64, requires_grad=True)
+    acts = torch.rand(B, k, generator=g, dtype=torch.float64)
+    W = torch.randn(M, d, generator=g, dtype=torch.float64)
     go = torch.randn(B, d, generator=g, dtype=torch.float64)
+    idx, go = idx.to(device), go.to(device)
+    acts, W = acts.to(device).requires_grad_(), W.to(device).requires_grad_()
     out = {}
     for decode in (decode_picks, decode_picks_sddmm):
         y = decode(acts, idx, W)
