@@ -9,6 +9,9 @@ steps of `SAETrainer._train_step`) on the same batches, for comparison.
 
 Without --acts it uses Gaussian activations of the default model's width (d = 576): the step
 cost does not depend on the data. Prints a table and writes benchmarks/results/train.json.
+Then, for each of our variants, where a step's time goes: the median of each phase (encode,
+decode, loss, backward, the optimiser's part) over `--phase-steps` steps, the variants taking
+turns step by step; in the JSON and as a stacked bar plot beside it (train_phases.png).
 """
 
 from __future__ import annotations
@@ -45,23 +48,79 @@ def batches(args, d):
     return [torch.randn(args.batch, d, generator=g) for _ in range(args.steps)], d
 
 
+PHASES = ("encode", "decode", "loss", "backward", "optimiser")
+"""A step's phases as `ours_step_fn` marks them; `optimiser` is the decoder-gradient projection,
+clipping, Adam and the decoder's renormalisation."""
+
+
 def ours_step_fn(cfg: SAEConfig, lr: float):
+    """One training step as a function of the batch; `mark(phase)`, when given, is called as
+    each phase of PHASES ends (`sae(x)` without a dead mask and the loss, spelled out: encode,
+    decode, MSE, the logged FVU and the load-balancing loss)."""
     torch.manual_seed(0)
     sae = build_sae(cfg)
     opt = make_adam(sae.parameters(), lr)
     lb_weight = 0.01 * cfg.d_in
 
-    def step(x):
-        out = sae(x)
-        loss = out.mse + lb_weight * out.lb_loss
+    def step(x, mark=lambda phase: None):
+        codes = sae.encode(x)
+        mark("encode")
+        x_hat = sae.decode(codes.top_acts, codes.top_indices)
+        mark("decode")
+        sse = torch.nn.functional.mse_loss(x_hat, x, reduction="sum")
+        fvu = sse.detach() / torch.linalg.vector_norm(x - x.mean(0)).square()  # as forward() logs
+        loss = sse / x.shape[0] + lb_weight * sae.load_balance_loss(codes)
+        mark("loss")
+        del fvu
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        mark("backward")
         sae.remove_gradient_parallel_to_decoder()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         opt.step()
         sae.set_decoder_norm_to_unit()
+        mark("optimiser")
 
     return step
+
+
+def phase_times(steps: dict, xs, n_steps: int) -> dict[str, dict[str, float]]:
+    """For each step function, the median milliseconds of each phase over n_steps steps; the
+    variants take turns step by step, so that a slow stretch of the machine hits all alike."""
+    times = {name: {p: [] for p in PHASES} for name in steps}
+    last = [0.0]  # when the previous phase ended
+
+    for i in range(n_steps):
+        for name, step in steps.items():
+            def mark(phase, into=times[name]):
+                now = time.perf_counter()
+                into[phase].append((now - last[0]) * 1000)
+                last[0] = now
+
+            last[0] = time.perf_counter()
+            step(xs[i % len(xs)], mark)
+    return {name: {p: statistics.median(t) for p, t in ph.items()} for name, ph in times.items()}
+
+
+def plot_phases(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "phases_ms" in r]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    left = [0.0] * len(rows)
+    for phase in PHASES:
+        widths = [r["phases_ms"][phase] for r in rows]
+        ax.barh([r["model"] for r in rows], widths, left=left, label=phase)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per training step (median of each phase)")
+    ax.legend(ncol=len(PHASES), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def saelens_step_fn(d: int, width: int, k: int, lr: float):
@@ -108,6 +167,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--phase-steps", type=int, default=20,
+                    help="steps timed phase by phase for each variant (0: skip)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--system-malloc", action="store_true",
                     help="leave glibc's allocator as it is (the moesae command keeps freed memory)")
@@ -145,6 +206,12 @@ def main() -> None:
         med = statistics.median(r)
         rows.append({"model": name, "tokens_per_s_median": med, "tokens_per_s_all": r,
                      "ratio_to_topk": med / base})
+    if args.phase_steps:
+        ours = {name: steps[name] for name, _ in variants}
+        phases = phase_times(ours, xs, args.phase_steps)
+        for row in rows:
+            if row["model"] in phases:
+                row["phases_ms"] = phases[row["model"]]
 
     print(f"\nTraining throughput, d={d}, M={args.width}, N={args.experts}, k={args.k}, "
           f"batch={args.batch}, {args.steps} steps × {args.repeats} repeats, "
@@ -152,6 +219,14 @@ def main() -> None:
     print(f"{'model':<16}{'tokens/s (median)':>20}{'× dense TopK':>16}")
     for r in rows:
         print(f"{r['model']:<16}{r['tokens_per_s_median']:>20,.0f}{r['ratio_to_topk']:>16.2f}")
+    if args.phase_steps:
+        print(f"\nms per step, median of {args.phase_steps} steps phase by phase")
+        print(f"{'model':<16}" + "".join(f"{p:>11}" for p in PHASES) + f"{'sum':>9}")
+        for r in rows:
+            if "phases_ms" in r:
+                ph = r["phases_ms"]
+                print(f"{r['model']:<16}" + "".join(f"{ph[p]:>11.1f}" for p in PHASES)
+                      + f"{sum(ph.values()):>9.1f}")
     result = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads, "
@@ -164,6 +239,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
+    if args.phase_steps:
+        plot = out.with_name(out.stem + "_phases.png")
+        plot_phases(rows, plot)
+        print(f"wrote {plot}")
 
 
 if __name__ == "__main__":
