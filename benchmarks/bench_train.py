@@ -68,10 +68,9 @@ def ours_step_fn(cfg: SAEConfig, lr: float):
         x_hat = sae.decode(codes.top_acts, codes.top_indices)
         mark("decode")
         sse = torch.nn.functional.mse_loss(x_hat, x, reduction="sum")
-        fvu = sse.detach() / torch.linalg.vector_norm(x - x.mean(0)).square()  # as forward() logs
+        _fvu = sse.detach() / torch.linalg.vector_norm(x - x.mean(0)).square()  # forward() logs it
         loss = sse / x.shape[0] + lb_weight * sae.load_balance_loss(codes)
         mark("loss")
-        del fvu
         opt.zero_grad(set_to_none=True)
         loss.backward()
         mark("backward")
