@@ -388,6 +388,11 @@ class _SparseDecode(torch.autograd.Function):
         return grad_acts, None, grad_W
 
 
+_BAG_WEIGHTS_GRAD = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
+"""The kernel behind `_picked_dots`: internal to PyTorch (present since before 2.4); were a
+later version to drop it, `picks_decoder` falls back to the bag's own backward."""
+
+
 def _picked_dots(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
     """[B, k]: ⟨g[b], W[idx[b, j]]⟩, one dot product per pick (a sampled dense-dense product).
     It is the kernel `embedding_bag` itself runs for the gradient of its per-sample weights,
@@ -399,8 +404,8 @@ def _picked_dots(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
     B, k = idx.shape
     offsets = torch.arange(0, B * k, k, device=idx.device)
     bag_of_pick = torch.arange(B, device=idx.device).repeat_interleave(k)
-    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        g.contiguous(), W, idx.reshape(-1).contiguous(), offsets, bag_of_pick, 0, -1)  # mode 0: sum
+    dots = _BAG_WEIGHTS_GRAD(g.contiguous(), W, idx.reshape(-1).contiguous(), offsets,
+                             bag_of_pick, 0, -1)  # mode 0: sum
     return dots.view(B, k)
 
 
@@ -412,8 +417,9 @@ def decode_picks_sddmm(acts: Tensor, indices: Tensor, W: Tensor) -> Tensor:
 def picks_decoder(device: torch.device, dtype: torch.dtype) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """The decode for weights of `dtype` on `device`: the sparse backward on the CPU in float32
     and float64, where it was measured faster; the bag's own backward elsewhere (on a GPU and
-    in half precision it has not been measured)."""
-    if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+    in half precision it has not been measured, and wherever this PyTorch lacks its kernel)."""
+    if (device.type == "cpu" and dtype in (torch.float32, torch.float64)
+            and _BAG_WEIGHTS_GRAD is not None):
         return decode_picks_sddmm
     return decode_picks
 

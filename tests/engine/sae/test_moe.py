@@ -210,6 +210,15 @@ def test_the_sddmm_decode_equals_the_bag(case, device):
     assert torch.allclose(out[decode_picks_sddmm][1], (W[idx] * go[:, None, :]).sum(-1), atol=1e-12)
 
 
+def test_without_the_values_kernel_the_decode_is_the_bags(monkeypatch):
+    from engine.sae import moe
+
+    cpu = torch.device("cpu")
+    assert moe.picks_decoder(cpu, torch.float32) is decode_picks_sddmm
+    monkeypatch.setattr(moe, "_BAG_WEIGHTS_GRAD", None)
+    assert moe.picks_decoder(cpu, torch.float32) is decode_picks
+
+
 @pytest.mark.parametrize("arch", ["topk", "switch", "scale"])
 def test_the_fast_kernels_take_other_dtypes_as_the_reference_does(arch):
     """float16 input to float32 weights gives codes in the promoted dtype of x − b_dec, as the
