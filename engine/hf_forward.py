@@ -139,12 +139,8 @@ class DirectForward:
             got.append(act)
             raise _Stop
 
-        handle = _hook_at(*target, stop)
-        try:
-            with contextlib.suppress(_Stop):
-                self.root(input_ids=tokens, use_cache=False)
-        finally:
-            handle.remove()
+        with self.replacing(target, stop), contextlib.suppress(_Stop):
+            self.root(input_ids=tokens, use_cache=False)
         return got[0] if got and isinstance(got[0], Tensor) else None
 
     @torch.no_grad()
@@ -153,13 +149,9 @@ class DirectForward:
         """[B, T] → [B, T, vocab] (None when the model returns none); with `target`,
         `replace(act) -> act` substituted for the activation there (the hook is removed
         afterwards, also when `replace` raises)."""
-        handle = _hook_at(*target, replace) if target is not None else None
-        try:
+        with self.replacing(target, replace):
             out = getattr(self.root(input_ids=tokens, use_cache=False), "logits", None)
-            return out if isinstance(out, Tensor) else None
-        finally:
-            if handle is not None:
-                handle.remove()
+        return out if isinstance(out, Tensor) else None
 
     @contextlib.contextmanager
     def replacing(self, target: tuple[nn.Module, str] | None, fn):

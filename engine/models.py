@@ -564,10 +564,10 @@ class LoadedModel:
 
         # checked on as many positions as the generation will reach
         reach = _tiled(seq, seq.shape[1] + max_new_tokens)
-        direct = self._direct_ready(reach, self.resolve_hook(hook)) if fn is not None \
-            else self._logits_ready(reach)
+        hook = self.resolve_hook(hook)
+        direct = self._direct_ready(reach, hook) if fn is not None else self._logits_ready(reach)
         if direct is not None:
-            target = direct.target(self.resolve_hook(hook)) if fn is not None else None
+            target = direct.target(hook) if fn is not None else None
             cache, step_in = None, seq
             with direct.replacing(target, fn):
                 for _ in range(max_new_tokens):
