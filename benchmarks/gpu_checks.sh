@@ -8,7 +8,7 @@
 #
 # Parts: tests (the graphed trainer, fast against reference kernels in each precision, the
 # sync-free step, the model's own forward pass against TransformerLens's bridge), bench (bench_gpu's step times and trainer end to end), profile
-# (profile_gpu's kernel breakdown and the decoder backward's A/B), harvest (harvest through the bridge and
+# (profile_gpu's kernel breakdown, the decoder backward's A/B and the TopK's), harvest (harvest through the bridge and
 # through the model's own forward pass, and training from the model), harvest-profile (where the harvest's time goes); the last two need the offline model.
 set -u
 out=${1:?give an output folder}
@@ -32,7 +32,7 @@ part tests "${LIMIT_TESTS:-100}" python3 -m pytest -q -p no:cacheprovider \
   tests/engine/sae/test_moe.py tests/engine/test_hf_forward.py
 part bench "${LIMIT_BENCH:-220}" python3 benchmarks/bench_gpu.py --parts step,trainer \
   --train-steps 400 ${PRECISIONS:+--precisions "$PRECISIONS"} --out "$out/gpu-cuda.json"
-part profile "${LIMIT_PROFILE:-90}" python3 benchmarks/profile_gpu.py --parts step,decoder \
+part profile "${LIMIT_PROFILE:-90}" python3 benchmarks/profile_gpu.py --parts step,decoder,topk \
   --archs "topk,scale e=2" --out "$out/profile-gpu.json"
 part harvest "${LIMIT_HARVEST:-200}" python3 benchmarks/bench_gpu.py --parts "${HARVEST_PARTS:-harvest,stream}" \
   ${HARVEST_TOKENS:+--harvest-tokens "$HARVEST_TOKENS"} ${corpus:+--corpus "$corpus"} \

@@ -12,9 +12,12 @@ decoder: an A/B of the decoder's backward in the trainer's step (bf16, recorded 
          on a GPU): embedding_bag's own backward, which the GPU uses, against the one the CPU
          uses (the values' gradient by the same kernel, W_dec's by the encoder's segmented sum
          over the picks sorted by feature), interleaved, for each architecture.
+topk:    TopK alone over the dense and the Scale e=2 candidates, one `torch.topk` against the
+         two-stage form with several chunk counts; then the dense TopK step with the fastest.
 
     python benchmarks/profile_gpu.py --parts step
     python benchmarks/profile_gpu.py --parts decoder --archs "topk,scale e=2"
+    python benchmarks/profile_gpu.py --parts topk --archs topk
     python benchmarks/profile_gpu.py --parts harvest --corpus corpus.jsonl --tokens 2000000
 """
 
@@ -85,45 +88,124 @@ def profile_steps(size: dict, device: torch.device, archs: list[str], out: dict)
         torch.cuda.empty_cache()
 
 
+def _ab_steps(cfg: SAEConfig, device: torch.device, variants: dict, xs: list, rounds: int) -> dict:
+    """Median step ms of the bf16 fast step (recorded as a CUDA graph on a GPU) under each
+    variant — `variants[label]()` sets that variant up and returns the function undoing it —
+    measured in `rounds` interleaved rounds: {label: ms}, and every round's times."""
+    graph = device.type == "cuda"
+    fns = {}
+    for label, setup in variants.items():
+        undo = setup()
+        try:
+            fns[label] = step_fn(cfg, device, "bf16", "fast", graph=graph)
+            fns[label](xs[0])  # eager warm-up, or the recording, with this variant
+        finally:
+            undo()
+    times: dict = {label: [] for label in variants}
+    for _ in range(rounds):
+        for label, fn in fns.items():  # a recorded graph keeps the variant it recorded
+            undo = variants[label]()
+            try:
+                times[label].append(median_step_ms(fn, xs, device, 1))
+            finally:
+                undo()
+    return {"ms": {label: statistics.median(t) for label, t in times.items()}, "all_ms": times}
+
+
+def _patched(module, name: str, value):
+    """A variant for `_ab_steps`: module.name = value until undone."""
+    def setup():
+        old = getattr(module, name)
+        setattr(module, name, value)
+        return lambda: setattr(module, name, old)
+    return setup
+
+
 def profile_decoders(size: dict, device: torch.device, archs: list[str], out: dict,
                      rounds: int = 3) -> None:
     """The step with each decoder backward (module docstring), `rounds` interleaved medians."""
     import engine.sae.base as sae_base
     from engine.sae.moe import decode_picks, decode_picks_sddmm
 
-    chosen = sae_base.picks_decoder
-    variants = {"bag backward": decode_picks, "segmented sum": decode_picks_sddmm}
+    variants = {label: _patched(sae_base, "picks_decoder", lambda dev, dtype, decode=decode: decode)
+                for label, decode in (("bag backward", decode_picks),
+                                      ("segmented sum", decode_picks_sddmm))}
     g = torch.Generator(device=device).manual_seed(0)
     xs = [torch.randn(size["batch"], size["d"], device=device, generator=g) for _ in range(10)]
-    graph = device.type == "cuda"
     for name, kw in ARCHS:
         if name not in archs:
             continue
         cfg = SAEConfig(d_in=size["d"], width=size["width"], experts=size["experts"], k=size["k"], **kw)
-        row: dict = {"model": name, "precision": "bf16", "graph": graph,
-                     "default": chosen(device, torch.float32).__name__, "ms": {}}
+        row: dict = {"model": name, "precision": "bf16", "graph": device.type == "cuda",
+                     "default": sae_base.picks_decoder(device, torch.float32).__name__}
         out["decoder_ab"].append(row)
         try:
-            fns = {}
-            for label, decode in variants.items():
-                sae_base.picks_decoder = lambda dev, dtype, decode=decode: decode
-                fns[label] = step_fn(cfg, device, "bf16", "fast", graph=graph)
-                fns[label](xs[0])  # eager warm-up, or the recording, with this decoder
-            times: dict = {label: [] for label in variants}
-            for _ in range(rounds):
-                for label, fn in fns.items():  # a recorded graph keeps the decoder it recorded
-                    sae_base.picks_decoder = lambda dev, dtype, decode=variants[label]: decode
-                    times[label].append(median_step_ms(fn, xs, device, 1))
-            row["ms"] = {label: statistics.median(t) for label, t in times.items()}
-            row["all_ms"] = times
+            row.update(_ab_steps(cfg, device, variants, xs, rounds))
             a, b = row["ms"]["bag backward"], row["ms"]["segmented sum"]
             print(f"== decoder A/B, {name}: bag backward {a:.3f} ms, segmented sum {b:.3f} ms "
                   f"a step ({a / b:.2f}x)", flush=True)
         except Exception as exc:
             traceback.print_exc()
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-        finally:
-            sae_base.picks_decoder = chosen
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _time_ms(fn, device: torch.device, calls: int = 20) -> float:
+    """Mean ms of `calls` calls of fn, after one."""
+    fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / calls * 1000
+
+
+def profile_topk(size: dict, device: torch.device, archs: list[str], out: dict,
+                 rounds: int = 5) -> None:
+    """TopK alone over [batch, n] bf16 candidates — n = M (dense TopK) and n = e·m (Scale
+    e=2) — as one `torch.topk` and in two stages (`topk_chunked`) with several chunk counts,
+    interleaved medians; then the dense TopK step (recorded) with one topk against the
+    fastest two-stage form ("step_ab")."""
+    from engine.sae import moe
+
+    k, B = size["k"], size["batch"]
+    for n in (size["width"], 2 * size["width"] // size["experts"]):
+        f = torch.randn(B, n, device=device).to(torch.bfloat16)
+        fns = {"one topk": lambda f=f: f.topk(k, dim=-1, sorted=False)}
+        for chunks in (4, 8, 16, 24, 32, 48, 64, 96, 128, 192):
+            if n % chunks == 0 and n // chunks >= k:
+                fns[f"two-stage {chunks}"] = lambda f=f, c=chunks: moe.topk_chunked(f, k, c)
+        times: dict = {label: [] for label in fns}
+        for _ in range(rounds):
+            for label, fn in fns.items():
+                times[label].append(_time_ms(fn, device))
+        ms = {label: statistics.median(t) for label, t in times.items()}
+        best = min(ms, key=ms.get)
+        row = {"n": n, "batch": B, "k": k, "ms": ms, "fastest": best}
+        out["topk"].append(row)
+        print(f"== topk over {B}x{n} bf16: " + ", ".join(f"{label} {v:.3f} ms" for label, v in ms.items())
+              + f"; fastest: {best}", flush=True)
+        staged = [label for label in ms if label != "one topk"]
+        if n == size["width"] and staged and "topk" in archs:
+            best = min(staged, key=ms.get)  # the step A/B: one topk against the best two-stage
+            chunks = int(best.split()[-1])
+            g = torch.Generator(device=device).manual_seed(0)
+            xs = [torch.randn(B, size["d"], device=device, generator=g) for _ in range(10)]
+            cfg = SAEConfig(d_in=size["d"], width=size["width"], experts=size["experts"], k=k,
+                            **dict(ARCHS)["topk"])
+            try:
+                ab = _ab_steps(cfg, device, {"one topk": _patched(moe, "TOPK_CHUNKS", {}),
+                                             best: _patched(moe, "TOPK_CHUNKS", {device.type: chunks})},
+                               xs, 3)
+                row["step_ab"] = ab
+                print(f"== dense TopK step: one topk {ab['ms']['one topk']:.3f} ms, {best} "
+                      f"{ab['ms'][best]:.3f} ms", flush=True)
+            except Exception as exc:
+                traceback.print_exc()
+                row["step_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        del f
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -206,13 +288,16 @@ def main() -> None:
     device = torch.device(args.device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "steps": [], "trainer": None, "harvest": [],
-              "decoder_ab": []}
+              "decoder_ab": [], "topk": []}
     parts = set(args.parts.split(","))
     if "step" in parts:
         profile_steps(SIZES[args.size], device, args.archs.split(","), result)
         Path(args.out).write_text(json.dumps(result, indent=2))
     if "decoder" in parts:
         profile_decoders(SIZES[args.size], device, args.archs.split(","), result)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if "topk" in parts:
+        profile_topk(SIZES[args.size], device, args.archs.split(","), result)
         Path(args.out).write_text(json.dumps(result, indent=2))
     if "trainer" in parts:
         try:

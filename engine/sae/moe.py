@@ -10,8 +10,8 @@ Each step exists twice, under the same name, and the tests hold the fast one to 
 |----------------------------------|-------------------------------------------------------|
 | `router_logits`: (x − b) · Wᵀ with autograd | `router_logits_fused`: the same forward; the centre's gradient as one [N] × [N, d] product |
 | `grouped_expert_encode`: a Python loop of one matmul per expert, group sizes read on the host | `grouped_expert_encode_gmm`: one grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper in bf16), group offsets computed on the device — no loop, no host synchronisation |
-| `topk_encode`: ReLU, weighting and TopK with ordinary autograd, so the backward pass is dense over all computed candidates | `topk_encode_sparse`: the same codes from one autograd Function whose backward touches only the k selected latents (and the AuxK picks), as EleutherAI sparsify's fused encoder does; its ReLU runs on the picks, after the TopK |
-| `decode_picks`: `embedding_bag` over each token's picks, with the bag's own backward | `decode_picks_sddmm`: the same forward; the values' gradient as one sampled dense-dense product (the bag's own kernel for it), the decoder's as the encoder's segmented sum (CPU; `picks_decoder`) |
+| `topk_encode`: ReLU, weighting and TopK with ordinary autograd, so the backward pass is dense over all computed candidates | `topk_encode_sparse`: the same codes from one autograd Function whose backward touches only the k selected latents (and the AuxK picks), as EleutherAI sparsify's fused encoder does; its ReLU runs on the picks, after the TopK, and the TopK runs in two stages where `TOPK_CHUNKS` says so (`topk_candidates`) |
+| `decode_picks`: `embedding_bag` over each token's picks, with the bag's own backward | `decode_picks_sddmm`: the same forward; the values' gradient as one sampled dense-dense product (the bag's own kernel for it), the decoder's as the encoder's segmented sum (float32 weights on the CPU and CUDA; `picks_decoder`) |
 
 Feature Scaling has its pair in engine/sae/scale.py (`ScaleSAE.scaled_encoder`: METHOD §3
 written out with autograd, or `_FeatureScaling`, one fused multiply-add with its own backward).
@@ -207,6 +207,36 @@ def _candidates(x_c, W, b, experts, weights, encode: ExpertEncode):
     return _weighted(z, weights), z
 
 
+TOPK_CHUNKS: dict[str, int] = {}
+"""Chunks of the two-stage TopK (`topk_chunked`) by device type; a device type not listed
+takes one `torch.topk` over all candidates. Empty: on the CPU the two-stage form measured no
+faster (a single pass over each token's candidates is what the CPU's TopK already is); on a
+GPU see `benchmarks/profile_gpu.py --parts topk`."""
+
+
+def topk_chunked(f: Tensor, k: int, chunks: int) -> tuple[Tensor, Tensor]:
+    """The k largest of each row of f [B, n] and their positions, in two stages: the k largest
+    of each of `chunks` equal slices, then the k largest of those chunks·k. Exact: a row's k
+    largest are each among the k largest of their own slice. With ties at the k-th value any
+    of the tied positions may be returned, as with `torch.topk`. Unsorted, as the callers ask."""
+    B, n = f.shape
+    c = n // chunks
+    vals, pos = f.view(B, chunks, c).topk(k, dim=-1, sorted=False)  # [B, chunks, k]
+    pos = pos + torch.arange(0, n, c, device=f.device).view(1, chunks, 1)
+    top, which = vals.view(B, chunks * k).topk(k, dim=-1, sorted=False)
+    return top, pos.view(B, chunks * k).gather(1, which)
+
+
+def topk_candidates(f: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`f.topk(k, dim=-1, sorted=False)`, in two stages where `TOPK_CHUNKS` names the device
+    and the candidates split into that many slices of at least k."""
+    chunks = TOPK_CHUNKS.get(f.device.type, 0)
+    n = f.shape[-1]
+    if chunks > 1 and f.dim() == 2 and n % chunks == 0 and n // chunks >= k:
+        return topk_chunked(f, k, chunks)
+    return f.topk(k, dim=-1, sorted=False)
+
+
 def _feature_index(pos: Tensor, experts: Tensor | None, m: int) -> Tensor:
     """Global feature index of candidate positions `pos` [B, j]: position p of a token is
     row p % m of its (p // m)-th expert (dense: feature p)."""
@@ -282,7 +312,7 @@ class _SparseTopK(torch.autograd.Function):
             # values, and where fewer than k candidates are positive, zero picks either way
             pre = _preactivations(xc, Wc, bc, experts, encode)
             f_pre = _weighted(pre, wc)
-            top_f, pos = f_pre.topk(k, dim=-1, sorted=False)
+            top_f, pos = topk_candidates(f_pre, k)
             picks = [pos]
             outs = [top_f.relu_()]
             if dead is not None and k_aux > 0:
@@ -290,7 +320,7 @@ class _SparseTopK(torch.autograd.Function):
                 masked = f_pre.masked_fill(~is_dead, float("-inf"))
                 if f_pre.device.type == "cpu":  # no device to wait for: as many picks as can be dead
                     k_aux = max(1, min(k_aux, int(is_dead.sum(-1).max())))
-                aux_f, apos = masked.topk(k_aux, dim=-1, sorted=False)
+                aux_f, apos = topk_candidates(masked, k_aux)
                 picks.append(apos)
                 outs.append(aux_f.relu_())
             pos_all = torch.cat(picks, 1)
@@ -415,10 +445,13 @@ def decode_picks_sddmm(acts: Tensor, indices: Tensor, W: Tensor) -> Tensor:
 
 
 def picks_decoder(device: torch.device, dtype: torch.dtype) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """The decode for weights of `dtype` on `device`: the sparse backward on the CPU in float32
-    and float64, where it was measured faster; the bag's own backward elsewhere (on a GPU and
-    in half precision it has not been measured, and wherever this PyTorch lacks its kernel)."""
-    if (device.type == "cpu" and dtype in (torch.float32, torch.float64)
+    """The decode for weights of `dtype` on `device`: the sparse backward for float32 and
+    float64 weights on the CPU and on CUDA, where it was measured faster (on the CPU, above; on
+    an H100 the recorded bf16 step, whose master weights are float32, took 3.79 against 3.91 ms
+    for Scale e=2 and 4.66 against 4.82 ms for dense TopK, `benchmarks/profile_gpu.py --parts
+    decoder`); the bag's own backward elsewhere (half-precision weights, other devices, and
+    wherever this PyTorch lacks its kernel)."""
+    if (device.type in ("cpu", "cuda") and dtype in (torch.float32, torch.float64)
             and _BAG_WEIGHTS_GRAD is not None):
         return decode_picks_sddmm
     return decode_picks

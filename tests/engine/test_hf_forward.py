@@ -214,7 +214,7 @@ def test_default_model_layer_15_matches_the_bridge():
 
 def test_logits_and_replaced_logits_match_the_bridge(fresh_model):
     lm = fresh_model
-    toks = _tokens(lm)
+    toks = lm._tokens(_tokens(lm))  # on the model's device: the bridge is called with them too
     clean = lm.logits(toks)
     assert lm._direct_ok["logits"] is True
     torch.testing.assert_close(clean, lm.model(toks, return_type="logits"), rtol=1e-5, atol=1e-5)
@@ -239,7 +239,7 @@ def test_steered_generation_is_the_same_either_way(fresh_model):
     prompt = lm.to_tokens("The capital of France is")  # checked on its tokens repeated
     hook = "blocks.1.hook_resid_pre"
     g = torch.Generator().manual_seed(3)
-    push = torch.randn(lm.d_model, generator=g) * 4
+    push = (torch.randn(lm.d_model, generator=g) * 4).to(lm.device)
 
     def fn(a):
         return a + push
@@ -380,7 +380,7 @@ def test_steering_with_a_kv_cache_matches_the_bridge_without_one(fresh_model, po
     lm = fresh_model
     torch.manual_seed(0)
     sae = build_sae(SAEConfig(arch="scale", d_in=lm.d_model, width=64, experts=4, active=2,
-                              k=4)).eval()
+                              k=4)).eval().to(lm.device)  # as run.py puts it beside the model
     prompt = lm.to_tokens("One two three four five six")
     hook = lm.default_hook
     spec = SteerSpec(features=[(3, 30.0), (40, -10.0)], positions=positions)

@@ -16,6 +16,7 @@ from engine.sae.moe import (
     grouped_expert_encode_gmm,
     router_logits,
     router_logits_fused,
+    topk_chunked,
     topk_encode,
     topk_encode_sparse,
 )
@@ -101,9 +102,13 @@ def _params_and_grads(sae, kernels, x, dead, encode_gmm=False, monkeypatch=None)
     return out, grads
 
 
+@pytest.mark.parametrize("chunks", [0, 4], ids=["one topk", "two-stage topk"])
 @pytest.mark.parametrize("with_dead", [False, True])
 @pytest.mark.parametrize("arch,kw", CASES)
-def test_sparse_backward_equals_the_reference(arch, kw, with_dead):
+def test_sparse_backward_equals_the_reference(arch, kw, with_dead, chunks, monkeypatch):
+    from engine.sae import moe
+
+    monkeypatch.setattr(moe, "TOPK_CHUNKS", {"cpu": chunks} if chunks else {})
     sae = make(arch, **kw)
     x = torch.randn(48, 12) * 2
     dead = None
@@ -168,6 +173,25 @@ def test_sparse_backward_with_the_grouped_gemm_equals_the_reference():
     gf = torch.autograd.grad(fast.top_acts.gather(1, f_ord), inputs, go)
     for p, q in zip(gr, gf, strict=True):
         assert torch.allclose(p, q, atol=1e-5)
+
+
+@pytest.mark.parametrize("values", ["distinct", "ties", "with -inf"])
+@pytest.mark.parametrize("chunks", [2, 8, 16])
+def test_the_two_stage_topk_is_the_topk(values, chunks):
+    g = torch.Generator().manual_seed(chunks)
+    f = torch.randn(40, 128, generator=g)
+    if values == "ties":  # few distinct values: many ties at the k-th
+        f = torch.randint(0, 6, (40, 128), generator=g).float()
+    elif values == "with -inf":  # AuxK's masked candidates, some slices all -inf
+        f[:, : 128 // chunks * (chunks // 2)] = float("-inf")
+    k = 8
+    top, pos = topk_chunked(f, k, chunks)
+    ref, _ = f.topk(k, dim=-1)
+    assert torch.equal(top.sort(-1, descending=True).values, ref)
+    assert torch.equal(f.gather(1, pos), top)  # each value is at its position
+    assert all(len(set(row.tolist())) == k for row in pos)  # k distinct positions
+    if values == "distinct":
+        assert torch.equal(pos.sort(-1).values, f.topk(k, dim=-1).indices.sort(-1).values)
 
 
 @pytest.mark.parametrize("lead", [(10,), (2, 5)])

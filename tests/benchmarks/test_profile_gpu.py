@@ -1,0 +1,35 @@
+"""profile_gpu.py's A/B parts on the CPU at a tiny size, so that a run on a GPU machine, where
+device time is short, does not end in a bug of the script's own (the numbers are the
+benchmark's business, not a test's)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+TINY = dict(d=16, width=256, experts=8, k=4, batch=64)
+
+
+def test_the_decoder_and_topk_ab_parts_run_and_restore_the_defaults():
+    from benchmarks import profile_gpu
+    from engine.sae import base, moe
+
+    cpu = torch.device("cpu")
+    chosen, chunks = base.picks_decoder, dict(moe.TOPK_CHUNKS)
+    out = {"decoder_ab": [], "topk": []}
+    profile_gpu.profile_decoders(TINY, cpu, ["topk", "scale e=2"], out, rounds=1)
+    profile_gpu.profile_topk(TINY, cpu, ["topk"], out, rounds=1)
+    assert [r["model"] for r in out["decoder_ab"]] == ["topk", "scale e=2"]
+    for row in out["decoder_ab"]:
+        assert "error" not in row and set(row["ms"]) == {"bag backward", "segmented sum"}
+    assert [r["n"] for r in out["topk"]] == [256, 64]
+    dense = out["topk"][0]
+    assert "one topk" in dense["ms"] and "two-stage 8" in dense["ms"]
+    assert "two-stage 128" not in dense["ms"]  # slices of 2 < k: not a two-stage TopK
+    assert dense["fastest"] in dense["ms"]
+    assert "step_error" not in dense and len(dense["step_ab"]["ms"]) == 2
+    assert "one topk" in dense["step_ab"]["ms"]
+    assert base.picks_decoder is chosen and moe.TOPK_CHUNKS == chunks  # put back
