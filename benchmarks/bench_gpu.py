@@ -228,36 +228,56 @@ def bench_trainer(size: dict, device: torch.device, precisions, tokens: int, ste
     return rows
 
 
+def _gpu_busy_ms(fn, device: torch.device, calls: int, show: bool = False) -> float:
+    """The GPU's kernel time per call of fn (torch profiler; after one call unprofiled); with
+    `show`, the kernels that cost most are printed."""
+    fn()
+    sync(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    avg = prof.key_averages()
+    if show:
+        print(avg.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
+    kernels = [e for e in avg if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in kernels) / calls / 1000
+
+
 def bench_harvest(device: torch.device, tokens: int, dtype: str, corpus: str | None) -> dict:
     """`moesae harvest` of `tokens` tokens with each way of reading the hook (--model-forward):
     auto (the model's own forward pass, the default) and bridge (TransformerLens), one after
     the other on one loaded model; the auto run's numbers at the top level."""
-    from engine.data.harvest import HarvestConfig, harvest
+    from engine.data.harvest import HarvestConfig, default_batch_contexts, harvest
     from engine.models import load_model
 
     runs = {}
     lm = None
-    for forward in ("bridge", "auto"):
+    batch = default_batch_contexts(device)
+    for label, forward, contexts in (("bridge", "bridge", batch), ("auto", "auto", batch),
+                                     (f"auto, {4 * batch} contexts", "auto", 4 * batch)):
+        timings: dict = {}
         with tempfile.TemporaryDirectory(prefix="moesae-harvest-") as tmp:
             cfg = set_flat(HarvestConfig(), dict(tokens=tokens, out=str(Path(tmp) / "h"),
                                                  corpus=corpus, model_dtype=dtype,
-                                                 device=str(device), model_forward=forward))
+                                                 device=str(device), model_forward=forward,
+                                                 batch_contexts=contexts))
             lm = lm or load_model(cfg.source.model_name, device=str(device), dtype=dtype)
             t = time.perf_counter()
-            store = harvest(cfg, progress=False, model=lm)
+            store = harvest(cfg, progress=False, model=lm, timings=timings)
             secs = time.perf_counter() - t
             n = store.split("train").n_tokens + store.split("eval").n_tokens
-        runs[forward] = {"tokens": n, "seconds": secs, "tokens_per_s": n / secs}
-        print(f"harvest, --model-forward {forward}: {n / secs:,.0f} tokens/s", flush=True)
+        runs[label] = {"tokens": n, "seconds": secs, "tokens_per_s": n / secs,
+                       "batch_contexts": contexts, "main_thread_s": timings}
+        print(f"harvest, --model-forward {forward}, {contexts} contexts a pass: {n / secs:,.0f} "
+              "tokens/s; main thread: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()),
+              flush=True)
     checked = {h: ok for h, ok in lm._direct_ok.items()}
     # The forward pass alone, both ways interleaved (the harvests above also tokenise and
     # write, and ran one after the other): one 8-token context — nearly all host time on a
     # GPU — and one batch of the harvest's size (`default_batch_contexts`, 128 tokens each).
-    from engine.data.harvest import default_batch_contexts
-
     g = torch.Generator().manual_seed(0)
-    for label, shape, repeats in (("one_context_ms", (1, 8), 24),
-                                  ("batch_ms", (default_batch_contexts(device), 128), 12)):
+    for label, shape, repeats in (("one_context_ms", (1, 8), 24), ("batch_ms", (batch, 128), 12)):
         toks = torch.randint(0, len(lm.tokenizer), shape, generator=g)
         toks[:, 0] = lm.bos_token_id or 0
         times = {"bridge": [], "auto": []}
@@ -277,9 +297,18 @@ def bench_harvest(device: torch.device, tokens: int, dtype: str, corpus: str | N
         print(f"forward of {shape[0]}×{shape[1]} tokens: bridge {runs['bridge'][label]:.1f} ms, "
               f"auto {runs['auto'][label]:.1f} ms", flush=True)
     lm.forward = "auto"
+    if device.type == "cuda":  # is the forward pass bound by the GPU or by the host issuing it?
+        for contexts in (batch, 4 * batch):
+            toks = torch.randint(0, len(lm.tokenizer), (contexts, 128), generator=g)
+            toks[:, 0] = lm.bos_token_id or 0
+            busy = _gpu_busy_ms(lambda toks=toks: lm.activations(toks, store.hook), device, 3,
+                                show=contexts > batch)
+            runs["auto"][f"gpu_busy_ms_{contexts}"] = busy
+            print(f"forward of {contexts}×128 tokens: the GPU busy {busy:.1f} ms of it "
+                  f"({contexts * 128 / busy / 1000:,.0f}k tokens/s if the host kept up)", flush=True)
     return {"model": cfg.source.model_name, "hook": store.hook, "model_dtype": dtype, **runs["auto"],
             "model_forward": "auto", "direct_path_used": checked.get(store.hook, False),
-            "bridge": runs["bridge"],
+            "bridge": runs["bridge"], "larger_batch": runs[f"auto, {4 * batch} contexts"],
             "ratio_to_bridge": runs["auto"]["tokens_per_s"] / runs["bridge"]["tokens_per_s"],
             "forward_ratio_to_bridge": runs["bridge"]["batch_ms"] / runs["auto"]["batch_ms"],
             "note": "includes tokenising the corpus (beside the forward passes after its first "

@@ -345,9 +345,11 @@ def _domain_chunks(
         for ids in lm.tokenize(texts, prepend_bos=False):
             buf.extend(ids)
             buf.extend(sep)
-            while len(buf) >= body_len:
-                yield buf[:body_len]
-                buf = buf[body_len:]
+            at = 0  # chunks are cut from `at` on, the rest kept once (a long document is not
+            while len(buf) - at >= body_len:  # copied again for every chunk cut from it)
+                yield buf[at : at + body_len]
+                at += body_len
+            del buf[:at]
 
 
 SHUFFLE_BLOCK = 8_192

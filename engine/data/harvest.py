@@ -17,6 +17,7 @@ import math
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,9 +129,24 @@ def _write_json(path: Path, obj: dict) -> None:
         raise _write_error(path, e) from e
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
+def _save_npy(path: Path, arr: np.ndarray | list[np.ndarray]) -> None:
+    """`arr` as an .npy file, atomically; a list of arrays (of one dtype and row shape) is
+    saved as their concatenation, written part by part without making it in memory."""
+    def write(f) -> None:
+        if isinstance(arr, np.ndarray):
+            np.save(f, arr)
+            return
+        parts = [np.ascontiguousarray(a) for a in arr]
+        shape = (sum(len(a) for a in parts), *parts[0].shape[1:])
+        np.lib.format.write_array_header_1_0(f, {
+            "descr": np.lib.format.dtype_to_descr(parts[0].dtype), "fortran_order": False,
+            "shape": shape})
+        for a in parts:
+            if a.size:
+                f.write(memoryview(a.reshape(-1)).cast("B"))
+
     try:
-        atomic_write(path, lambda f: np.save(f, arr), binary=True)
+        atomic_write(path, write, binary=True)
     except OSError as e:
         raise _write_error(path, e) from e
 
@@ -342,12 +358,15 @@ def harvest(
     *,
     model: LoadedModel | None = None,
     on_shard: Callable[[int], None] | None = None,
+    timings: dict | None = None,
 ) -> ActivationStore:
     """Run the model over the corpus and store activations at the hook; resumes a folder
     harvested with the same config, refuses one harvested with another. Tokenisation runs
     beside the forward passes (`ContextFeed`).
     `model`: an already loaded model named as the config names it (saves a reload);
-    `on_shard(n_done)`: called after each committed shard (tests use it to simulate a crash)."""
+    `on_shard(n_done)`: called after each committed shard (tests use it to simulate a crash);
+    `timings`: gets the seconds of the main thread's parts (`HARVEST_PARTS`) after the model
+    is loaded, and "start", the reading of the corpus and the start of the tokeniser."""
     _check(cfg)
     src = cfg.source
     if model is not None and model.name != src.model_name:
@@ -370,11 +389,15 @@ def harvest(
                 f"({', '.join(diff) or 'format'}); choose another output folder or delete it."
             )
     existed = out.exists()
+    t = time.perf_counter()
     contexts = _prepare_contexts(src, lm, out)
+    if timings is not None:
+        timings["start"] = timings.get("start", 0.0) + time.perf_counter() - t
     try:
         out.mkdir(parents=True, exist_ok=True)  # once there is text
         return write_shards(lm, hook, out, identity, contexts, cfg.dtype, cfg.shard_mb,
-                            src.batch_contexts, src.drop_outliers, progress, on_shard)
+                            src.batch_contexts, src.drop_outliers, progress, on_shard,
+                            timings=timings)
     except DataError as e:
         if e is not contexts.error:
             raise
@@ -389,9 +412,29 @@ def harvest(
         contexts.cancelled = True  # a tokeniser still running stops at its next block
 
 
+HARVEST_PARTS = ("tokens", "forward", "device", "host", "writers", "contexts")
+"""Where a harvest's main thread spends its time (`harvest(timings=...)`): waiting for the
+tokeniser, issuing the model's forward passes (on the CPU: computing them), waiting for the
+GPU, checking and gathering rows on the host, waiting for the shard writers, and saving the
+contexts at the end."""
+
+
+class _Clock:
+    """Seconds of one thread, part by part: `lap(part)` adds the time since the last lap."""
+
+    def __init__(self, into: dict | None):
+        self.into = into if into is not None else {}
+        self.t = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.into[part] = self.into.get(part, 0.0) + now - self.t
+        self.t = now
+
+
 def _forward_ahead(
     lm: LoadedModel, hook: str, contexts: ContextFeed, spans: list[tuple[int, int, int]],
-    first_pos: int, dtype: str,
+    first_pos: int, dtype: str, clock: _Clock | None = None,
 ) -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """(shard, start, stop, activations [n, d] in `dtype`, norms [n] float32, finite [n] bool,
     sq [n] float32) of each span of contexts, on the host, in order: `finite` and `sq` are
@@ -401,9 +444,12 @@ def _forward_ahead(
     to pinned host memory is ordered before that forward on the stream, so the device computes
     while the host checks, filters and stores. On the CPU this is the plain loop."""
     store = torch.float16 if dtype == "float16" else torch.float32
+    clock = clock or _Clock(None)
     pending = None
     for i, start, stop in spans:
-        x = lm.activations(torch.from_numpy(contexts.rows(start, stop).astype(np.int64)), hook)
+        rows = contexts.rows(start, stop)
+        clock.lap("tokens")
+        x = lm.activations(torch.from_numpy(rows.astype(np.int64)), hook)
         x = x[:, first_pos:, :].reshape(-1, lm.d_model)
         norms = x.float().norm(dim=1)
         x = x.to(store)
@@ -415,16 +461,18 @@ def _forward_ahead(
                      for t in stats]
             ready = torch.cuda.Event()
             ready.record()
+        clock.lap("forward")
         if pending is not None:
-            yield _host_batch(*pending)
+            yield _host_batch(*pending, clock)
         pending = (i, start, stop, x, stats, ready)
     if pending is not None:
-        yield _host_batch(*pending)
+        yield _host_batch(*pending, clock)
 
 
-def _host_batch(i, start, stop, x, stats, ready):
+def _host_batch(i, start, stop, x, stats, ready, clock: _Clock):
     if ready is not None:
         ready.synchronize()  # this span's copy, not the forward queued after it
+    clock.lap("device")
     return (i, start, stop, x.numpy(), *(t.numpy() for t in stats))
 
 
@@ -446,11 +494,13 @@ def write_shards(
     dtype: str = "float16", shard_mb: float = 64.0, batch_contexts: int | None = None,
     drop_outliers: bool = True, progress: bool = True,
     on_shard: Callable[[int], None] | None = None, norm_scale: float | None = None,
+    timings: dict | None = None,
 ) -> ActivationStore:
     """The activations of `contexts`, shard by shard, resuming after the last complete one;
     the contexts are saved beside them (contexts.npy/.json) once every one exists.
     `norm_scale`: given (a held-out set of a stream, which has no training split of its own),
-    else computed from the training split."""
+    else computed from the training split. `timings`: a dict that gets the seconds of each of
+    `HARVEST_PARTS` added to it."""
     d = lm.d_model
     first_pos = 1 if lm.bos_token_id is not None else 0
     manifest = read_manifest(out) if (out / "manifest.json").exists() else None
@@ -523,7 +573,8 @@ def write_shards(
     writer = concurrent.futures.ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="shards")
     in_flight: collections.deque = collections.deque()
 
-    def write_files(planned: dict, acts: np.ndarray, index: np.ndarray, norms: np.ndarray) -> None:
+    def write_files(planned: dict, acts: list[np.ndarray], index: list[np.ndarray],
+                    norms: np.ndarray) -> None:
         name = planned["file"]
         _save_npy(out / f"{name}.norms.npy", norms)
         _save_npy(out / f"{name}.idx.npy", index)
@@ -543,10 +594,11 @@ def write_shards(
     todo = plan[len(done) :]
     spans = [(i, a, min(a + batch_contexts, p["contexts"][1]))
              for i, p in enumerate(todo) for a in range(p["contexts"][0], p["contexts"][1], batch_contexts)]
+    clock = _Clock(timings)
     try:
         rows, index, norms_seen, dropped, sum_sq = [], [], [], 0, 0.0
         for i, start, stop, x, norms, finite, sq in _forward_ahead(lm, hook, contexts, spans,
-                                                                  first_pos, dtype):
+                                                                  first_pos, dtype, clock):
             if not np.isfinite(norms).all():
                 raise DataError(
                     f"Model {lm.name} produced NaN or infinite activations at {hook} "
@@ -564,24 +616,29 @@ def write_shards(
                 )
             ctx = np.repeat(np.arange(start, stop, dtype=np.int32), body)
             pos = np.tile(np.arange(first_pos, first_pos + body, dtype=np.int32), stop - start)
-            rows.append(x[keep])
-            index.append(np.stack([ctx, pos], axis=1)[keep])
+            every = bool(keep.all())  # then no copy: x holds its own (pinned) buffer
+            rows.append(x if every else x[keep])
+            index.append(np.stack([ctx, pos], axis=1) if every else np.stack([ctx, pos], axis=1)[keep])
             norms_seen.append(norms)
             sum_sq += float(sq[keep].sum(dtype=np.float64))
             bar.update((stop - start) * body)
             if stop == todo[i]["contexts"][1]:  # the shard is complete
-                acts = np.concatenate(rows)
-                future = writer.submit(write_files, todo[i], acts, np.concatenate(index),
+                # its parts are written one after the other, never concatenated in memory
+                future = writer.submit(write_files, todo[i], rows, index,
                                        np.concatenate(norms_seen).astype(np.float32))
-                in_flight.append((todo[i], future, int(len(acts)), dropped, sum_sq))
+                in_flight.append((todo[i], future, sum(len(r) for r in rows), dropped, sum_sq))
                 rows, index, norms_seen, dropped, sum_sq = [], [], [], 0, 0.0
+            clock.lap("host")
             # list each written shard as soon as those before it are (a kill loses at most the
             # shards still being written); wait only when WRITERS are busy
             while in_flight and (len(in_flight) > WRITERS or in_flight[0][1].done()):
                 commit_oldest()
+            clock.lap("writers")
         while in_flight:
             commit_oldest()
+        clock.lap("writers")
         _save_contexts_once(out, contexts)
+        clock.lap("contexts")
     finally:
         writer.shutdown(wait=True, cancel_futures=True)  # after a failure, no queued shard starts
         bar.close()

@@ -154,19 +154,23 @@ def test_nan_activations_are_a_data_error(tiny_model, tmp_path, monkeypatch):
 
 
 def test_disk_full_keeps_manifest_valid(tiny_acts, tiny_model, tmp_path, monkeypatch):
+    from engine.data import harvest as harvest_module
+
     out = tmp_path / "full"
-    real = np.lib.format.write_array
+    real = harvest_module.atomic_write
 
-    def write_array(fp, array, *args, **kwargs):
+    def atomic_write(path, write, binary=False):
         # shard 2's activations (its norms and index are written first): the disk fills up
-        # there, whichever of the shards being written at once gets there first (the contexts
-        # are saved last, so the rerun tokenises them again)
-        if "train-00001.npy" in str(getattr(fp, "name", "")):
-            fp.write(b"\x93NUMPY partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fp, array, *args, **kwargs)
+        # there, part way through, whichever of the shards being written at once gets there
+        # first (the contexts are saved last, so the rerun tokenises them again)
+        if str(path).endswith("train-00001.npy"):
+            def write_part(f):
+                f.write(b"\x93NUMPY partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, write_part, binary)
+        return real(path, write, binary)
 
-    monkeypatch.setattr(np.lib.format, "write_array", write_array)
+    monkeypatch.setattr(harvest_module, "atomic_write", atomic_write)
     with pytest.raises(DataError, match="disk filled up"):
         harvest(_cfg(out), progress=False, model=tiny_model)
     monkeypatch.undo()
@@ -174,6 +178,20 @@ def test_disk_full_keeps_manifest_valid(tiny_acts, tiny_model, tmp_path, monkeyp
     assert [s["file"] for s in manifest["shards"]] == ["train-00000"]
     assert not list(out.glob("*.tmp")) and not (out / "contexts.npy").exists()
     _assert_same(harvest(_cfg(out), progress=False, model=tiny_model), tiny_acts)
+
+
+def test_a_harvest_says_where_its_main_thread_spent_its_time(tiny_model, tmp_path):
+    import time
+
+    from engine.data.harvest import HARVEST_PARTS
+
+    timings: dict = {}
+    t = time.perf_counter()
+    harvest(_cfg(tmp_path / "h"), progress=False, model=tiny_model, timings=timings)
+    wall = time.perf_counter() - t
+    assert set(timings) <= {"start", *HARVEST_PARTS} and {"start", "forward", "host"} <= set(timings)
+    assert all(v >= 0 for v in timings.values()) and timings["forward"] > 0
+    assert sum(timings.values()) <= wall  # parts of one thread's time, none counted twice
 
 
 def test_the_next_forward_is_launched_before_a_batch_is_handed_out():
@@ -330,3 +348,16 @@ def test_each_shard_records_the_sum_of_squares_of_what_it_stores(tiny_acts):
     for entry in tiny_acts.manifest["shards"]:
         x = np.load(tiny_acts.path / f"{entry['file']}.npy").astype(np.float64)
         assert entry["sum_sq"] == pytest.approx(float(np.square(x).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int32"])
+def test_a_shard_saved_part_by_part_is_the_file_of_their_concatenation(tmp_path, dtype):
+    from engine.data.harvest import _save_npy
+
+    g = np.random.default_rng(0)
+    parts = [(g.standard_normal((n, 5)) * 100).astype(dtype) for n in (7, 0, 12, 1)]
+    parts[2] = parts[2][::2]  # not contiguous: copied once, then written
+    _save_npy(tmp_path / "parts.npy", parts)
+    np.save(tmp_path / "whole.npy", np.concatenate(parts))
+    assert (tmp_path / "parts.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
+    np.testing.assert_array_equal(np.load(tmp_path / "parts.npy", mmap_mode="r"), np.concatenate(parts))
