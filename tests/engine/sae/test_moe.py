@@ -175,15 +175,21 @@ def test_sparse_backward_with_the_grouped_gemm_equals_the_reference():
         assert torch.allclose(p, q, atol=1e-5)
 
 
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), pytest.param(
+    "cuda", torch.bfloat16, marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                     reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("values", ["distinct", "ties", "with -inf"])
 @pytest.mark.parametrize("chunks", [2, 8, 16])
-def test_the_two_stage_topk_is_the_topk(values, chunks):
+def test_the_two_stage_topk_is_the_topk(values, chunks, device, dtype):
     g = torch.Generator().manual_seed(chunks)
     f = torch.randn(40, 128, generator=g)
     if values == "ties":  # few distinct values: many ties at the k-th
         f = torch.randint(0, 6, (40, 128), generator=g).float()
     elif values == "with -inf":  # AuxK's masked candidates, some slices all -inf
         f[:, : 128 // chunks * (chunks // 2)] = float("-inf")
+    if values == "distinct" and dtype == torch.bfloat16:  # distinct in bf16 too
+        f = torch.stack([torch.randperm(128, generator=g) for _ in range(40)]).float()  # exact
+    f = f.to(device, dtype)
     k = 8
     top, pos = topk_chunked(f, k, chunks)
     ref, _ = f.topk(k, dim=-1)
@@ -283,9 +289,13 @@ def test_auxk_asks_only_for_dead_features_a_token_can_choose_among():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("chunks", [0, 16], ids=["one topk", "two-stage topk"])
 @pytest.mark.parametrize("arch", ["topk", "switch", "scale"])
-def test_a_training_step_never_waits_for_the_gpu(arch):
+def test_a_training_step_never_waits_for_the_gpu(arch, chunks, monkeypatch):
+    from engine.sae import moe
     from engine.training.schedule import make_adam
+
+    monkeypatch.setattr(moe, "TOPK_CHUNKS", {"cuda": chunks} if chunks else {})
 
     sae = make(arch, width=4096, experts=16, d_in=256).cuda()
     opt = make_adam(sae.parameters(), 1e-4)
