@@ -174,9 +174,9 @@ def profile_topk(size: dict, device: torch.device, archs: list[str], out: dict,
     for n in (size["width"], 2 * size["width"] // size["experts"]):
         f = torch.randn(B, n, device=device).to(torch.bfloat16)
         fns = {"one topk": lambda f=f: f.topk(k, dim=-1, sorted=False)}
-        for chunks in (4, 8, 16, 24, 32, 48, 64, 96, 128, 192):
-            if n % chunks == 0 and n // chunks >= k:
-                fns[f"two-stage {chunks}"] = lambda f=f, c=chunks: moe.topk_chunked(f, k, c)
+        for width in (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 3072, 6144):
+            if n % width == 0 and width >= k and n // width > 1:  # as topk_candidates asks
+                fns[f"two-stage, slices of {width}"] = lambda f=f, c=n // width: moe.topk_chunked(f, k, c)
         times: dict = {label: [] for label in fns}
         for _ in range(rounds):
             for label, fn in fns.items():
@@ -190,14 +190,14 @@ def profile_topk(size: dict, device: torch.device, archs: list[str], out: dict,
         staged = [label for label in ms if label != "one topk"]
         if n == size["width"] and staged and "topk" in archs:
             best = min(staged, key=ms.get)  # the step A/B: one topk against the best two-stage
-            chunks = int(best.split()[-1])
+            width = int(best.split()[-1])
             g = torch.Generator(device=device).manual_seed(0)
             xs = [torch.randn(B, size["d"], device=device, generator=g) for _ in range(10)]
             cfg = SAEConfig(d_in=size["d"], width=size["width"], experts=size["experts"], k=k,
                             **dict(ARCHS)["topk"])
             try:
-                ab = _ab_steps(cfg, device, {"one topk": _patched(moe, "TOPK_CHUNKS", {}),
-                                             best: _patched(moe, "TOPK_CHUNKS", {device.type: chunks})},
+                ab = _ab_steps(cfg, device, {"one topk": _patched(moe, "TOPK_SLICE", {}),
+                                             best: _patched(moe, "TOPK_SLICE", {device.type: width})},
                                xs, 3)
                 row["step_ab"] = ab
                 print(f"== dense TopK step: one topk {ab['ms']['one topk']:.3f} ms, {best} "

@@ -10,7 +10,7 @@ Each step exists twice, under the same name, and the tests hold the fast one to 
 |----------------------------------|-------------------------------------------------------|
 | `router_logits`: (x − b) · Wᵀ with autograd | `router_logits_fused`: the same forward; the centre's gradient as one [N] × [N, d] product |
 | `grouped_expert_encode`: a Python loop of one matmul per expert, group sizes read on the host | `grouped_expert_encode_gmm`: one grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper in bf16), group offsets computed on the device — no loop, no host synchronisation |
-| `topk_encode`: ReLU, weighting and TopK with ordinary autograd, so the backward pass is dense over all computed candidates | `topk_encode_sparse`: the same codes from one autograd Function whose backward touches only the k selected latents (and the AuxK picks), as EleutherAI sparsify's fused encoder does; its ReLU runs on the picks, after the TopK, and the TopK runs in two stages where `TOPK_CHUNKS` says so (`topk_candidates`) |
+| `topk_encode`: ReLU, weighting and TopK with ordinary autograd, so the backward pass is dense over all computed candidates | `topk_encode_sparse`: the same codes from one autograd Function whose backward touches only the k selected latents (and the AuxK picks), as EleutherAI sparsify's fused encoder does; its ReLU runs on the picks, after the TopK, and the TopK runs in two stages where `TOPK_SLICE` says so (`topk_candidates`) |
 | `decode_picks`: `embedding_bag` over each token's picks, with the bag's own backward | `decode_picks_sddmm`: the same forward; the values' gradient as one sampled dense-dense product (the bag's own kernel for it), the decoder's as the encoder's segmented sum (float32 weights on the CPU and CUDA; `picks_decoder`) |
 
 Feature Scaling has its pair in engine/sae/scale.py (`ScaleSAE.scaled_encoder`: METHOD §3
@@ -207,11 +207,11 @@ def _candidates(x_c, W, b, experts, weights, encode: ExpertEncode):
     return _weighted(z, weights), z
 
 
-TOPK_CHUNKS: dict[str, int] = {}
-"""Chunks of the two-stage TopK (`topk_chunked`) by device type; a device type not listed
-takes one `torch.topk` over all candidates. Empty: on the CPU the two-stage form measured no
-faster (a single pass over each token's candidates is what the CPU's TopK already is); on a
-GPU see `benchmarks/profile_gpu.py --parts topk`."""
+TOPK_SLICE: dict[str, int] = {}
+"""Candidates per slice of the two-stage TopK (`topk_chunked`) by device type; a device type
+not listed takes one `torch.topk` over all candidates. Empty: on the CPU the two-stage form
+measured no faster (a single pass over each token's candidates is what the CPU's TopK already
+is); on a GPU see `benchmarks/profile_gpu.py --parts topk`."""
 
 
 def topk_chunked(f: Tensor, k: int, chunks: int) -> tuple[Tensor, Tensor]:
@@ -228,12 +228,12 @@ def topk_chunked(f: Tensor, k: int, chunks: int) -> tuple[Tensor, Tensor]:
 
 
 def topk_candidates(f: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """`f.topk(k, dim=-1, sorted=False)`, in two stages where `TOPK_CHUNKS` names the device
-    and the candidates split into that many slices of at least k."""
-    chunks = TOPK_CHUNKS.get(f.device.type, 0)
+    """`f.topk(k, dim=-1, sorted=False)`, in two stages where `TOPK_SLICE` names the device
+    and the candidates split into at least two slices of that many, each at least k."""
+    width = TOPK_SLICE.get(f.device.type, 0)
     n = f.shape[-1]
-    if chunks > 1 and f.dim() == 2 and n % chunks == 0 and n // chunks >= k:
-        return topk_chunked(f, k, chunks)
+    if width >= k and f.dim() == 2 and n % width == 0 and n // width > 1:
+        return topk_chunked(f, k, n // width)
     return f.topk(k, dim=-1, sorted=False)
 
 

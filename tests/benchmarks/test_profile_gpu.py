@@ -18,7 +18,7 @@ def test_the_decoder_and_topk_ab_parts_run_and_restore_the_defaults():
     from engine.sae import base, moe
 
     cpu = torch.device("cpu")
-    chosen, chunks = base.picks_decoder, dict(moe.TOPK_CHUNKS)
+    chosen, slices = base.picks_decoder, dict(moe.TOPK_SLICE)
     out = {"decoder_ab": [], "topk": []}
     profile_gpu.profile_decoders(TINY, cpu, ["topk", "scale e=2"], out, rounds=1)
     profile_gpu.profile_topk(TINY, cpu, ["topk"], out, rounds=1)
@@ -27,9 +27,9 @@ def test_the_decoder_and_topk_ab_parts_run_and_restore_the_defaults():
         assert "error" not in row and set(row["ms"]) == {"bag backward", "segmented sum"}
     assert [r["n"] for r in out["topk"]] == [256, 64]
     dense = out["topk"][0]
-    assert "one topk" in dense["ms"] and "two-stage 8" in dense["ms"]
-    assert "two-stage 128" not in dense["ms"]  # slices of 2 < k: not a two-stage TopK
+    assert "one topk" in dense["ms"] and "two-stage, slices of 64" in dense["ms"]
+    assert "two-stage, slices of 256" not in dense["ms"]  # one slice: not a two-stage TopK
     assert dense["fastest"] in dense["ms"]
     assert "step_error" not in dense and len(dense["step_ab"]["ms"]) == 2
     assert "one topk" in dense["step_ab"]["ms"]
-    assert base.picks_decoder is chosen and moe.TOPK_CHUNKS == chunks  # put back
+    assert base.picks_decoder is chosen and moe.TOPK_SLICE == slices  # put back

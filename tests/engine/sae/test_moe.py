@@ -102,13 +102,13 @@ def _params_and_grads(sae, kernels, x, dead, encode_gmm=False, monkeypatch=None)
     return out, grads
 
 
-@pytest.mark.parametrize("chunks", [0, 4], ids=["one topk", "two-stage topk"])
+@pytest.mark.parametrize("chunks", [False, True], ids=["one topk", "two-stage topk"])
 @pytest.mark.parametrize("with_dead", [False, True])
 @pytest.mark.parametrize("arch,kw", CASES)
 def test_sparse_backward_equals_the_reference(arch, kw, with_dead, chunks, monkeypatch):
     from engine.sae import moe
 
-    monkeypatch.setattr(moe, "TOPK_CHUNKS", {"cpu": chunks} if chunks else {})
+    monkeypatch.setattr(moe, "TOPK_SLICE", {"cpu": 8} if chunks else {})
     sae = make(arch, **kw)
     x = torch.randn(48, 12) * 2
     dead = None
@@ -289,13 +289,13 @@ def test_auxk_asks_only_for_dead_features_a_token_can_choose_among():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("chunks", [0, 16], ids=["one topk", "two-stage topk"])
+@pytest.mark.parametrize("chunks", [False, True], ids=["one topk", "two-stage topk"])
 @pytest.mark.parametrize("arch", ["topk", "switch", "scale"])
 def test_a_training_step_never_waits_for_the_gpu(arch, chunks, monkeypatch):
     from engine.sae import moe
     from engine.training.schedule import make_adam
 
-    monkeypatch.setattr(moe, "TOPK_CHUNKS", {"cuda": chunks} if chunks else {})
+    monkeypatch.setattr(moe, "TOPK_SLICE", {"cuda": 64} if chunks else {})
 
     sae = make(arch, width=4096, experts=16, d_in=256).cuda()
     opt = make_adam(sae.parameters(), 1e-4)
