@@ -246,23 +246,26 @@ def _gpu_busy_ms(fn, device: torch.device, calls: int, show: bool = False) -> fl
 
 def bench_harvest(device: torch.device, tokens: int, dtype: str, corpus: str | None) -> dict:
     """`moesae harvest` of `tokens` tokens with each way of reading the hook (--model-forward):
-    auto (the model's own forward pass, the default) and bridge (TransformerLens), one after
-    the other on one loaded model; the auto run's numbers at the top level."""
+    auto (the model's own forward pass, the default) and bridge (TransformerLens), both with the
+    default contexts a pass, then auto with another count ("other_batch": the default for wide
+    models where this model's is larger, else 4× it), one after the other on one loaded model;
+    the default run's numbers at the top level."""
     from engine.data.harvest import HarvestConfig, default_batch_contexts, harvest
-    from engine.models import load_model
+    from engine.models import DEFAULT_MODEL, load_model
 
+    lm = load_model(DEFAULT_MODEL, device=str(device), dtype=dtype)
     runs = {}
-    lm = None
-    batch = default_batch_contexts(device)
+    batch = default_batch_contexts(device, lm.d_model)
+    other = default_batch_contexts(device)
+    other = other if other != batch else 4 * batch
     for label, forward, contexts in (("bridge", "bridge", batch), ("auto", "auto", batch),
-                                     (f"auto, {4 * batch} contexts", "auto", 4 * batch)):
+                                     ("other", "auto", other)):
         timings: dict = {}
         with tempfile.TemporaryDirectory(prefix="moesae-harvest-") as tmp:
             cfg = set_flat(HarvestConfig(), dict(tokens=tokens, out=str(Path(tmp) / "h"),
                                                  corpus=corpus, model_dtype=dtype,
                                                  device=str(device), model_forward=forward,
                                                  batch_contexts=contexts))
-            lm = lm or load_model(cfg.source.model_name, device=str(device), dtype=dtype)
             t = time.perf_counter()
             store = harvest(cfg, progress=False, model=lm, timings=timings)
             secs = time.perf_counter() - t
@@ -298,17 +301,17 @@ def bench_harvest(device: torch.device, tokens: int, dtype: str, corpus: str | N
               f"auto {runs['auto'][label]:.1f} ms", flush=True)
     lm.forward = "auto"
     if device.type == "cuda":  # is the forward pass bound by the GPU or by the host issuing it?
-        for contexts in (batch, 4 * batch):
+        for contexts in sorted({batch, other}):
             toks = torch.randint(0, len(lm.tokenizer), (contexts, 128), generator=g)
             toks[:, 0] = lm.bos_token_id or 0
             busy = _gpu_busy_ms(lambda toks=toks: lm.activations(toks, store.hook), device, 3,
-                                show=contexts > batch)
+                                show=contexts == batch)
             runs["auto"][f"gpu_busy_ms_{contexts}"] = busy
             print(f"forward of {contexts}×128 tokens: the GPU busy {busy:.1f} ms of it "
-                  f"({contexts * 128 / busy / 1000:,.0f}k tokens/s if the host kept up)", flush=True)
+                  f"({contexts * 128 / busy * 1000:,.0f} tokens/s if the host kept up)", flush=True)
     return {"model": cfg.source.model_name, "hook": store.hook, "model_dtype": dtype, **runs["auto"],
             "model_forward": "auto", "direct_path_used": checked.get(store.hook, False),
-            "bridge": runs["bridge"], "larger_batch": runs[f"auto, {4 * batch} contexts"],
+            "bridge": runs["bridge"], "other_batch": runs["other"],
             "ratio_to_bridge": runs["auto"]["tokens_per_s"] / runs["bridge"]["tokens_per_s"],
             "forward_ratio_to_bridge": runs["bridge"]["batch_ms"] / runs["auto"]["batch_ms"],
             "note": "includes tokenising the corpus (beside the forward passes after its first "

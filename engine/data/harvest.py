@@ -59,7 +59,7 @@ class SourceConfig:
     eval_fraction: float = 0.1
     """Fraction of contexts held out for evaluation (of each shuffled block of 8,192)."""
     batch_contexts: int | None = None
-    """Contexts per forward pass (default: 8 on the CPU, 256 on a GPU)."""
+    """Contexts per forward pass (default: 8 on the CPU; on a GPU 1,024 for models up to d_model 1,024, else 256)."""
     drop_outliers: bool = True
     """Drop tokens whose norm is > 10x the running median."""
     model_dtype: str = "float32"
@@ -481,12 +481,26 @@ WRITERS = 3
 order, each only once its files are on disk."""
 
 
-def default_batch_contexts(device) -> int:
+def _kept_runs(x: np.ndarray, keep: np.ndarray) -> list[np.ndarray]:
+    """The rows of x where `keep` holds, in order, as views of x: one per run of kept rows
+    (a shard's parts are written one after the other, so nothing is copied on the host; an
+    outlier in a batch used to cost a copy of the whole batch)."""
+    if keep.all():
+        return [x]
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.astype(np.int8), [0]])))
+    return [x[a:b] for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def default_batch_contexts(device, d_model: int | None = None) -> int:
     """Contexts per forward pass when --batch-contexts is not given, for harvests and streams
-    alike: larger on a GPU, where a forward pass through TransformerLens's bridge costs about the
-    same host time whatever its size (256 contexts gave 250k tokens/s where 64 gave 135k on an
-    H200, benchmarks/profile_gpu.py)."""
-    return 256 if str(device).startswith("cuda") else 8
+    alike. On the CPU 8. On a GPU 1,024 for models up to d_model 1,024: a forward pass costs
+    the host about the same time whatever its size, and an H100 harvested SmolLM2 (d 576) at
+    499k tokens/s with 1,024 against 391k with 256 (benchmarks/bench_gpu.py); 256 for wider
+    models, whose per-layer temporaries grow with d_model (256 gave 250k tokens/s where 64 gave
+    135k through TransformerLens's bridge on an H200)."""
+    if not str(device).startswith("cuda"):
+        return 8
+    return 1024 if d_model is not None and d_model <= 1024 else 256
 
 
 def write_shards(
@@ -566,7 +580,7 @@ def write_shards(
         disable=not progress,
         dynamic_ncols=True,
     )
-    batch_contexts = batch_contexts or default_batch_contexts(lm.device)
+    batch_contexts = batch_contexts or default_batch_contexts(lm.device, lm.d_model)
     # Shards are written by background threads while the model computes the next ones; the
     # manifest lists a shard only once its files are on disk, in order, so a kill still resumes
     # cleanly.
@@ -616,9 +630,8 @@ def write_shards(
                 )
             ctx = np.repeat(np.arange(start, stop, dtype=np.int32), body)
             pos = np.tile(np.arange(first_pos, first_pos + body, dtype=np.int32), stop - start)
-            every = bool(keep.all())  # then no copy: x holds its own (pinned) buffer
-            rows.append(x if every else x[keep])
-            index.append(np.stack([ctx, pos], axis=1) if every else np.stack([ctx, pos], axis=1)[keep])
+            rows += _kept_runs(x, keep)  # views of x's own (pinned) buffer: no copy
+            index.append(np.stack([ctx, pos], axis=1)[keep])
             norms_seen.append(norms)
             sum_sq += float(sq[keep].sum(dtype=np.float64))
             bar.update((stop - start) * body)

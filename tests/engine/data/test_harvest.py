@@ -361,3 +361,16 @@ def test_a_shard_saved_part_by_part_is_the_file_of_their_concatenation(tmp_path,
     np.save(tmp_path / "whole.npy", np.concatenate(parts))
     assert (tmp_path / "parts.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
     np.testing.assert_array_equal(np.load(tmp_path / "parts.npy", mmap_mode="r"), np.concatenate(parts))
+
+
+@pytest.mark.parametrize("keep", [[1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 0], [1, 0, 0, 1, 1, 1],
+                                  [0, 0, 0, 0, 0, 0], [0, 1, 0, 1, 0, 1]])
+def test_kept_runs_are_views_of_the_kept_rows(keep):
+    from engine.data.harvest import _kept_runs
+
+    x = np.arange(18, dtype=np.float16).reshape(6, 3)
+    keep = np.array(keep, dtype=bool)
+    runs = _kept_runs(x, keep)
+    assert all(np.shares_memory(r, x) for r in runs)  # views, no copies
+    got = np.concatenate(runs) if runs else np.zeros((0, 3), np.float16)
+    np.testing.assert_array_equal(got, x[keep])
