@@ -9,7 +9,8 @@
 # Parts: tests (the graphed trainer, fast against reference kernels in each precision, the
 # sync-free step, the model's own forward pass against TransformerLens's bridge), bench (bench_gpu's step times and trainer end to end), profile
 # (profile_gpu's kernel breakdown, the decoder backward's A/B and the TopK's), harvest (harvest through the bridge and
-# through the model's own forward pass, and training from the model), harvest-profile (where the harvest's time goes); the last two need the offline model.
+# through the model's own forward pass, and training from the model), compile (the model's forward pass eager
+# against torch.compile), harvest-profile (where the harvest's time goes); the last three need the offline model.
 set -u
 out=${1:?give an output folder}
 corpus=${2:-}
@@ -37,5 +38,7 @@ part profile "${LIMIT_PROFILE:-90}" python3 benchmarks/profile_gpu.py --parts st
 part harvest "${LIMIT_HARVEST:-200}" python3 benchmarks/bench_gpu.py --parts "${HARVEST_PARTS:-harvest,stream}" \
   ${HARVEST_TOKENS:+--harvest-tokens "$HARVEST_TOKENS"} ${corpus:+--corpus "$corpus"} \
   --out "$out/gpu-cuda-harvest.json"
+part compile "${LIMIT_COMPILE:-150}" python3 benchmarks/profile_gpu.py --parts compile \
+  --out "$out/profile-compile.json"
 part harvest-profile "${LIMIT_HARVEST_PROFILE:-90}" python3 benchmarks/profile_gpu.py --parts harvest \
   --tokens 1000000 --batches 256,1024 ${corpus:+--corpus "$corpus"} --out "$out/profile-harvest.json"

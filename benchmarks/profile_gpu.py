@@ -12,6 +12,7 @@ decoder: an A/B of the decoder's backward in the trainer's step (bf16, recorded 
          on a GPU): embedding_bag's own backward, which the GPU uses, against the one the CPU
          uses (the values' gradient by the same kernel, W_dec's by the encoder's segmented sum
          over the picks sorted by feature), interleaved, for each architecture.
+compile: the model's own forward pass, eager against torch.compile (how much fusing would save).
 topk:    TopK alone over the dense and the Scale e=2 candidates, one `torch.topk` against the
          two-stage form with several chunk counts; then the dense TopK step with the fastest.
 
@@ -162,6 +163,40 @@ def _time_ms(fn, device: torch.device, calls: int = 20) -> float:
     return (time.perf_counter() - t) / calls * 1000
 
 
+def profile_compile(device: torch.device, contexts: int, out: dict, model: str | None = None,
+                    calls: int = 5) -> None:
+    """The model's own forward pass through every layer (the decoder stack, SDPA attention, no
+    LM head) on `contexts` contexts of 128 tokens, eager against `torch.compile`d: how much
+    fusing the element-wise work between its matmuls would save the harvest and the stream."""
+    from engine.hf_forward import DirectForward
+    from engine.models import DEFAULT_MODEL, load_model
+
+    gpu = device.type == "cuda"
+    lm = load_model(model or DEFAULT_MODEL, device=str(device), dtype="bfloat16" if gpu else "float32")
+    root = DirectForward.of(lm.model).root
+    stack = getattr(root, "model", root)
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(0, len(lm.tokenizer), (contexts, 128), generator=g).to(device)
+    row: dict = {"model": lm.name, "contexts": contexts, "layers": lm.n_layers}
+    out["compile"] = row
+    with torch.no_grad():
+        row["eager_ms"] = _time_ms(lambda: stack(input_ids=toks, use_cache=False), device, calls)
+        try:
+            t = time.perf_counter()
+            compiled = torch.compile(stack)
+            compiled(input_ids=toks, use_cache=False)
+            sync(device)
+            row["compile_s"] = time.perf_counter() - t
+            row["compiled_ms"] = _time_ms(lambda: compiled(input_ids=toks, use_cache=False), device, calls)
+            row["speedup"] = row["eager_ms"] / row["compiled_ms"]
+            print(f"== the model's forward, {contexts}×128 tokens, {lm.n_layers} layers: eager "
+                  f"{row['eager_ms']:.1f} ms, compiled {row['compiled_ms']:.1f} ms "
+                  f"({row['speedup']:.2f}x; compiling took {row['compile_s']:.0f} s)", flush=True)
+        except Exception as exc:  # a backend this machine lacks: said, not hidden
+            traceback.print_exc()
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+
+
 def profile_topk(size: dict, device: torch.device, archs: list[str], out: dict,
                  rounds: int = 5) -> None:
     """TopK alone over [batch, n] bf16 candidates — n = M (dense TopK) and n = e·m (Scale
@@ -283,6 +318,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2_000_000, help="harvest tokens")
     ap.add_argument("--batches", default="64,256", help="harvest contexts per forward pass")
     ap.add_argument("--corpus", default=None)
+    ap.add_argument("--compile-contexts", type=int, default=1024, help="contexts of the compile part")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile-gpu.json"))
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -298,6 +334,9 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2))
     if "topk" in parts:
         profile_topk(SIZES[args.size], device, args.archs.split(","), result)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if "compile" in parts:
+        profile_compile(device, args.compile_contexts, result)
         Path(args.out).write_text(json.dumps(result, indent=2))
     if "trainer" in parts:
         try:

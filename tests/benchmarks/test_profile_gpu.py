@@ -5,6 +5,7 @@ benchmark's business, not a test's)."""
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,3 +34,16 @@ def test_the_decoder_and_topk_ab_parts_run_and_restore_the_defaults():
     assert "step_error" not in dense and len(dense["step_ab"]["ms"]) == 2
     assert "one topk" in dense["step_ab"]["ms"]
     assert base.picks_decoder is chosen and moe.TOPK_SLICE == slices  # put back
+
+
+@pytest.mark.slow
+def test_the_compile_part_times_the_forward_both_ways():
+    """Slow: torch.compile builds C++ kernels for the CPU (~a minute on 2 cores)."""
+    from benchmarks import profile_gpu
+    from engine.models import TINY_MODEL
+
+    out: dict = {}
+    profile_gpu.profile_compile(torch.device("cpu"), 2, out, model=TINY_MODEL, calls=1)
+    row = out["compile"]
+    assert "error" not in row, row
+    assert row["eager_ms"] > 0 and row["compiled_ms"] > 0 and row["compile_s"] > 0
