@@ -247,17 +247,15 @@ def _gpu_busy_ms(fn, device: torch.device, calls: int, show: bool = False) -> fl
 def bench_harvest(device: torch.device, tokens: int, dtype: str, corpus: str | None) -> dict:
     """`moesae harvest` of `tokens` tokens with each way of reading the hook (--model-forward):
     auto (the model's own forward pass, the default) and bridge (TransformerLens), both with the
-    default contexts a pass, then auto with another count ("other_batch": the default for wide
-    models where this model's is larger, else 4× it), one after the other on one loaded model;
-    the default run's numbers at the top level."""
+    default contexts a pass, then auto with 4× as many ("other_batch"), one after the other on
+    one loaded model; the default run's numbers at the top level."""
     from engine.data.harvest import HarvestConfig, default_batch_contexts, harvest
     from engine.models import DEFAULT_MODEL, load_model
 
     lm = load_model(DEFAULT_MODEL, device=str(device), dtype=dtype)
     runs = {}
-    batch = default_batch_contexts(device, lm.d_model)
-    other = default_batch_contexts(device)
-    other = other if other != batch else 4 * batch
+    batch = default_batch_contexts(device)
+    other = 4 * batch
     for label, forward, contexts in (("bridge", "bridge", batch), ("auto", "auto", batch),
                                      ("other", "auto", other)):
         timings: dict = {}

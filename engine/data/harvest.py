@@ -59,7 +59,7 @@ class SourceConfig:
     eval_fraction: float = 0.1
     """Fraction of contexts held out for evaluation (of each shuffled block of 8,192)."""
     batch_contexts: int | None = None
-    """Contexts per forward pass (default: 8 on the CPU; on a GPU 1,024 for models up to d_model 1,024, else 256)."""
+    """Contexts per forward pass (default: 8 on the CPU, 256 on a GPU)."""
     drop_outliers: bool = True
     """Drop tokens whose norm is > 10x the running median."""
     model_dtype: str = "float32"
@@ -491,16 +491,14 @@ def _kept_runs(x: np.ndarray, keep: np.ndarray) -> list[np.ndarray]:
     return [x[a:b] for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
-def default_batch_contexts(device, d_model: int | None = None) -> int:
+def default_batch_contexts(device) -> int:
     """Contexts per forward pass when --batch-contexts is not given, for harvests and streams
-    alike. On the CPU 8. On a GPU 1,024 for models up to d_model 1,024: a forward pass costs
-    the host about the same time whatever its size, and an H100 harvested SmolLM2 (d 576) at
-    499k tokens/s with 1,024 against 391k with 256 (benchmarks/bench_gpu.py); 256 for wider
-    models, whose per-layer temporaries grow with d_model (256 gave 250k tokens/s where 64 gave
-    135k through TransformerLens's bridge on an H200)."""
-    if not str(device).startswith("cuda"):
-        return 8
-    return 1024 if d_model is not None and d_model <= 1024 else 256
+    alike: 8 on the CPU, 256 on a GPU. Through TransformerLens's bridge a forward pass costs the
+    host about the same time whatever its size (256 gave 250k tokens/s where 64 gave 135k on an
+    H200); through the model's own forward pass an H100 harvested 5M tokens of SmolLM2 as fast
+    with 256 as with 1,024 (506k and 505k tokens/s, benchmarks/bench_gpu.py), its GPU busy
+    either way, and a larger batch only holds more memory."""
+    return 256 if str(device).startswith("cuda") else 8
 
 
 def write_shards(
@@ -580,7 +578,7 @@ def write_shards(
         disable=not progress,
         dynamic_ncols=True,
     )
-    batch_contexts = batch_contexts or default_batch_contexts(lm.device, lm.d_model)
+    batch_contexts = batch_contexts or default_batch_contexts(lm.device)
     # Shards are written by background threads while the model computes the next ones; the
     # manifest lists a shard only once its files are on disk, in order, so a kill still resumes
     # cleanly.

@@ -206,7 +206,7 @@ def stream_source(cfg, run: Path, device: torch.device, dist, progress: bool) ->
         )
     source = StreamBatches(
         lm, hook, train_ctx, cfg.batch_tokens // dist.world, cfg.seed, device, buffer,
-        cfg.refill_fraction, src.batch_contexts or default_batch_contexts(device, lm.d_model),
+        cfg.refill_fraction, src.batch_contexts or default_batch_contexts(device),
         src.drop_outliers, norm_scale=None, describe={}, rank=dist.rank, world=dist.world,
     )
     if dist.enabled:  # one scale for every process
