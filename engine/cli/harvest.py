@@ -15,9 +15,12 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from ..data.harvest import harvest
+    from ..data.harvest import describe_timings, harvest
 
-    store = harvest(config_from_args(HarvestConfig, args), progress=not args.quiet)
+    timings: dict = {}
+    store = harvest(config_from_args(HarvestConfig, args), progress=not args.quiet, timings=timings)
     print(f"harvested {store.split('train').n_tokens + store.split('eval').n_tokens:,} tokens "
           f"at {store.hook} of {store.model_name} into {store.path}")
+    if timings.get("forward"):  # something was computed (not a finished harvest found again)
+        print(f"  after loading the model, {describe_timings(timings)}")
     return 0

@@ -366,7 +366,7 @@ def harvest(
     `model`: an already loaded model named as the config names it (saves a reload);
     `on_shard(n_done)`: called after each committed shard (tests use it to simulate a crash);
     `timings`: gets the seconds of the main thread's parts (`HARVEST_PARTS`) after the model
-    is loaded, and "start", the reading of the corpus and the start of the tokeniser."""
+    is loaded."""
     _check(cfg)
     src = cfg.source
     if model is not None and model.name != src.model_name:
@@ -412,11 +412,27 @@ def harvest(
         contexts.cancelled = True  # a tokeniser still running stops at its next block
 
 
-HARVEST_PARTS = ("tokens", "forward", "device", "host", "writers", "contexts")
-"""Where a harvest's main thread spends its time (`harvest(timings=...)`): waiting for the
-tokeniser, issuing the model's forward passes (on the CPU: computing them), waiting for the
-GPU, checking and gathering rows on the host, waiting for the shard writers, and saving the
-contexts at the end."""
+HARVEST_PARTS = {
+    "start": "reading the corpus and tokenising its first block",
+    "tokens": "waiting for the tokeniser",
+    "forward": "forward passes",
+    "device": "waiting for the GPU",
+    "host": "checks",
+    "writers": "waiting for the shard writers",
+    "contexts": "saving the contexts",
+}
+"""Where a harvest's main thread spends its time (`harvest(timings=...)`), and how the CLI says
+it: reading the corpus and tokenising the first block, waiting for the tokeniser (later
+blocks), issuing the model's forward passes (on the CPU: computing them; on a GPU the host
+blocks here too once the GPU is busy), waiting for the GPU to finish a batch, checking and
+gathering rows on the host, waiting for the shard writers, and saving the contexts."""
+
+
+def describe_timings(timings: dict) -> str:
+    """`timings` as one line: '12.3 s: forward passes 9.1 s, checks 0.6 s, …', largest first."""
+    parts = sorted(((v, HARVEST_PARTS.get(k, k)) for k, v in timings.items() if v >= 0.05),
+                   reverse=True)
+    return f"{sum(timings.values()):.1f} s: " + ", ".join(f"{label} {v:.1f} s" for v, label in parts)
 
 
 class _Clock:
@@ -511,8 +527,8 @@ def write_shards(
     """The activations of `contexts`, shard by shard, resuming after the last complete one;
     the contexts are saved beside them (contexts.npy/.json) once every one exists.
     `norm_scale`: given (a held-out set of a stream, which has no training split of its own),
-    else computed from the training split. `timings`: a dict that gets the seconds of each of
-    `HARVEST_PARTS` added to it."""
+    else computed from the training split. `timings`: a dict that gets the seconds of the
+    parts in `HARVEST_PARTS` added to it."""
     d = lm.d_model
     first_pos = 1 if lm.bos_token_id is not None else 0
     manifest = read_manifest(out) if (out / "manifest.json").exists() else None

@@ -42,12 +42,22 @@ def pipeline(tmp_path_factory):
     """The whole pipeline through the real command, once for the module."""
     root = tmp_path_factory.mktemp("cli")
     acts = root / "acts"
-    moesae("harvest", *TINY, "--tokens", 4000, "--context-len", 64, "--out", acts)
+    harvested = moesae("harvest", *TINY, "--tokens", 4000, "--context-len", 64, "--out", acts)
+    (root / "harvest.out").write_text(harvested.stdout)
     runs = {}
     for arch in ("switch", "scale"):
         runs[arch] = root / arch
         moesae("train", "--acts", acts, "--arch", arch, *SAE, "--steps", 40, "--out", runs[arch])
     return root, acts, runs
+
+
+def test_harvest_says_what_it_stored_and_where_its_time_went(pipeline):
+    root, acts, _ = pipeline
+    first, second = (root / "harvest.out").read_text().splitlines()[-2:]
+    assert first.startswith("harvested ") and str(acts) in first
+    assert second.startswith("  after loading the model, ") and "forward passes" in second
+    again = moesae("harvest", *TINY, "--tokens", 4000, "--context-len", 64, "--out", acts)
+    assert again.stdout.splitlines()[-1].startswith("harvested ")  # found complete: no times
 
 
 def test_eval_json_has_method_metric_names(pipeline):

@@ -183,15 +183,17 @@ def test_disk_full_keeps_manifest_valid(tiny_acts, tiny_model, tmp_path, monkeyp
 def test_a_harvest_says_where_its_main_thread_spent_its_time(tiny_model, tmp_path):
     import time
 
-    from engine.data.harvest import HARVEST_PARTS
+    from engine.data.harvest import HARVEST_PARTS, describe_timings
 
     timings: dict = {}
     t = time.perf_counter()
     harvest(_cfg(tmp_path / "h"), progress=False, model=tiny_model, timings=timings)
     wall = time.perf_counter() - t
-    assert set(timings) <= {"start", *HARVEST_PARTS} and {"start", "forward", "host"} <= set(timings)
+    assert set(timings) <= set(HARVEST_PARTS) and {"start", "forward", "host"} <= set(timings)
     assert all(v >= 0 for v in timings.values()) and timings["forward"] > 0
     assert sum(timings.values()) <= wall  # parts of one thread's time, none counted twice
+    assert describe_timings({"forward": 2.0, "start": 0.5, "host": 0.01}) == (
+        "2.5 s: forward passes 2.0 s, reading the corpus and tokenising its first block 0.5 s")
 
 
 def test_the_next_forward_is_launched_before_a_batch_is_handed_out():
