@@ -249,7 +249,12 @@ def bench_harvest(device: torch.device, tokens: int, dtype: str, corpus: str | N
     auto (the model's own forward pass, the default) and bridge (TransformerLens), both with the
     default contexts a pass, then auto with 4× as many ("other_batch"), one after the other on
     one loaded model; the default run's numbers at the top level."""
-    from engine.data.harvest import HarvestConfig, default_batch_contexts, harvest
+    from engine.data.harvest import (
+        HarvestConfig,
+        contexts_per_shard,
+        default_batch_contexts,
+        harvest,
+    )
     from engine.models import DEFAULT_MODEL, load_model
 
     lm = load_model(DEFAULT_MODEL, device=str(device), dtype=dtype)
@@ -268,9 +273,13 @@ def bench_harvest(device: torch.device, tokens: int, dtype: str, corpus: str | N
             store = harvest(cfg, progress=False, model=lm, timings=timings)
             secs = time.perf_counter() - t
             n = store.split("train").n_tokens + store.split("eval").n_tokens
+        body = store.context_len - store.manifest["first_position"]
+        at_most = min(contexts, contexts_per_shard(cfg.shard_mb, body, store.d_in, cfg.dtype))
         runs[label] = {"tokens": n, "seconds": secs, "tokens_per_s": n / secs,
-                       "batch_contexts": contexts, "main_thread_s": timings}
-        print(f"harvest, --model-forward {forward}, {contexts} contexts a pass: {n / secs:,.0f} "
+                       "batch_contexts": contexts, "contexts_per_pass_at_most": at_most,
+                       "main_thread_s": timings}
+        print(f"harvest, --model-forward {forward}, {contexts} contexts a pass asked "
+              f"({at_most} at most, a pass never crossing a shard): {n / secs:,.0f} "
               "tokens/s; main thread: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()),
               flush=True)
     checked = {h: ok for h, ok in lm._direct_ok.items()}

@@ -414,18 +414,22 @@ def harvest(
 
 HARVEST_PARTS = {
     "start": "reading the corpus and tokenising its first block",
+    "resume": "checking what an earlier run stored",
     "tokens": "waiting for the tokeniser",
     "forward": "forward passes",
     "device": "waiting for the GPU",
     "host": "checks",
     "writers": "waiting for the shard writers",
     "contexts": "saving the contexts",
+    "finish": "the manifest",
 }
 """Where a harvest's main thread spends its time (`harvest(timings=...)`), and how the CLI says
-it: reading the corpus and tokenising the first block, waiting for the tokeniser (later
-blocks), issuing the model's forward passes (on the CPU: computing them; on a GPU the host
+it: reading the corpus and tokenising the first block, checking the shards an earlier run
+stored (and what comes before the loop), waiting for the tokeniser (later blocks), issuing
+the model's forward passes (on the CPU: computing them; on a GPU the host
 blocks here too once the GPU is busy), waiting for the GPU to finish a batch, checking and
-gathering rows on the host, waiting for the shard writers, and saving the contexts."""
+gathering rows on the host, waiting for the shard writers, saving the contexts, and the
+final manifest (with the normalisation scalar)."""
 
 
 def describe_timings(timings: dict) -> str:
@@ -492,9 +496,21 @@ def _host_batch(i, start, stop, x, stats, ready, clock: _Clock):
     return (i, start, stop, x.numpy(), *(t.numpy() for t in stats))
 
 
+PINNED_SHARD_MB = 128
+"""Up to this shard size a shard's rows stay views of the pinned buffers the GPU copied them
+into until the shard is written (no host copy); a pinned buffer is freed only then, and
+PyTorch keeps freed pinned blocks for reuse, so WRITERS + 2 shards of pinned memory (~0.6 GiB
+at the default 64 MB) can be held. Larger shards copy their rows to pageable memory."""
+
 WRITERS = 3
 """Shards written at once (files and their fsyncs overlap); the manifest still lists them in
 order, each only once its files are on disk."""
+
+
+def contexts_per_shard(shard_mb: float, body: int, d: int, dtype: str) -> int:
+    """Contexts of `body` stored tokens a shard of `shard_mb` holds; a forward pass never
+    crosses a shard, so this also bounds the contexts of one pass."""
+    return max(1, int(shard_mb * 2**20 // (body * d * np.dtype(dtype).itemsize)))
 
 
 def _kept_runs(x: np.ndarray, keep: np.ndarray) -> list[np.ndarray]:
@@ -503,6 +519,8 @@ def _kept_runs(x: np.ndarray, keep: np.ndarray) -> list[np.ndarray]:
     outlier in a batch used to cost a copy of the whole batch)."""
     if keep.all():
         return [x]
+    if not keep.any():
+        return [x[:0]]  # none: still a part, so that a shard of outliers alone is a 0-row file
     edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.astype(np.int8), [0]])))
     return [x[a:b] for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
@@ -512,8 +530,9 @@ def default_batch_contexts(device) -> int:
     alike: 8 on the CPU, 256 on a GPU. Through TransformerLens's bridge a forward pass costs the
     host about the same time whatever its size (256 gave 250k tokens/s where 64 gave 135k on an
     H200); through the model's own forward pass an H100 harvested 5M tokens of SmolLM2 as fast
-    with 256 as with 1,024 (506k and 505k tokens/s, benchmarks/bench_gpu.py), its GPU busy
-    either way, and a larger batch only holds more memory."""
+    with 256 as when asked for 1,024 (506k and 505k tokens/s, benchmarks/bench_gpu.py) — a pass
+    never crosses a shard, so with 64 MB shards of d 576 that was 458 contexts a pass, and 256
+    alternated with 202 — its GPU busy either way."""
     return 256 if str(device).startswith("cuda") else 8
 
 
@@ -529,13 +548,13 @@ def write_shards(
     `norm_scale`: given (a held-out set of a stream, which has no training split of its own),
     else computed from the training split. `timings`: a dict that gets the seconds of the
     parts in `HARVEST_PARTS` added to it."""
+    clock = _Clock(timings)
     d = lm.d_model
     first_pos = 1 if lm.bos_token_id is not None else 0
     manifest = read_manifest(out) if (out / "manifest.json").exists() else None
     tokens, split = contexts.tokens, contexts.split
     body = tokens.shape[1] - first_pos
-    itemsize = np.dtype(dtype).itemsize
-    per_shard = max(1, int(shard_mb * 2**20 // (body * d * itemsize)))
+    per_shard = contexts_per_shard(shard_mb, body, d, dtype)
     plan = _plan(split, per_shard)
     if manifest is None:
         manifest = {
@@ -575,6 +594,7 @@ def write_shards(
         done.append(entry)
     if done == manifest["shards"] and manifest.get("complete") and len(done) == len(plan):
         _save_contexts_once(out, contexts)
+        clock.lap("resume")
         return ActivationStore(out)
     manifest.update(shards=done, complete=False, norm_scale=None)
     _write_json(out / "manifest.json", manifest)
@@ -622,7 +642,7 @@ def write_shards(
     todo = plan[len(done) :]
     spans = [(i, a, min(a + batch_contexts, p["contexts"][1]))
              for i, p in enumerate(todo) for a in range(p["contexts"][0], p["contexts"][1], batch_contexts)]
-    clock = _Clock(timings)
+    clock.lap("resume")
     try:
         rows, index, norms_seen, dropped, sum_sq = [], [], [], 0, 0.0
         for i, start, stop, x, norms, finite, sq in _forward_ahead(lm, hook, contexts, spans,
@@ -644,7 +664,10 @@ def write_shards(
                 )
             ctx = np.repeat(np.arange(start, stop, dtype=np.int32), body)
             pos = np.tile(np.arange(first_pos, first_pos + body, dtype=np.int32), stop - start)
-            rows += _kept_runs(x, keep)  # views of x's own (pinned) buffer: no copy
+            # views of x's own (pinned, on a GPU) buffer: no copy; shards larger than
+            # PINNED_SHARD_MB take copies, so that the pinned memory held by the shards being
+            # written stays bounded
+            rows += _kept_runs(x, keep) if shard_mb <= PINNED_SHARD_MB else [x[keep]]
             index.append(np.stack([ctx, pos], axis=1)[keep])
             norms_seen.append(norms)
             sum_sq += float(sq[keep].sum(dtype=np.float64))
@@ -686,5 +709,6 @@ def write_shards(
         dropped_outliers=sum(s["dropped"] for s in manifest["shards"]),
     )
     _write_json(out / "manifest.json", manifest)
+    clock.lap("finish")
     return ActivationStore(out)
 

@@ -159,15 +159,27 @@ def test_disk_full_keeps_manifest_valid(tiny_acts, tiny_model, tmp_path, monkeyp
     out = tmp_path / "full"
     real = harvest_module.atomic_write
 
+    class FillsUp:
+        """A file that takes `room` bytes, then fails as a full disk does."""
+
+        def __init__(self, f, room):
+            self.f, self.room = f, room
+
+        def write(self, data):
+            data = memoryview(data).cast("B")
+            if len(data) > self.room:
+                self.f.write(data[: self.room])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(data)
+            return self.f.write(data)
+
     def atomic_write(path, write, binary=False):
         # shard 2's activations (its norms and index are written first): the disk fills up
-        # there, part way through, whichever of the shards being written at once gets there
-        # first (the contexts are saved last, so the rerun tokenises them again)
+        # there, part way through the real writer (after its header and some rows), whichever
+        # of the shards being written at once gets there first (the contexts are saved last,
+        # so the rerun tokenises them again)
         if str(path).endswith("train-00001.npy"):
-            def write_part(f):
-                f.write(b"\x93NUMPY partial")
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real(path, write_part, binary)
+            return real(path, lambda f: write(FillsUp(f, 1000)), binary)
         return real(path, write, binary)
 
     monkeypatch.setattr(harvest_module, "atomic_write", atomic_write)
@@ -178,6 +190,18 @@ def test_disk_full_keeps_manifest_valid(tiny_acts, tiny_model, tmp_path, monkeyp
     assert [s["file"] for s in manifest["shards"]] == ["train-00000"]
     assert not list(out.glob("*.tmp")) and not (out / "contexts.npy").exists()
     _assert_same(harvest(_cfg(out), progress=False, model=tiny_model), tiny_acts)
+
+
+def test_shards_larger_than_the_pinned_limit_copy_their_rows_to_the_same_result(
+        tiny_acts, tiny_model, tmp_path, monkeypatch):
+    from engine.data import harvest as harvest_module
+
+    runs = []
+    real = harvest_module._kept_runs
+    monkeypatch.setattr(harvest_module, "_kept_runs", lambda x, keep: runs.append(1) or real(x, keep))
+    monkeypatch.setattr(harvest_module, "PINNED_SHARD_MB", 0.01)  # below the tiny shards' 0.05
+    _assert_same(harvest(_cfg(tmp_path / "copied"), progress=False, model=tiny_model), tiny_acts)
+    assert runs == []  # every batch was copied, none kept as views
 
 
 def test_a_harvest_says_where_its_main_thread_spent_its_time(tiny_model, tmp_path):
@@ -367,12 +391,13 @@ def test_a_shard_saved_part_by_part_is_the_file_of_their_concatenation(tmp_path,
 
 @pytest.mark.parametrize("keep", [[1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 0], [1, 0, 0, 1, 1, 1],
                                   [0, 0, 0, 0, 0, 0], [0, 1, 0, 1, 0, 1]])
-def test_kept_runs_are_views_of_the_kept_rows(keep):
-    from engine.data.harvest import _kept_runs
+def test_kept_runs_are_views_of_the_kept_rows(keep, tmp_path):
+    from engine.data.harvest import _kept_runs, _save_npy
 
     x = np.arange(18, dtype=np.float16).reshape(6, 3)
     keep = np.array(keep, dtype=bool)
     runs = _kept_runs(x, keep)
-    assert all(np.shares_memory(r, x) for r in runs)  # views, no copies
-    got = np.concatenate(runs) if runs else np.zeros((0, 3), np.float16)
-    np.testing.assert_array_equal(got, x[keep])
+    assert runs and all(np.shares_memory(r, x) or r.size == 0 for r in runs)  # views, no copies
+    np.testing.assert_array_equal(np.concatenate(runs), x[keep])
+    _save_npy(tmp_path / "s.npy", runs)  # a shard of outliers alone is a 0-row file
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy", mmap_mode="r"), x[keep])
