@@ -237,10 +237,21 @@ def _gpu_busy_ms(fn, device: torch.device, calls: int, show: bool = False) -> fl
         for _ in range(calls):
             fn()
         sync(device)
-    avg = prof.key_averages()
     if show:
-        print(avg.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
-    kernels = [e for e in avg if e.device_type == torch.autograd.DeviceType.CUDA]
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15,
+                                        max_name_column_width=70))
+    return kernel_ms(cuda_kernels(prof), calls)
+
+
+def cuda_kernels(prof) -> list:
+    """A torch profiler's rows of GPU kernels alone (an operator's row repeats the time of the
+    kernels it launched), the costliest first."""
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sorted(kernels, key=lambda e: -e.self_device_time_total)
+
+
+def kernel_ms(kernels: list, calls: int) -> float:
+    """The GPU time of `kernels` per call, in ms."""
     return sum(e.self_device_time_total for e in kernels) / calls / 1000
 
 

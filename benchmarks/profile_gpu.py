@@ -40,18 +40,36 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_gpu import ARCHS, SIZES, median_step_ms, step_fn, sync  # noqa: E402
+from benchmarks.bench_gpu import (  # noqa: E402
+    ARCHS,
+    SIZES,
+    cuda_kernels,
+    kernel_ms,
+    median_step_ms,
+    step_fn,
+    sync,
+)
 from engine.options import set_flat  # noqa: E402
 from engine.sae import SAEConfig  # noqa: E402
 
 
-def profile_steps(size: dict, device: torch.device, archs: list[str], out: dict) -> None:
+def _batches(size: dict, device: torch.device, n: int) -> list:
+    """n seeded batches of random activations of the size's shape, on the device."""
     g = torch.Generator(device=device).manual_seed(0)
-    xs = [torch.randn(size["batch"], size["d"], device=device, generator=g) for _ in range(20)]
+    return [torch.randn(size["batch"], size["d"], device=device, generator=g) for _ in range(n)]
+
+
+def _configs(size: dict, archs: list[str]):
+    """(name, SAEConfig) of each architecture of ARCHS named in `archs`, at the size."""
     for name, kw in ARCHS:
-        if name not in archs:
-            continue
-        cfg = SAEConfig(d_in=size["d"], width=size["width"], experts=size["experts"], k=size["k"], **kw)
+        if name in archs:
+            yield name, SAEConfig(d_in=size["d"], width=size["width"], experts=size["experts"],
+                                  k=size["k"], **kw)
+
+
+def profile_steps(size: dict, device: torch.device, archs: list[str], out: dict) -> None:
+    xs = _batches(size, device, 20)
+    for name, cfg in _configs(size, archs):
         row: dict = {"model": name, "precision": "bf16", "kernels": "fast"}
         out["steps"].append(row)
         try:
@@ -64,16 +82,14 @@ def profile_steps(size: dict, device: torch.device, archs: list[str], out: dict)
                 for x in xs[:10]:
                     fn(x)
                 sync(device)
-            avg = prof.key_averages()
-            # kernels only: an operator's row repeats the time of the kernels it launched
-            kernels = [e for e in avg if e.device_type == torch.autograd.DeviceType.CUDA]
-            row["gpu_busy_ms"] = sum(e.self_device_time_total for e in kernels) / 10 / 1000
+            kernels = cuda_kernels(prof)
+            row["gpu_busy_ms"] = kernel_ms(kernels, 10)
             row["kernels_per_step"] = sum(e.count for e in kernels) / 10
-            kernels.sort(key=lambda e: -e.self_device_time_total)
-            row["top_kernels"] = [{"name": e.key[:160], "ms_per_step": e.self_device_time_total / 10 / 1000,
+            row["top_kernels"] = [{"name": e.key[:160], "ms_per_step": kernel_ms([e], 10),
                                    "per_step": e.count / 10} for e in kernels[:30]]
             print(f"== {name}: eager {row['eager_ms']:.2f} ms, GPU busy {row['gpu_busy_ms']:.2f} ms a step")
-            print(avg.table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=70))
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22,
+                                            max_name_column_width=70))
         except Exception as exc:
             traceback.print_exc()
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -131,12 +147,8 @@ def profile_decoders(size: dict, device: torch.device, archs: list[str], out: di
     variants = {label: _patched(sae_base, "picks_decoder", lambda dev, dtype, decode=decode: decode)
                 for label, decode in (("bag backward", decode_picks),
                                       ("segmented sum", decode_picks_sddmm))}
-    g = torch.Generator(device=device).manual_seed(0)
-    xs = [torch.randn(size["batch"], size["d"], device=device, generator=g) for _ in range(10)]
-    for name, kw in ARCHS:
-        if name not in archs:
-            continue
-        cfg = SAEConfig(d_in=size["d"], width=size["width"], experts=size["experts"], k=size["k"], **kw)
+    xs = _batches(size, device, 10)
+    for name, cfg in _configs(size, archs):
         row: dict = {"model": name, "precision": "bf16", "graph": device.type == "cuda",
                      "default": sae_base.picks_decoder(device, torch.float32).__name__}
         out["decoder_ab"].append(row)
@@ -226,10 +238,8 @@ def profile_topk(size: dict, device: torch.device, archs: list[str], out: dict,
         if n == size["width"] and staged and "topk" in archs:
             best = min(staged, key=ms.get)  # the step A/B: one topk against the best two-stage
             width = int(best.split()[-1])
-            g = torch.Generator(device=device).manual_seed(0)
-            xs = [torch.randn(B, size["d"], device=device, generator=g) for _ in range(10)]
-            cfg = SAEConfig(d_in=size["d"], width=size["width"], experts=size["experts"], k=k,
-                            **dict(ARCHS)["topk"])
+            xs = _batches(size, device, 10)
+            _, cfg = next(_configs(size, ["topk"]))
             try:
                 ab = _ab_steps(cfg, device, {"one topk": _patched(moe, "TOPK_SLICE", {}),
                                              best: _patched(moe, "TOPK_SLICE", {device.type: width})},

@@ -389,10 +389,9 @@ def harvest(
                 f"({', '.join(diff) or 'format'}); choose another output folder or delete it."
             )
     existed = out.exists()
-    t = time.perf_counter()
+    clock = _Clock(timings)
     contexts = _prepare_contexts(src, lm, out)
-    if timings is not None:
-        timings["start"] = timings.get("start", 0.0) + time.perf_counter() - t
+    clock.lap("start")
     try:
         out.mkdir(parents=True, exist_ok=True)  # once there is text
         return write_shards(lm, hook, out, identity, contexts, cfg.dtype, cfg.shard_mb,
@@ -519,10 +518,9 @@ def _kept_runs(x: np.ndarray, keep: np.ndarray) -> list[np.ndarray]:
     outlier in a batch used to cost a copy of the whole batch)."""
     if keep.all():
         return [x]
-    if not keep.any():
-        return [x[:0]]  # none: still a part, so that a shard of outliers alone is a 0-row file
     edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.astype(np.int8), [0]])))
-    return [x[a:b] for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    runs = [x[a:b] for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    return runs or [x[:0]]  # none kept: still a part, so a shard of outliers alone is a 0-row file
 
 
 def default_batch_contexts(device) -> int:
