@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,8 @@ def test_harvest_says_what_it_stored_and_where_its_time_went(pipeline):
     root, acts, _ = pipeline
     first, second = (root / "harvest.out").read_text().splitlines()[-2:]
     assert first.startswith("harvested ") and str(acts) in first
-    assert second.startswith("  after loading the model, ") and "forward passes" in second
+    # which parts are named depends on how long each took (those under 0.05 s are left out)
+    assert re.fullmatch(r"  after loading the model, \d+\.\d s: .+ \d+\.\d s", second), second
     again = moesae("harvest", *TINY, "--tokens", 4000, "--context-len", 64, "--out", acts)
     assert again.stdout.splitlines()[-1].startswith("harvested ")  # found complete: no times
 
