@@ -30,10 +30,10 @@ part() {  # name, time limit in seconds, command…
   python3 -c 'import torch; print("torch", torch.__version__)'; } | tee -a "$log"
 part tests "${LIMIT_TESTS:-100}" python3 -m pytest -q -p no:cacheprovider \
   tests/engine/training/test_cuda_graph.py tests/engine/training/test_precision.py \
-  tests/engine/sae/test_moe.py tests/engine/test_hf_forward.py
+  tests/engine/sae/test_moe.py tests/engine/sae/test_kernels.py tests/engine/test_hf_forward.py
 part bench "${LIMIT_BENCH:-220}" python3 benchmarks/bench_gpu.py --parts step,trainer \
   --train-steps 400 ${PRECISIONS:+--precisions "$PRECISIONS"} --out "$out/gpu-cuda.json"
-part profile "${LIMIT_PROFILE:-90}" python3 benchmarks/profile_gpu.py --parts step,decoder,topk \
+part profile "${LIMIT_PROFILE:-150}" python3 benchmarks/profile_gpu.py --parts ${PROFILE_PARTS:-step,kernels,decoder,topk} \
   --archs "topk,scale e=2" --out "$out/profile-gpu.json"
 part harvest "${LIMIT_HARVEST:-200}" python3 benchmarks/bench_gpu.py --parts "${HARVEST_PARTS:-harvest,stream}" \
   ${HARVEST_TOKENS:+--harvest-tokens "$HARVEST_TOKENS"} ${corpus:+--corpus "$corpus"} \

@@ -8,16 +8,21 @@ trainer: `moesae train` (bf16, Scale e=2) on a synthetic harvest under cProfile:
          wall time beyond the steps goes (loading, checkpoints, evaluation).
 harvest: harvest tokens/s at several batch sizes, tokenisation alone, and a profile of the
          harvest loop (the main thread; the tokeniser and shard writer run beside it).
-decoder: an A/B of the decoder's backward in the trainer's step (bf16, recorded as a CUDA graph
-         on a GPU): embedding_bag's own backward, which the GPU uses, against the one the CPU
-         uses (the values' gradient by the same kernel, W_dec's by the encoder's segmented sum
-         over the picks sorted by feature), interleaved, for each architecture.
+decoder: an A/B of the decoder in the trainer's step (bf16, recorded as a CUDA graph on a GPU):
+         embedding_bag's own backward; the sparse backward (the values' gradient by the bag's
+         own values kernel, W_dec's by the encoder's segmented sum over the picks sorted by
+         feature); and that sparse backward with every segmented sum of the step as the
+         Triton kernels of engine/sae/kernels.py (where triton runs); interleaved, for each
+         architecture.
+kernels: those segmented sums alone at the size: embedding_bag against the Triton kernels at
+         each tile choice of a small sweep.
 compile: the model's own forward pass, eager against torch.compile (how much fusing would save).
 topk:    TopK alone over the dense and the Scale e=2 candidates, one `torch.topk` against the
          two-stage form with several chunk counts; then the dense TopK step with the fastest.
 
     python benchmarks/profile_gpu.py --parts step
     python benchmarks/profile_gpu.py --parts decoder --archs "topk,scale e=2"
+    python benchmarks/profile_gpu.py --parts kernels
     python benchmarks/profile_gpu.py --parts topk --archs topk
     python benchmarks/profile_gpu.py --parts harvest --corpus corpus.jsonl --tokens 2000000
 """
@@ -131,37 +136,130 @@ def _ab_steps(cfg: SAEConfig, device: torch.device, variants: dict, xs: list, ro
 
 def _patched(module, name: str, value):
     """A variant for `_ab_steps`: module.name = value until undone."""
+    return _patched_all([(module, name, value)])
+
+
+def _patched_all(changes: list):
+    """A variant for `_ab_steps`: each (module, name, value) set until undone."""
     def setup():
-        old = getattr(module, name)
-        setattr(module, name, value)
-        return lambda: setattr(module, name, old)
+        olds = [(module, name, getattr(module, name)) for module, name, _ in changes]
+        for module, name, value in changes:
+            setattr(module, name, value)
+        return lambda: [setattr(module, name, old) for module, name, old in olds]
     return setup
+
+
+def _decoder_variants(device: torch.device) -> dict:
+    """The decoder backwards of the A/B (module docstring), each a `_patched_all` variant; the
+    Triton kernels where they run (CUDA with triton, or its interpreter)."""
+    import engine.sae.base as sae_base
+    from engine.sae import kernels, moe
+
+    def chosen(decode, triton: bool):
+        return _patched_all([(sae_base, "picks_decoder", lambda dev, dtype: decode),
+                             (moe, "TRITON_BAGS", {device.type: triton})])
+
+    variants = {"bag backward": chosen(moe.decode_picks, False),
+                "segmented sum": chosen(moe.decode_picks_sddmm, False)}
+    if kernels.available(device) or kernels.interpreted():
+        variants["triton"] = chosen(moe.decode_picks_sddmm, True)
+    return variants
 
 
 def profile_decoders(size: dict, device: torch.device, archs: list[str], out: dict,
                      rounds: int = 3) -> None:
     """The step with each decoder backward (module docstring), `rounds` interleaved medians."""
     import engine.sae.base as sae_base
-    from engine.sae.moe import decode_picks, decode_picks_sddmm
+    from engine.sae import moe
 
-    variants = {label: _patched(sae_base, "picks_decoder", lambda dev, dtype, decode=decode: decode)
-                for label, decode in (("bag backward", decode_picks),
-                                      ("segmented sum", decode_picks_sddmm))}
+    variants = _decoder_variants(device)
     xs = _batches(size, device, 10)
     for name, cfg in _configs(size, archs):
         row: dict = {"model": name, "precision": "bf16", "graph": device.type == "cuda",
-                     "default": sae_base.picks_decoder(device, torch.float32).__name__}
+                     "default": sae_base.picks_decoder(device, torch.float32).__name__,
+                     "default_triton": moe._triton_bags(torch.empty(0, device=device))}
         out["decoder_ab"].append(row)
         try:
             row.update(_ab_steps(cfg, device, variants, xs, rounds))
-            a, b = row["ms"]["bag backward"], row["ms"]["segmented sum"]
-            print(f"== decoder A/B, {name}: bag backward {a:.3f} ms, segmented sum {b:.3f} ms "
-                  f"a step ({a / b:.2f}x)", flush=True)
+            ms = row["ms"]
+            print(f"== decoder A/B, {name}: " + ", ".join(f"{label} {v:.3f} ms" for label, v in ms.items())
+                  + " a step", flush=True)
         except Exception as exc:
             traceback.print_exc()
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def profile_kernels(size: dict, device: torch.device, out: dict, rounds: int = 5,
+                    sweep: bool = True) -> None:
+    """The three segmented sums of a step alone at the size (float32 weights, random picks):
+    `embedding_bag` (and its values kernel) against the Triton kernels, the latter at each
+    tile choice of a small sweep; interleaved medians."""
+    import itertools
+
+    from engine.sae import kernels, moe
+
+    B, k, M, d = size["batch"], size["k"], size["width"], size["d"]
+    g = torch.Generator(device=device).manual_seed(0)
+    W = torch.randn(M, d, device=device, generator=g)
+    x = torch.randn(B, d, device=device, generator=g)
+    gx = torch.randn(B, d, device=device, generator=g)
+    idx = torch.randint(0, M, (B, k), device=device, generator=g)
+    acts = torch.rand(B, k, device=device, generator=g)
+    offsets = torch.arange(0, B * k + 1, k, device=device)
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    ends = torch.cumsum(moe.expert_counts(flat, M), 0)
+    seg_off = torch.cat([ends.new_zeros(1), ends])
+    tokens, w_sorted = order // k, acts.reshape(-1)[order]
+    bag_of_pick = torch.arange(B, device=device).repeat_interleave(k)
+
+    def with_blocks(fn, **blocks):
+        def run():
+            old = dict(kernels.BLOCKS)
+            kernels.BLOCKS.update(blocks)
+            try:
+                return fn()
+            finally:
+                kernels.BLOCKS.clear()
+                kernels.BLOCKS.update(old)
+        return run
+
+    seg_grid = [dict(segment_d=bd, segment_p=bp, segment_warps=nw)
+                for bd, bp, nw in itertools.product((64, 128, 256), (16, 32), (2, 4))] if sweep else []
+    dots_grid = [dict(dots_d=bd, dots_warps=nw)
+                 for bd, nw in itertools.product((32, 64, 128), (2, 4))] if sweep else []
+    shapes = {
+        "decode": ({"embedding_bag": lambda: torch.nn.functional.embedding_bag(
+            idx, W, per_sample_weights=acts, mode="sum")},
+            lambda: kernels.segment_sum(W, flat, acts.reshape(-1), offsets), seg_grid),
+        "scatter": ({"embedding_bag": lambda: torch.nn.functional.embedding_bag(
+            tokens, x, seg_off[:-1], mode="sum", per_sample_weights=w_sorted)},
+            lambda: kernels.segment_sum(x, tokens, w_sorted, seg_off), seg_grid),
+        "dots": ({"embedding_bag": lambda: moe._BAG_WEIGHTS_GRAD(
+            gx, W, flat, offsets[:-1], bag_of_pick, 0, -1)},
+            lambda: kernels.picked_dots(gx, W, idx), dots_grid),
+    }
+    for shape, (fns, triton_fn, grid) in shapes.items():
+        fns = dict(fns)
+        for blocks in [{}, *grid]:  # {}: the tiles kernels.BLOCKS holds
+            label = "triton " + (",".join(f"{key}={v}" for key, v in blocks.items()) or "default")
+            fns[label] = with_blocks(triton_fn, **blocks)
+        times: dict = {label: [] for label in fns}
+        for _ in range(rounds):
+            for label, fn in fns.items():
+                times[label].append(_time_ms(fn, device))
+        ms = {label: statistics.median(t) for label, t in times.items()}
+        best = min((label for label in ms if label != "embedding_bag"), key=ms.get)
+        out["kernels"].append({"shape": shape, "B": B, "k": k, "M": M, "d": d, "ms": ms,
+                               "fastest_triton": best})
+        print(f"== kernels, {shape}: embedding_bag {ms['embedding_bag']:.3f} ms, fastest "
+              f"{best} {ms[best]:.3f} ms, the default {ms['triton default']:.3f} ms; all: "
+              + ", ".join(f"{label.removeprefix('triton ')} {v:.3f}" for label, v in ms.items()),
+              flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _time_ms(fn, device: torch.device, calls: int = 20) -> float:
@@ -334,13 +432,16 @@ def main() -> None:
     device = torch.device(args.device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "steps": [], "trainer": None, "harvest": [],
-              "decoder_ab": [], "topk": []}
+              "decoder_ab": [], "topk": [], "kernels": []}
     parts = set(args.parts.split(","))
     if "step" in parts:
         profile_steps(SIZES[args.size], device, args.archs.split(","), result)
         Path(args.out).write_text(json.dumps(result, indent=2))
     if "decoder" in parts:
         profile_decoders(SIZES[args.size], device, args.archs.split(","), result)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if "kernels" in parts:
+        profile_kernels(SIZES[args.size], device, result)
         Path(args.out).write_text(json.dumps(result, indent=2))
     if "topk" in parts:
         profile_topk(SIZES[args.size], device, args.archs.split(","), result)

@@ -1,7 +1,13 @@
 """Shared fixtures. Models and corpora are cached under data/ (MOESAE_DATA), so only the
 first test session pays for building tiny-random and parsing the stdlib docs."""
 
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # the Triton kernels run on CPU tensors through its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported
 
 from engine.models import TINY_MODEL, load_model
 

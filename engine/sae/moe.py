@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
+
 GMM_ALIGN = 16
 """Rows per expert group are padded to a multiple of this for the CUDA grouped GEMM."""
 
@@ -373,17 +375,47 @@ class _SparseTopK(torch.autograd.Function):
 def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int) -> Tensor:
     """[M, d]: Σ over tokens b and picks j of g[b, j] · x[b] into row idx[b, j] — the encoder's
     gradient from the picks alone. The picks are sorted by feature, and each feature's rows are
-    one bag of an `embedding_bag` over x (a segmented weighted sum: no atomics, no [B·k, d]
-    products in memory). Measured against the index_add (atomic adds) and sparse CSR × dense
-    forms it replaced: 2–4× faster than CSR on the CPU (bench in the README), and index_add was
-    the largest kernel of a GPU step (benchmarks/profile_gpu.py)."""
+    one segment of a segmented weighted sum over x (no atomics, no [B·k, d] products in
+    memory): an `embedding_bag`, or the Triton `segment_sum` where `TRITON_BAGS` says so.
+    Measured against the index_add (atomic adds) and sparse CSR × dense forms it replaced:
+    2–4× faster than CSR on the CPU (bench in the README), and index_add was the largest
+    kernel of a GPU step (benchmarks/profile_gpu.py)."""
     B, k = idx.shape
     flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    # 32-bit keys where the features fit: half the passes of a radix sort over 64-bit ones
+    order = torch.argsort(flat.int() if M < 2**31 else flat, stable=True)
     counts = expert_counts(flat, M)
-    starts = torch.cumsum(counts, 0) - counts  # each feature's first sorted pick
     tokens = torch.div(order, k, rounding_mode="floor")
-    return F.embedding_bag(tokens, x, starts, mode="sum", per_sample_weights=g.reshape(-1)[order])
+    w = g.reshape(-1)[order]
+    if _triton_bags(x):
+        ends = torch.cumsum(counts, 0)
+        offsets = torch.cat([ends.new_zeros(1), ends])
+        return kernels.segment_sum(x, tokens, w, offsets, out_dtype=x.dtype)
+    starts = torch.cumsum(counts, 0) - counts  # each feature's first sorted pick
+    return F.embedding_bag(tokens, x, starts, mode="sum", per_sample_weights=w)
+
+
+TRITON_BAGS: dict[str, bool] = {"cuda": True}
+"""Device types whose segmented sums (the sparse decode, its two gradients and the encoder's)
+run as the Triton kernels of engine/sae/kernels.py instead of `embedding_bag`, where triton
+is importable. On an H100 at the paper's size see `benchmarks/profile_gpu.py --parts
+decoder`; the CPU keeps `embedding_bag` (the tests run the kernels there through Triton's
+interpreter)."""
+
+
+def _triton_bags(t: Tensor) -> bool:
+    return TRITON_BAGS.get(t.device.type, False) and (
+        kernels.available(t.device) or kernels.interpreted())
+
+
+def _bag_rows(acts: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+    """[B, d] = Σ_j acts[b, j] · W[indices[b, j]]: the fast decode's forward."""
+    if _triton_bags(W):
+        B, k = indices.shape
+        offsets = torch.arange(0, B * k + 1, k, device=W.device)
+        return kernels.segment_sum(W, indices.reshape(-1), acts.reshape(-1), offsets,
+                                   out_dtype=torch.promote_types(W.dtype, acts.dtype))
+    return F.embedding_bag(indices, W, per_sample_weights=acts, mode="sum")
 
 
 # -- decode: x̂ = Σ_j z_j · W_dec[idx_j] over each token's picks -------------------------------
@@ -405,7 +437,7 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, acts, indices, W):
         ctx.save_for_backward(acts, indices, W)
-        return F.embedding_bag(indices, W, per_sample_weights=acts, mode="sum")
+        return _bag_rows(acts, indices, W)
 
     @staticmethod
     def backward(ctx, g):
@@ -430,7 +462,9 @@ def _picked_dots(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
     any dtype. It replaced `torch.sparse.sampled_addmm` over a CSR pattern of the picks, which
     needed each token's picks sorted, a fallback for repeated features and float32/64; the
     two took the same time at the benchmark's size on the CPU (10.3 vs 10.6 ms, median of 40
-    interleaved calls)."""
+    interleaved calls). Where `TRITON_BAGS` says so, the Triton `picked_dots` instead."""
+    if _triton_bags(W):
+        return kernels.picked_dots(g, W, idx, out_dtype=W.dtype)
     B, k = idx.shape
     offsets = torch.arange(0, B * k, k, device=idx.device)
     bag_of_pick = torch.arange(B, device=idx.device).repeat_interleave(k)

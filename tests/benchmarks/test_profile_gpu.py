@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 TINY = dict(d=16, width=256, experts=8, k=4, batch=64)
+SMALL = dict(d=8, width=64, experts=8, k=4, batch=16)
+"""For the decoder A/B, whose Triton variant runs through Triton's interpreter on the CPU."""
 
 
 def test_the_decoder_and_topk_ab_parts_run_and_restore_the_defaults():
@@ -21,11 +23,14 @@ def test_the_decoder_and_topk_ab_parts_run_and_restore_the_defaults():
     cpu = torch.device("cpu")
     chosen, slices = base.picks_decoder, dict(moe.TOPK_SLICE)
     out = {"decoder_ab": [], "topk": []}
-    profile_gpu.profile_decoders(TINY, cpu, ["topk", "scale e=2"], out, rounds=1)
+    profile_gpu.profile_decoders(SMALL, cpu, ["topk", "scale e=2"], out, rounds=1)
     profile_gpu.profile_topk(TINY, cpu, ["topk"], out, rounds=1)
     assert [r["model"] for r in out["decoder_ab"]] == ["topk", "scale e=2"]
+    from engine.sae import kernels
+
+    labels = {"bag backward", "segmented sum"} | ({"triton"} if kernels.interpreted() else set())
     for row in out["decoder_ab"]:
-        assert "error" not in row and set(row["ms"]) == {"bag backward", "segmented sum"}
+        assert "error" not in row and set(row["ms"]) == labels
     assert [r["n"] for r in out["topk"]] == [256, 64]
     dense = out["topk"][0]
     assert "one topk" in dense["ms"] and "two-stage, slices of 64" in dense["ms"]
@@ -34,6 +39,23 @@ def test_the_decoder_and_topk_ab_parts_run_and_restore_the_defaults():
     assert "step_error" not in dense and len(dense["step_ab"]["ms"]) == 2
     assert "one topk" in dense["step_ab"]["ms"]
     assert base.picks_decoder is chosen and moe.TOPK_SLICE == slices  # put back
+    assert moe.TRITON_BAGS == {"cuda": True}
+
+
+def test_the_kernels_part_times_the_bags_and_the_kernels():
+    pytest.importorskip("triton")
+    from benchmarks import profile_gpu
+    from engine.sae import kernels
+
+    blocks = dict(kernels.BLOCKS)
+    out = {"kernels": []}
+    profile_gpu.profile_kernels(dict(d=8, width=32, experts=1, k=2, batch=8), torch.device("cpu"),
+                                out, rounds=1, sweep=False)
+    assert [r["shape"] for r in out["kernels"]] == ["decode", "scatter", "dots"]
+    for row in out["kernels"]:
+        assert set(row["ms"]) == {"embedding_bag", "triton default"}
+        assert row["fastest_triton"] == "triton default"
+    assert kernels.BLOCKS == blocks
 
 
 @pytest.mark.slow

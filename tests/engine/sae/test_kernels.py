@@ -1,0 +1,110 @@
+"""The Triton kernels of engine/sae/kernels.py against the `embedding_bag` forms they replace:
+compiled on CUDA, through Triton's interpreter on the CPU (tests/conftest.py sets
+TRITON_INTERPRET=1 there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from engine.sae import kernels, moe  # noqa: E402
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+def _csr(lengths, rows, gen):
+    """Segments of the given lengths over `rows` rows: (ix, w, offsets)."""
+    n = sum(lengths)
+    ix = torch.randint(0, rows, (n,), generator=gen)
+    w = torch.randn(n, generator=gen, dtype=torch.float64)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    return ix, w, offsets
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_segment_sum_is_the_bag(device, dtype):
+    """Empty segments, one longer than a program's block of rows (several passes of its loop),
+    d not a multiple of the block of columns; float32 accumulation for half inputs."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [3, 0, 1, 2 * kernels.BLOCKS["segment_p"] + 5, 0, 7, 0]
+    X = torch.randn(40, 70, generator=gen, dtype=torch.float64)
+    ix, w, offsets = _csr(lengths, 40, gen)
+    ref = F.embedding_bag(ix, X, offsets[:-1], mode="sum", per_sample_weights=w)
+    Xd, wd = X.to(device, dtype), w.to(device, dtype)
+    got = kernels.segment_sum(Xd, ix.to(device), wd, offsets.to(device), out_dtype=torch.float64)
+    exact = F.embedding_bag(ix, Xd.double().cpu(), offsets[:-1], mode="sum",
+                            per_sample_weights=wd.double().cpu())  # the rounded inputs, exactly
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(got.cpu(), exact, atol=tol, rtol=tol)
+    if dtype == torch.float64:
+        assert torch.allclose(got.cpu(), ref, atol=1e-12)
+    assert bool((got[1] == 0).all()) and bool((got[-1] == 0).all())  # empty segments
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_segment_sum_gives_the_same_bits_each_time(device):
+    """One program per segment walks its rows in order: no atomics, so no run-to-run noise."""
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(30, 33, generator=gen).to(device)
+    ix, w, offsets = _csr([50, 9, 0, 70], 30, gen)
+    ix, w, offsets = ix.to(device), w.float().to(device), offsets.to(device)
+    a = kernels.segment_sum(X, ix, w, offsets)
+    b = kernels.segment_sum(X, ix, w, offsets)
+    assert torch.equal(a, b) and a.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 5, 32])
+def test_picked_dots_are_the_dot_products(device, k):
+    """⟨G[b], W[idx[b, j]]⟩ by hand, with a feature picked twice by one token, k not a power of
+    two, d over several blocks of columns."""
+    gen = torch.Generator().manual_seed(2)
+    B, M, d = 6, 50, 150
+    G = torch.randn(B, d, generator=gen, dtype=torch.float64)
+    W = torch.randn(M, d, generator=gen, dtype=torch.float64)
+    idx = torch.randint(0, M, (B, k), generator=gen)
+    idx[2, -1] = idx[2, 0]
+    want = (G[:, None, :] * W[idx]).sum(-1)
+    got = kernels.picked_dots(G.to(device), W.to(device), idx.to(device), out_dtype=torch.float64)
+    assert torch.allclose(got.cpu(), want, atol=1e-12)
+    got32 = kernels.picked_dots(G.float().to(device), W.float().to(device), idx.to(device))
+    assert got32.dtype == torch.float32 and torch.allclose(got32.cpu().double(), want, atol=1e-4)
+
+
+def test_the_kernels_refuse_a_cpu_tensor_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        kernels.picked_dots(torch.ones(1, 2), torch.ones(3, 2), torch.zeros(1, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["topk", "scale"])
+def test_a_step_through_the_kernels_equals_the_bags(arch, device, monkeypatch):
+    """Codes, losses and every parameter's gradient of the fast path with its segmented sums as
+    Triton kernels against the same path with `embedding_bag`, AuxK included."""
+    from engine.sae import SAEConfig, build_sae
+
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(arch=arch, d_in=12, width=64, experts=4, active=2, k=6)).to(device)
+    x = (torch.randn(24, 12) * 2).to(device)
+    dead = torch.zeros(64, dtype=torch.bool, device=device)
+    dead[::3] = True
+    res = {}
+    for on in (False, True):
+        monkeypatch.setattr(moe, "TRITON_BAGS", {device: on})
+        sae.zero_grad(set_to_none=True)
+        out = sae(x, dead_mask=dead, auxk_k=5)
+        (out.mse + 0.3 * out.lb_loss + 0.7 * out.auxk_loss).backward()
+        res[on] = (out, {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None})
+    (bag, g_bag), (tri, g_tri) = res[False], res[True]
+    assert torch.equal(bag.codes.top_indices, tri.codes.top_indices)
+    for name in ("mse", "auxk_loss"):
+        assert torch.allclose(getattr(bag, name), getattr(tri, name), atol=1e-6), name
+    assert g_bag.keys() == g_tri.keys()
+    for name, g in g_bag.items():
+        assert torch.allclose(g, g_tri[name], atol=1e-5, rtol=1e-4), name
