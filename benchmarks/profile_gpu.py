@@ -227,9 +227,9 @@ def profile_kernels(size: dict, device: torch.device, out: dict, rounds: int = 5
         return run
 
     seg_grid = [dict(segment_d=bd, segment_p=bp, segment_warps=nw)
-                for bd, bp, nw in itertools.product((64, 128, 256), (16, 32), (2, 4))] if sweep else []
+                for bd, bp, nw in itertools.product((128, 256, 512), (8, 16, 32), (1, 2))] if sweep else []
     dots_grid = [dict(dots_d=bd, dots_warps=nw)
-                 for bd, nw in itertools.product((32, 64, 128), (2, 4))] if sweep else []
+                 for bd, nw in itertools.product((16, 32, 64), (1, 2))] if sweep else []
     shapes = {
         "decode": ({"embedding_bag": lambda: torch.nn.functional.embedding_bag(
             idx, W, per_sample_weights=acts, mode="sum")},

@@ -34,8 +34,8 @@ except ImportError:  # the CPU build of torch ships without triton: the engine u
     triton = None
     tl = None
 
-BLOCKS: dict[str, int] = {"segment_d": 128, "segment_p": 32, "segment_warps": 4,
-                          "dots_d": 64, "dots_warps": 4}
+BLOCKS: dict[str, int] = {"segment_d": 256, "segment_p": 16, "segment_warps": 2,
+                          "dots_d": 32, "dots_warps": 2}
 """Tile sizes: the columns and rows a `segment_sum` program handles at once and its warps; the
 columns a `picked_dots` program reads at once and its warps (benchmarks/profile_gpu.py
 --parts kernels times the choices)."""

@@ -155,7 +155,7 @@ def grouped_expert_encode_gmm(
     """
     N, m, d = W.shape
     P = expert_idx.numel()
-    order = torch.argsort(expert_idx, stable=True)
+    order = torch.argsort(expert_idx.int(), stable=True)  # 32-bit keys: half a 64-bit radix sort
     e_sorted = expert_idx[order]
     counts = expert_counts(expert_idx, N)
     padded = (counts + align - 1) // align * align
