@@ -48,7 +48,7 @@ from engine.runtime import (  # noqa: E402
 )
 from engine.sae import SAEConfig, build_sae  # noqa: E402
 from engine.training.config import TrainConfig  # noqa: E402
-from engine.training.schedule import lr_for_width, make_adam  # noqa: E402
+from engine.training.schedule import lr_for_width, make_adam, optimiser_step  # noqa: E402
 from engine.training.trainer import StepRecorder, train  # noqa: E402
 
 SIZES = {
@@ -95,10 +95,7 @@ def step_fn(cfg: SAEConfig, device: torch.device, precision: str, kernels: str, 
         loss = out.mse + 0.01 * cfg.d_in * out.lb_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        sae.remove_gradient_parallel_to_decoder()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        sae.set_decoder_norm_to_unit()
+        optimiser_step(sae, opt, 1.0)
 
     if not graph:
         return step

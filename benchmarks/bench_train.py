@@ -29,7 +29,7 @@ import torch
 
 from engine.runtime import allocator_label, keep_freed_memory
 from engine.sae import SAEConfig, build_sae
-from engine.training.schedule import lr_for_width, make_adam
+from engine.training.schedule import lr_for_width, make_adam, optimiser_step
 
 
 def batches(args, d):
@@ -74,10 +74,7 @@ def ours_step_fn(cfg: SAEConfig, lr: float):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         mark("backward")
-        sae.remove_gradient_parallel_to_decoder()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        sae.set_decoder_norm_to_unit()
+        optimiser_step(sae, opt, 1.0)
         mark("optimiser")
 
     return step

@@ -14,8 +14,10 @@ decoder: an A/B of the decoder in the trainer's step (bf16, recorded as a CUDA g
          feature); and that sparse backward with every segmented sum of the step as the
          Triton kernels of engine/sae/kernels.py (where triton runs); interleaved, for each
          architecture.
-kernels: those segmented sums alone at the size: embedding_bag against the Triton kernels at
-         each tile choice of a small sweep.
+kernels: each Triton kernel alone at the size against the PyTorch it replaces (the segmented
+         sums' embedding_bag; the decoder gradient's projection, the decoder's renormalisation
+         and Feature Scaling's addcmul, each with the clones the timing needs), at each tile
+         choice of a small sweep.
 compile: the model's own forward pass, eager against torch.compile (how much fusing would save).
 topk:    TopK alone over the dense and the Scale e=2 candidates, one `torch.topk` against the
          two-stage form with several chunk counts; then the dense TopK step with the fastest.
@@ -157,12 +159,16 @@ def _decoder_variants(device: torch.device) -> dict:
 
     def chosen(decode, triton: bool):
         return _patched_all([(sae_base, "picks_decoder", lambda dev, dtype: decode),
-                             (moe, "TRITON_BAGS", {device.type: triton})])
+                             (kernels, "ENABLED", {device.type: triton})])
 
     variants = {"bag backward": chosen(moe.decode_picks, False),
                 "segmented sum": chosen(moe.decode_picks_sddmm, False)}
     if kernels.available(device) or kernels.interpreted():
         variants["triton"] = chosen(moe.decode_picks_sddmm, True)
+        variants["triton, clip apart"] = _patched_all([
+            (sae_base, "picks_decoder", lambda dev, dtype: moe.decode_picks_sddmm),
+            (kernels, "ENABLED", {device.type: True}),
+            (torch.nn.utils, "get_total_norm", None)])  # clipped_step falls back to clip_grad_norm_
     return variants
 
 
@@ -230,6 +236,10 @@ def profile_kernels(size: dict, device: torch.device, out: dict, rounds: int = 5
                 for bd, bp, nw in itertools.product((128, 256, 512), (8, 16, 32), (1, 2))] if sweep else []
     dots_grid = [dict(dots_d=bd, dots_warps=nw)
                  for bd, nw in itertools.product((16, 32, 64), (1, 2))] if sweep else []
+    G, Wn = torch.randn(M, d, device=device, generator=g), W / W.norm(dim=1, keepdim=True)
+    N = size["experts"]
+    s_e, c_e = torch.rand(N, device=device, generator=g), torch.randn(N, 1, d, device=device, generator=g)
+    row_grid = [dict(row_elems=e, row_warps=nw) for e, nw in itertools.product((2048, 4096, 8192), (4, 8))] if sweep else []
     shapes = {
         "decode": ({"embedding_bag": lambda: torch.nn.functional.embedding_bag(
             idx, W, per_sample_weights=acts, mode="sum")},
@@ -240,6 +250,12 @@ def profile_kernels(size: dict, device: torch.device, out: dict, rounds: int = 5
         "dots": ({"embedding_bag": lambda: moe._BAG_WEIGHTS_GRAD(
             gx, W, flat, offsets[:-1], bag_of_pick, 0, -1)},
             lambda: kernels.picked_dots(gx, W, idx), dots_grid),
+        "project": ({"pytorch": lambda: G.clone().addcmul_(torch.linalg.vecdot(G, Wn)[:, None], Wn, value=-1)},
+                    lambda: kernels.project_rows_(G.clone(), Wn), row_grid),
+        "unit rows": ({"pytorch": lambda: W.clone().div_(W.norm(dim=1, keepdim=True).clamp_min(1e-8))},
+                      lambda: kernels.unit_rows_(W.clone()), row_grid),
+        "affine": ({"pytorch": lambda: torch.addcmul(c_e, W.view(N, -1, d), s_e[:, None, None])},
+                   lambda: kernels.group_affine(W.view(N, -1, d), s_e, c_e), row_grid),
     }
     for shape, (fns, triton_fn, grid) in shapes.items():
         fns = dict(fns)
@@ -251,10 +267,11 @@ def profile_kernels(size: dict, device: torch.device, out: dict, rounds: int = 5
             for label, fn in fns.items():
                 times[label].append(_time_ms(fn, device))
         ms = {label: statistics.median(t) for label, t in times.items()}
-        best = min((label for label in ms if label != "embedding_bag"), key=ms.get)
+        base = next(iter(fns))  # the PyTorch form
+        best = min((label for label in ms if label != base), key=ms.get)
         out["kernels"].append({"shape": shape, "B": B, "k": k, "M": M, "d": d, "ms": ms,
                                "fastest_triton": best})
-        print(f"== kernels, {shape}: embedding_bag {ms['embedding_bag']:.3f} ms, fastest "
+        print(f"== kernels, {shape}: {base} {ms[base]:.3f} ms, fastest "
               f"{best} {ms[best]:.3f} ms, the default {ms['triton default']:.3f} ms; all: "
               + ", ".join(f"{label.removeprefix('triton ')} {v:.3f}" for label, v in ms.items()),
               flush=True)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .config import SAEConfig
 from .initialisation import geometric_median, unit_rows
 from .moe import (
@@ -229,13 +230,21 @@ class SparseAutoencoder(nn.Module, ABC):
 
     @torch.no_grad()
     def set_decoder_norm_to_unit(self) -> None:
+        """W_f /= max(‖W_f‖, 1e-8) for each decoder row; one Triton pass where `kernels.use`."""
+        if kernels.use(self.W_dec) and self.W_dec.is_contiguous():
+            kernels.unit_rows_(self.W_dec, 1e-8)
+            return
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder(self) -> None:
-        """Project out the component of each row's gradient along the (unit) row itself."""
+        """Project out the component of each row's gradient along the (unit) row itself; one
+        Triton pass over both where `kernels.use` (two passes and a strided one in PyTorch)."""
         g = self.W_dec.grad
         if g is None:
+            return
+        if kernels.use(g) and g.is_contiguous() and self.W_dec.is_contiguous():
+            kernels.project_rows_(g, self.W_dec)
             return
         parallel = torch.linalg.vecdot(g, self.W_dec)  # ⟨g_f, W_f⟩ per row
         g.addcmul_(parallel[:, None], self.W_dec, value=-1)  # g_f −= ⟨g_f, W_f⟩ · W_f, in place

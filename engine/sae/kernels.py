@@ -35,10 +35,11 @@ except ImportError:  # the CPU build of torch ships without triton: the engine u
     tl = None
 
 BLOCKS: dict[str, int] = {"segment_d": 256, "segment_p": 16, "segment_warps": 2,
-                          "dots_d": 32, "dots_warps": 2}
+                          "dots_d": 32, "dots_warps": 2, "row_elems": 4096, "row_warps": 4}
 """Tile sizes: the columns and rows a `segment_sum` program handles at once and its warps; the
-columns a `picked_dots` program reads at once and its warps (benchmarks/profile_gpu.py
---parts kernels times the choices)."""
+columns a `picked_dots` program reads at once and its warps; the elements (whole rows, padded to
+a power of two) a row kernel's program holds and its warps (benchmarks/profile_gpu.py --parts
+kernels times the choices)."""
 
 
 def _segment_sum_kernel(X, ix, w, offsets, out, d, stride_x, stride_out,
@@ -79,17 +80,68 @@ def _picked_dots_kernel(G, W, idx, out, k, d, stride_g, stride_w,
     tl.store(out + b * k + j, acc.to(out.dtype.element_ty), mask=jmask)
 
 
+def _project_rows_kernel(G, W, R, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """G[r] −= ⟨G[r], W[r]⟩ · W[r] for each row r, in place (float32 arithmetic)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < R)[:, None] & (cols < d)[None, :]
+    at = rows.to(tl.int64)[:, None] * d + cols[None, :]
+    g = tl.load(G + at, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + at, mask=mask, other=0.0).to(tl.float32)
+    dot = tl.sum(g * w, axis=1)
+    tl.store(G + at, (g - dot[:, None] * w).to(G.dtype.element_ty), mask=mask)
+
+
+def _unit_rows_kernel(W, R, d, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """W[r] /= max(‖W[r]‖, eps) for each row r, in place."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < R)[:, None] & (cols < d)[None, :]
+    at = rows.to(tl.int64)[:, None] * d + cols[None, :]
+    w = tl.load(W + at, mask=mask, other=0.0).to(tl.float32)
+    norm = tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), eps)
+    tl.store(W + at, (w / norm[:, None]).to(W.dtype.element_ty), mask=mask)
+
+
+def _group_affine_kernel(X, s, c, out, R, m, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r] = s[r // m] · X[r] + c[r // m] for rows r of X [R, d] in groups of m."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < R
+    mask = rmask[:, None] & (cols < d)[None, :]
+    group = (rows // m).to(tl.int64)
+    at = rows.to(tl.int64)[:, None] * d + cols[None, :]
+    x = tl.load(X + at, mask=mask, other=0.0).to(tl.float32)
+    sg = tl.load(s + group, mask=rmask, other=0.0).to(tl.float32)
+    cg = tl.load(c + group[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + at, (sg[:, None] * x + cg).to(out.dtype.element_ty), mask=mask)
+
+
 @functools.cache
 def _compiled():
     """The two kernels through `triton.jit`: compiled for the GPU, or run by Triton's
     interpreter on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported
     (tests/conftest.py does so on machines without CUDA)."""
-    return triton.jit(_segment_sum_kernel), triton.jit(_picked_dots_kernel)
+    return {fn.__name__.strip("_").removesuffix("_kernel"): triton.jit(fn)
+            for fn in (_segment_sum_kernel, _picked_dots_kernel, _project_rows_kernel,
+                       _unit_rows_kernel, _group_affine_kernel)}
 
 
 def available(device: torch.device) -> bool:
     """True where these kernels run compiled: a CUDA device and an importable triton."""
     return triton is not None and device.type == "cuda"
+
+
+ENABLED: dict[str, bool] = {"cuda": True}
+"""Device types whose steps use these kernels where they can run (`use`). The CPU keeps its
+PyTorch forms (the tests run the kernels there through Triton's interpreter); on an H100 see
+`benchmarks/profile_gpu.py --parts kernels,decoder`."""
+
+
+def use(t: Tensor) -> bool:
+    """Whether work on t's device goes through these kernels: enabled for its device type, and
+    runnable (compiled on CUDA, or interpreted)."""
+    return ENABLED.get(t.device.type, False) and (available(t.device) or interpreted())
 
 
 def interpreted() -> bool:
@@ -112,7 +164,7 @@ def segment_sum(X: Tensor, ix: Tensor, w: Tensor, offsets: Tensor,
     """[R, d]: row r is Σ w[p] · X[ix[p]] over p in [offsets[r], offsets[r + 1]) — what
     `embedding_bag(ix, X, offsets[:-1], mode="sum", per_sample_weights=w)` computes, with R + 1
     offsets (the last one the number of picks)."""
-    seg, _ = _kernels(X)
+    seg = _kernels(X)["segment_sum"]
     X = X.contiguous()
     R, d = offsets.numel() - 1, X.shape[1]
     out = torch.empty(R, d, dtype=out_dtype, device=X.device)
@@ -128,7 +180,7 @@ def segment_sum(X: Tensor, ix: Tensor, w: Tensor, offsets: Tensor,
 
 def picked_dots(G: Tensor, W: Tensor, idx: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
     """[B, k]: ⟨G[b], W[idx[b, j]]⟩ for each pick (a sampled dense-dense product)."""
-    _, dots = _kernels(G)
+    dots = _kernels(G)["picked_dots"]
     B, k = idx.shape
     G, W = G.contiguous(), W.contiguous()
     out = torch.empty(B, k, dtype=out_dtype, device=G.device)
@@ -138,4 +190,46 @@ def picked_dots(G: Tensor, W: Tensor, idx: Tensor, out_dtype: torch.dtype = torc
     bd = min(BLOCKS["dots_d"], triton.next_power_of_2(W.shape[1]))
     dots[(B,)](G, W, idx.contiguous(), out, k, W.shape[1], G.stride(0), W.stride(0),
                BLOCK_K=triton.next_power_of_2(k), BLOCK_D=bd, ACC=_acc(G, W), **extra)
+    return out
+
+
+def _row_tiles(d: int) -> tuple[int, int, dict]:
+    """Whole rows a program: (rows a program, columns padded to a power of two, launch options)."""
+    bd = triton.next_power_of_2(max(d, 1))
+    return max(1, BLOCKS["row_elems"] // bd), bd, {"num_warps": BLOCKS["row_warps"]} if not interpreted() else {}
+
+
+def project_rows_(G: Tensor, W: Tensor) -> Tensor:
+    """G[r] −= ⟨G[r], W[r]⟩ · W[r] in place (G, W contiguous [R, d]): the decoder gradient's
+    component along each (unit) decoder row removed, in one pass over both."""
+    fn = _kernels(G)["project_rows"]
+    R, d = G.shape
+    br, bd, extra = _row_tiles(d)
+    if R:
+        fn[(triton.cdiv(R, br),)](G, W.contiguous(), R, d, BLOCK_R=br, BLOCK_D=bd, **extra)
+    return G
+
+
+def unit_rows_(W: Tensor, eps: float = 1e-8) -> Tensor:
+    """W[r] /= max(‖W[r]‖, eps) in place (W contiguous [R, d]), in one pass."""
+    fn = _kernels(W)["unit_rows"]
+    R, d = W.shape
+    br, bd, extra = _row_tiles(d)
+    if R:
+        fn[(triton.cdiv(R, br),)](W, R, d, eps, BLOCK_R=br, BLOCK_D=bd, **extra)
+    return W
+
+
+def group_affine(X: Tensor, s: Tensor, c: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+    """[N, m, d]: s[i] · X[i, j] + c[i] for X [N, m, d], s [N], c [N, d] — Feature Scaling's
+    Ŵ_i = s_i · W_i + c_i and its gradient's s_i · G_i + ∂mean_i, in one vectorised pass where
+    `torch.addcmul` broadcasting s and c runs its slower strided kernel."""
+    fn = _kernels(X)["group_affine"]
+    N, m, d = X.shape
+    X = X.contiguous()
+    out = torch.empty(X.shape, dtype=out_dtype or X.dtype, device=X.device)
+    br, bd, extra = _row_tiles(d)
+    if N * m:
+        fn[(triton.cdiv(N * m, br),)](X, s.contiguous(), c.reshape(N, d).contiguous(), out,
+                                      N * m, m, d, BLOCK_R=br, BLOCK_D=bd, **extra)
     return out

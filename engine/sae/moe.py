@@ -376,7 +376,7 @@ def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int) -> Tensor:
     """[M, d]: Σ over tokens b and picks j of g[b, j] · x[b] into row idx[b, j] — the encoder's
     gradient from the picks alone. The picks are sorted by feature, and each feature's rows are
     one segment of a segmented weighted sum over x (no atomics, no [B·k, d] products in
-    memory): an `embedding_bag`, or the Triton `segment_sum` where `TRITON_BAGS` says so.
+    memory): an `embedding_bag`, or the Triton `segment_sum` where `kernels.use` says so.
     Measured against the index_add (atomic adds) and sparse CSR × dense forms it replaced:
     2–4× faster than CSR on the CPU (bench in the README), and index_add was the largest
     kernel of a GPU step (benchmarks/profile_gpu.py)."""
@@ -395,17 +395,11 @@ def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int) -> Tensor:
     return F.embedding_bag(tokens, x, starts, mode="sum", per_sample_weights=w)
 
 
-TRITON_BAGS: dict[str, bool] = {"cuda": True}
-"""Device types whose segmented sums (the sparse decode, its two gradients and the encoder's)
-run as the Triton kernels of engine/sae/kernels.py instead of `embedding_bag`, where triton
-is importable. On an H100 at the paper's size see `benchmarks/profile_gpu.py --parts
-decoder`; the CPU keeps `embedding_bag` (the tests run the kernels there through Triton's
-interpreter)."""
-
-
 def _triton_bags(t: Tensor) -> bool:
-    return TRITON_BAGS.get(t.device.type, False) and (
-        kernels.available(t.device) or kernels.interpreted())
+    """The segmented sums (the sparse decode, its two gradients and the encoder's) as the
+    Triton kernels of engine/sae/kernels.py where `kernels.use` says so, else `embedding_bag`
+    (on an H100 at the paper's size see `benchmarks/profile_gpu.py --parts decoder`)."""
+    return kernels.use(t)
 
 
 def _bag_rows(acts: Tensor, indices: Tensor, W: Tensor) -> Tensor:
@@ -462,7 +456,7 @@ def _picked_dots(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
     any dtype. It replaced `torch.sparse.sampled_addmm` over a CSR pattern of the picks, which
     needed each token's picks sorted, a fallback for repeated features and float32/64; the
     two took the same time at the benchmark's size on the CPU (10.3 vs 10.6 ms, median of 40
-    interleaved calls). Where `TRITON_BAGS` says so, the Triton `picked_dots` instead."""
+    interleaved calls). Where `kernels.use` says so, the Triton `picked_dots` instead."""
     if _triton_bags(W):
         return kernels.picked_dots(g, W, idx, out_dtype=W.dtype)
     B, k = idx.shape

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .base import EncoderOutput, SparseAutoencoder
 from .initialisation import geometric_median
 from .moe import route_topk
@@ -85,7 +86,7 @@ class _FeatureScaling(torch.autograd.Function):
         c = -omega[:, None, None] * A if t_mean else A - s * mean
         ctx.save_for_backward(W, T, omega, mean, A)
         ctx.t_mean = t_mean
-        return torch.addcmul(c, W, s)  # c_i + s_i · W_i
+        return _affine(W, s, c)  # c_i + s_i · W_i
 
     @staticmethod
     def backward(ctx, G):
@@ -105,9 +106,18 @@ class _FeatureScaling(torch.autograd.Function):
         G_mean = G_A @ T.to(G.dtype)  # through Ā = T · mean
         if not ctx.t_mean:
             G_mean = G_mean - s * G_c  # and through −s·mean
-        grad_W = torch.addcmul(G_mean / m, G, s)  # s_i · G_i + ∂mean_i/∂W_i (each row 1/m)
+        grad_W = _affine(G, s, G_mean / m)  # s_i · G_i + ∂mean_i/∂W_i (each row 1/m)
         grad_T = G_A.reshape(N, d).T @ mean.reshape(N, d).to(G.dtype) if ctx.needs_input_grad[1] else None
         return grad_W.to(W.dtype), grad_T, G_omega.to(omega.dtype), None
+
+
+def _affine(X: Tensor, s: Tensor, c: Tensor) -> Tensor:
+    """s_i · X_i + c_i for X [N, m, d], s [N, 1, 1], c [N, 1, d]: `torch.addcmul`, or the
+    Triton `group_affine` (one vectorised pass) where `kernels.use` says so."""
+    if kernels.use(X):
+        return kernels.group_affine(X, s.reshape(-1), c, out_dtype=torch.promote_types(
+            torch.promote_types(X.dtype, s.dtype), c.dtype))
+    return torch.addcmul(c, X, s)
 
 
 register(Architecture(

@@ -42,7 +42,7 @@ from .config import CUDA_GRAPH, TrainConfig
 from .distributed import Dist, from_environment
 from .log import Window, redundancy_row
 from .run_folder import RunFolder
-from .schedule import lr_at, lr_for_width, make_adam
+from .schedule import lr_at, lr_for_width, make_adam, optimiser_step
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -266,10 +266,7 @@ class Trainer:
         # allocates the gradients (in the graph's memory) and every replay writes them afresh.
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        sae.remove_gradient_parallel_to_decoder()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        self.opt.step()
-        sae.set_decoder_norm_to_unit()
+        optimiser_step(sae, self.opt, cfg.grad_clip)
 
         # TopK may pick zeros when fewer than k candidates are positive: not a firing.
         M = self.sae_cfg.width

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from engine.sae import kernels, moe  # noqa: E402
+from engine.sae import kernels  # noqa: E402
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(
     not kernels.interpreted(), reason="CPU tensors need Triton's interpreter (set on machines without CUDA)")),
@@ -84,28 +84,66 @@ def test_the_kernels_refuse_a_cpu_tensor_without_the_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_the_row_kernels_are_their_pytorch_forms(device):
+    """The decoder gradient's projection, the decoder's renormalisation (a zero row stays zero)
+    and Feature Scaling's per-expert s_i · X_i + c_i, against the PyTorch lines they replace,
+    with d not a power of two and rows not a multiple of a program's."""
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(37, 70, generator=gen)
+    W = W / W.norm(dim=1, keepdim=True)
+    G = torch.randn(37, 70, generator=gen)
+    want = G - torch.linalg.vecdot(G, W)[:, None] * W
+    got = kernels.project_rows_(G.clone().to(device), W.to(device))
+    assert torch.allclose(got.cpu(), want, atol=1e-6)
+    assert torch.allclose((got.cpu() * W).sum(1), torch.zeros(37), atol=1e-6)  # orthogonal now
+    V = torch.randn(37, 70, generator=gen) * 3
+    V[5] = 0
+    got = kernels.unit_rows_(V.clone().to(device)).cpu()
+    assert torch.allclose(got, V / V.norm(dim=1, keepdim=True).clamp_min(1e-8), atol=1e-6)
+    assert bool((got[5] == 0).all())
+    X = torch.randn(5, 7, 70, generator=gen)
+    s, c = torch.randn(5, generator=gen), torch.randn(5, 1, 70, generator=gen)
+    got = kernels.group_affine(X.to(device), s.to(device), c.to(device)).cpu()
+    assert torch.allclose(got, torch.addcmul(c, X, s[:, None, None]), atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["topk", "scale"])
 def test_a_step_through_the_kernels_equals_the_bags(arch, device, monkeypatch):
-    """Codes, losses and every parameter's gradient of the fast path with its segmented sums as
-    Triton kernels against the same path with `embedding_bag`, AuxK included."""
+    """Codes, losses, every parameter's gradient and the weights after the optimiser step
+    (projection, clip, Adam, renormalisation) with the Triton kernels against the same fast
+    path in PyTorch (`embedding_bag`, addcmul), AuxK and Feature Scaling included."""
+    import copy
+
     from engine.sae import SAEConfig, build_sae
+    from engine.training.schedule import make_adam, optimiser_step
 
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(arch=arch, d_in=12, width=64, experts=4, active=2, k=6)).to(device)
+    sae0 = build_sae(SAEConfig(arch=arch, d_in=12, width=64, experts=4, active=2, k=6)).to(device)
+    with torch.no_grad():  # Feature Scaling away from its identity start, so each term counts
+        for name, p in sae0.named_parameters():
+            if name in ("omega", "T"):
+                p.add_(0.1 * torch.randn_like(p))
     x = (torch.randn(24, 12) * 2).to(device)
     dead = torch.zeros(64, dtype=torch.bool, device=device)
     dead[::3] = True
     res = {}
     for on in (False, True):
-        monkeypatch.setattr(moe, "TRITON_BAGS", {device: on})
-        sae.zero_grad(set_to_none=True)
+        monkeypatch.setattr(kernels, "ENABLED", {device: on})
+        sae = copy.deepcopy(sae0)
+        opt = make_adam(sae.parameters(), 1e-2)
         out = sae(x, dead_mask=dead, auxk_k=5)
         (out.mse + 0.3 * out.lb_loss + 0.7 * out.auxk_loss).backward()
-        res[on] = (out, {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None})
-    (bag, g_bag), (tri, g_tri) = res[False], res[True]
+        grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+        optimiser_step(sae, opt, 1.0)
+        res[on] = (out, grads, {n: p.detach().clone() for n, p in sae.named_parameters()})
+    (bag, g_bag, w_bag), (tri, g_tri, w_tri) = res[False], res[True]
     assert torch.equal(bag.codes.top_indices, tri.codes.top_indices)
     for name in ("mse", "auxk_loss"):
         assert torch.allclose(getattr(bag, name), getattr(tri, name), atol=1e-6), name
     assert g_bag.keys() == g_tri.keys()
     for name, g in g_bag.items():
         assert torch.allclose(g, g_tri[name], atol=1e-5, rtol=1e-4), name
+    for name, w in w_bag.items():
+        assert torch.allclose(w, w_tri[name], atol=1e-5), name
+    assert torch.allclose(w_tri["W_dec"].norm(dim=1), torch.ones(64), atol=1e-6)
