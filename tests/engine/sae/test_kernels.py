@@ -146,4 +146,4 @@ def test_a_step_through_the_kernels_equals_the_bags(arch, device, monkeypatch):
         assert torch.allclose(g, g_tri[name], atol=1e-5, rtol=1e-4), name
     for name, w in w_bag.items():
         assert torch.allclose(w, w_tri[name], atol=1e-5), name
-    assert torch.allclose(w_tri["W_dec"].norm(dim=1), torch.ones(64), atol=1e-6)
+    assert torch.allclose(w_tri["W_dec"].norm(dim=1), torch.ones(64, device=device), atol=1e-6)
