@@ -130,8 +130,14 @@ def _compiled():
 
 
 def available(device: torch.device) -> bool:
-    """True where these kernels run compiled: a CUDA device and an importable triton."""
-    return triton is not None and device.type == "cuda"
+    """True where these kernels run compiled: a CUDA device Triton compiles for (compute
+    capability 7.0 or later) and an importable triton."""
+    return triton is not None and device.type == "cuda" and _capable(device.index)
+
+
+@functools.cache
+def _capable(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index) >= (7, 0)
 
 
 ENABLED: dict[str, bool] = {"cuda": True}
