@@ -111,7 +111,7 @@ def check_cpu_budget(tcs: list[TrainConfig], max_hours: float, log=print) -> Non
 
     from .runtime import resolve_device
     from .sae import build_sae
-    from .training.schedule import make_adam
+    from .training.schedule import make_adam, optimiser_step
 
     if not tcs or resolve_device(tcs[0].runtime.device).type != "cpu":
         return
@@ -129,7 +129,7 @@ def check_cpu_budget(tcs: list[TrainConfig], max_hours: float, log=print) -> Non
             out = sae(x)
             opt.zero_grad()
             (out.mse + out.lb_loss).backward()
-            opt.step()
+            optimiser_step(sae, opt, 1.0)  # as the trainer's step
         seconds += (time.perf_counter() - t) / 2 * tc.steps
     hours = seconds / 3600
     log(f"[0/4] budget    about {hours:.1f} h of training on this CPU (measured)")

@@ -230,8 +230,9 @@ class SparseAutoencoder(nn.Module, ABC):
 
     @torch.no_grad()
     def set_decoder_norm_to_unit(self) -> None:
-        """W_f /= max(‖W_f‖, 1e-8) for each decoder row; one Triton pass where `kernels.use`."""
-        if kernels.use(self.W_dec) and self.W_dec.is_contiguous():
+        """W_f /= max(‖W_f‖, 1e-8) for each decoder row; one Triton pass where `kernels.use`
+        (the fast kernels only: `reference` keeps PyTorch's)."""
+        if self.kernels != "reference" and kernels.use(self.W_dec) and self.W_dec.is_contiguous():
             kernels.unit_rows_(self.W_dec, 1e-8)
             return
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
@@ -243,7 +244,8 @@ class SparseAutoencoder(nn.Module, ABC):
         g = self.W_dec.grad
         if g is None:
             return
-        if kernels.use(g) and g.is_contiguous() and self.W_dec.is_contiguous():
+        if (self.kernels != "reference" and kernels.use(g) and g.is_contiguous()
+                and self.W_dec.is_contiguous()):
             kernels.project_rows_(g, self.W_dec)
             return
         parallel = torch.linalg.vecdot(g, self.W_dec)  # ⟨g_f, W_f⟩ per row

@@ -35,9 +35,11 @@ except ImportError:  # the CPU build of torch ships without triton: the engine u
     tl = None
 
 BLOCKS: dict[str, int] = {"segment_d": 128, "segment_p": 8, "segment_warps": 1,
-                          "dots_d": 32, "dots_warps": 1, "row_elems": 4096, "row_warps": 4}
+                          "dots_k": 32, "dots_d": 32, "dots_warps": 1, "row_elems": 4096,
+                          "row_warps": 4}
 """Tile sizes: the columns and rows a `segment_sum` program handles at once and its warps; the
-columns a `picked_dots` program reads at once and its warps; the elements (whole rows, padded to
+picks a `picked_dots` program takes (at most; fewer where a token has fewer), the columns it
+reads at once and its warps; the elements (whole rows, padded to
 a power of two) a row kernel's program holds and its warps (benchmarks/profile_gpu.py --parts
 kernels times the choices; these were the fastest on an H100 at the paper's size: 0.088 ms
 for the decode, 0.092 ms for a segmented sum of the gradients, 0.090 ms for the values'
@@ -66,9 +68,10 @@ def _segment_sum_kernel(X, ix, w, offsets, out, d, stride_x, stride_out,
 
 def _picked_dots_kernel(G, W, idx, out, k, d, stride_g, stride_w,
                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """out[b, j] = Σ_c G[b, c] · W[idx[b, j], c] for the k picks of token b."""
+    """out[b, j] = Σ_c G[b, c] · W[idx[b, j], c] for the picks j of token b in this program's
+    block of BLOCK_K of them."""
     b = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, BLOCK_K)
+    j = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     jmask = j < k
     rows = tl.load(idx + b * k + j, mask=jmask, other=0).to(tl.int64)
     acc = tl.zeros([BLOCK_K], dtype=ACC)
@@ -82,30 +85,35 @@ def _picked_dots_kernel(G, W, idx, out, k, d, stride_g, stride_w,
     tl.store(out + b * k + j, acc.to(out.dtype.element_ty), mask=jmask)
 
 
-def _project_rows_kernel(G, W, R, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """G[r] −= ⟨G[r], W[r]⟩ · W[r] for each row r, in place (float32 arithmetic)."""
+def _project_rows_kernel(G, W, R, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                         ACC: tl.constexpr):
+    """G[r] −= ⟨G[r], W[r]⟩ · W[r] for each row r, in place."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < R)[:, None] & (cols < d)[None, :]
     at = rows.to(tl.int64)[:, None] * d + cols[None, :]
-    g = tl.load(G + at, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + at, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + at, mask=mask, other=0.0).to(ACC)
+    w = tl.load(W + at, mask=mask, other=0.0).to(ACC)
     dot = tl.sum(g * w, axis=1)
     tl.store(G + at, (g - dot[:, None] * w).to(G.dtype.element_ty), mask=mask)
 
 
-def _unit_rows_kernel(W, R, d, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """W[r] /= max(‖W[r]‖, eps) for each row r, in place."""
+def _unit_rows_kernel(W, R, d, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                      ACC: tl.constexpr):
+    """W[r] /= max(‖W[r]‖, eps) for each row r, in place (a NaN norm stays NaN, as
+    `clamp_min` leaves it)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < R)[:, None] & (cols < d)[None, :]
     at = rows.to(tl.int64)[:, None] * d + cols[None, :]
-    w = tl.load(W + at, mask=mask, other=0.0).to(tl.float32)
-    norm = tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), eps)
+    w = tl.load(W + at, mask=mask, other=0.0).to(ACC)
+    norm = tl.sqrt(tl.sum(w * w, axis=1))
+    norm = tl.where(norm != norm, norm, tl.maximum(norm, eps))
     tl.store(W + at, (w / norm[:, None]).to(W.dtype.element_ty), mask=mask)
 
 
-def _group_affine_kernel(X, s, c, out, R, m, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _group_affine_kernel(X, s, c, out, R, m, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                         ACC: tl.constexpr):
     """out[r] = s[r // m] · X[r] + c[r // m] for rows r of X [R, d] in groups of m."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
@@ -113,9 +121,9 @@ def _group_affine_kernel(X, s, c, out, R, m, d, BLOCK_R: tl.constexpr, BLOCK_D: 
     mask = rmask[:, None] & (cols < d)[None, :]
     group = (rows // m).to(tl.int64)
     at = rows.to(tl.int64)[:, None] * d + cols[None, :]
-    x = tl.load(X + at, mask=mask, other=0.0).to(tl.float32)
-    sg = tl.load(s + group, mask=rmask, other=0.0).to(tl.float32)
-    cg = tl.load(c + group[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + at, mask=mask, other=0.0).to(ACC)
+    sg = tl.load(s + group, mask=rmask, other=0.0).to(ACC)
+    cg = tl.load(c + group[:, None] * d + cols[None, :], mask=mask, other=0.0).to(ACC)
     tl.store(out + at, (sg[:, None] * x + cg).to(out.dtype.element_ty), mask=mask)
 
 
@@ -195,9 +203,12 @@ def picked_dots(G: Tensor, W: Tensor, idx: Tensor, out_dtype: torch.dtype = torc
     if B == 0 or k == 0:
         return out
     extra = {} if G.device.type != "cuda" else {"num_warps": BLOCKS["dots_warps"]}
+    if W.shape[1] == 0:
+        return out.zero_()
     bd = min(BLOCKS["dots_d"], triton.next_power_of_2(W.shape[1]))
-    dots[(B,)](G, W, idx.contiguous(), out, k, W.shape[1], G.stride(0), W.stride(0),
-               BLOCK_K=triton.next_power_of_2(k), BLOCK_D=bd, ACC=_acc(G, W), **extra)
+    bk = min(BLOCKS["dots_k"], triton.next_power_of_2(k))  # AuxK's k_aux reaches d/2 picks
+    dots[(B, triton.cdiv(k, bk))](G, W, idx.contiguous(), out, k, W.shape[1], G.stride(0),
+                                  W.stride(0), BLOCK_K=bk, BLOCK_D=bd, ACC=_acc(G, W), **extra)
     return out
 
 
@@ -207,24 +218,36 @@ def _row_tiles(d: int) -> tuple[int, int, dict]:
     return max(1, BLOCKS["row_elems"] // bd), bd, {"num_warps": BLOCKS["row_warps"]} if not interpreted() else {}
 
 
+def _rows_in_place(t: Tensor) -> None:
+    if t.dim() != 2 or not t.is_contiguous():
+        raise ValueError("the row kernels work in place on contiguous [R, d] tensors")
+
+
 def project_rows_(G: Tensor, W: Tensor) -> Tensor:
     """G[r] −= ⟨G[r], W[r]⟩ · W[r] in place (G, W contiguous [R, d]): the decoder gradient's
-    component along each (unit) decoder row removed, in one pass over both."""
+    component along each (unit) decoder row removed, in one pass over both. Like an in-place
+    PyTorch op it counts as a change of G for autograd."""
     fn = _kernels(G)["project_rows"]
+    _rows_in_place(G)
     R, d = G.shape
     br, bd, extra = _row_tiles(d)
     if R:
-        fn[(triton.cdiv(R, br),)](G, W.contiguous(), R, d, BLOCK_R=br, BLOCK_D=bd, **extra)
+        fn[(triton.cdiv(R, br),)](G, W.contiguous(), R, d, BLOCK_R=br, BLOCK_D=bd,
+                                  ACC=_acc(G, W), **extra)
+    torch.autograd.graph.increment_version(G)
     return G
 
 
 def unit_rows_(W: Tensor, eps: float = 1e-8) -> Tensor:
-    """W[r] /= max(‖W[r]‖, eps) in place (W contiguous [R, d]), in one pass."""
+    """W[r] /= max(‖W[r]‖, eps) in place (W contiguous [R, d]), in one pass; counted as a
+    change of W for autograd (and for `SparseAutoencoder.fingerprint`)."""
     fn = _kernels(W)["unit_rows"]
+    _rows_in_place(W)
     R, d = W.shape
     br, bd, extra = _row_tiles(d)
     if R:
-        fn[(triton.cdiv(R, br),)](W, R, d, eps, BLOCK_R=br, BLOCK_D=bd, **extra)
+        fn[(triton.cdiv(R, br),)](W, R, d, eps, BLOCK_R=br, BLOCK_D=bd, ACC=_acc(W), **extra)
+    torch.autograd.graph.increment_version(W)
     return W
 
 
@@ -239,5 +262,6 @@ def group_affine(X: Tensor, s: Tensor, c: Tensor, out_dtype: torch.dtype | None 
     br, bd, extra = _row_tiles(d)
     if N * m:
         fn[(triton.cdiv(N * m, br),)](X, s.contiguous(), c.reshape(N, d).contiguous(), out,
-                                      N * m, m, d, BLOCK_R=br, BLOCK_D=bd, **extra)
+                                      N * m, m, d, BLOCK_R=br, BLOCK_D=bd, ACC=_acc(X, s, c),
+                                      **extra)
     return out

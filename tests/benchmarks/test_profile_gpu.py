@@ -56,7 +56,7 @@ def test_the_kernels_part_times_the_bags_and_the_kernels():
                                                     "unit rows", "affine"]
     for row in out["kernels"]:
         assert len(row["ms"]) == 2 and "triton default" in row["ms"]
-        assert row["fastest_triton"] == "triton default"
+        assert all(ms > 0 for ms in row["ms"].values()) and row["fastest_triton"] in row["ms"]
     assert kernels.BLOCKS == blocks
 
 

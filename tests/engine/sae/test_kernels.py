@@ -60,7 +60,7 @@ def test_segment_sum_gives_the_same_bits_each_time(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("k", [1, 5, 32])
+@pytest.mark.parametrize("k", [1, 5, 32, 45])  # 45: more picks than one program takes (AuxK)
 def test_picked_dots_are_the_dot_products(device, k):
     """⟨G[b], W[idx[b, j]]⟩ by hand, with a feature picked twice by one token, k not a power of
     two, d over several blocks of columns."""
@@ -75,6 +75,36 @@ def test_picked_dots_are_the_dot_products(device, k):
     assert torch.allclose(got.cpu(), want, atol=1e-12)
     got32 = kernels.picked_dots(G.float().to(device), W.float().to(device), idx.to(device))
     assert got32.dtype == torch.float32 and torch.allclose(got32.cpu().double(), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_row_kernels_in_float64_and_their_edges(device):
+    """float64 rows stay float64 to 1e-12; a NaN row stays NaN under renormalisation (as
+    clamp_min leaves it); in-place kernels refuse a non-contiguous tensor and count as changes
+    for autograd; no columns give no dot products."""
+    gen = torch.Generator().manual_seed(4)
+    W = torch.randn(9, 70, generator=gen, dtype=torch.float64)
+    W = (W / W.norm(dim=1, keepdim=True)).to(device)
+    G = torch.randn(9, 70, generator=gen, dtype=torch.float64).to(device)
+    want = G - torch.linalg.vecdot(G, W)[:, None] * W
+    assert torch.allclose(kernels.project_rows_(G.clone(), W), want, atol=1e-12)
+    V = (torch.randn(9, 70, generator=gen, dtype=torch.float64) * 3).to(device)
+    assert torch.allclose(kernels.unit_rows_(V.clone()), V / V.norm(dim=1, keepdim=True), atol=1e-12)
+    X = torch.randn(3, 3, 70, generator=gen, dtype=torch.float64).to(device)
+    s, c = torch.randn(3, dtype=torch.float64).to(device), torch.randn(3, 1, 70, dtype=torch.float64).to(device)
+    assert torch.allclose(kernels.group_affine(X, s, c), torch.addcmul(c, X, s[:, None, None]), atol=1e-12)
+    N = V.clone()
+    N[2, 5] = float("nan")
+    out = kernels.unit_rows_(N)
+    assert bool(out[2].isnan().all()) and not bool(out[3].isnan().any())
+    version = V._version
+    kernels.unit_rows_(V)
+    assert V._version > version
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.unit_rows_(V.t())
+    empty = kernels.picked_dots(torch.ones(2, 0, device=device), torch.ones(3, 0, device=device),
+                                torch.zeros(2, 2, dtype=torch.long, device=device))
+    assert torch.equal(empty.cpu(), torch.zeros(2, 2))
 
 
 def test_the_kernels_refuse_a_cpu_tensor_without_the_interpreter(monkeypatch):

@@ -293,7 +293,7 @@ def test_auxk_asks_only_for_dead_features_a_token_can_choose_among():
 @pytest.mark.parametrize("arch", ["topk", "switch", "scale"])
 def test_a_training_step_never_waits_for_the_gpu(arch, chunks, monkeypatch):
     from engine.sae import moe
-    from engine.training.schedule import make_adam
+    from engine.training.schedule import make_adam, optimiser_step
 
     monkeypatch.setattr(moe, "TOPK_SLICE", {"cuda": 64} if chunks else {})
 
@@ -310,8 +310,7 @@ def test_a_training_step_never_waits_for_the_gpu(arch, chunks, monkeypatch):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = sae(x, dead_mask=dead)
         (out.mse + out.lb_loss + out.auxk_loss).backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
+        optimiser_step(sae, opt, 1.0)  # the projection, the clip folded into Adam, renormalisation
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -45,3 +45,64 @@ def test_parameters_without_gradients_are_left_out():
     opt = make_adam([*a, frozen], 1e-2)
     clipped_step(opt, [*a, frozen], 1.0)
     assert torch.equal(frozen, torch.ones(3)) and frozen not in opt.state
+
+
+def _spy_on_scale(opt):
+    """Records, at each step, whether Adam was handed the clip's scale."""
+    seen, step = [], opt.step
+
+    def spied(*a, **kw):
+        seen.append(getattr(opt, "grad_scale", None) is not None)
+        return step(*a, **kw)
+
+    opt.step = spied
+    return seen
+
+
+def test_fused_adam_gets_the_clip_as_its_scale_and_other_cases_clip_apart():
+    """The fold runs where it can (fused Adam over exactly the clipped parameters), and each
+    case it cannot take falls back to clip_grad_norm_ + step with the same result."""
+    a = _params(10.0)
+    opt = make_adam(a, 1e-2)
+    seen = _spy_on_scale(opt)
+    clipped_step(opt, a, 1.0)
+    assert seen == [True]
+    # clipping fewer parameters than the optimiser steps: the fold would scale them all
+    b, c = _params(10.0), _params(10.0)
+    opt_b, opt_c = make_adam(b, 1e-2), make_adam(c, 1e-2)
+    seen = _spy_on_scale(opt_b)
+    clipped_step(opt_b, b[:1], 1.0)
+    torch.nn.utils.clip_grad_norm_(c[:1], 1.0)
+    opt_c.step()
+    assert seen == [False] and all(torch.equal(p, q) for p, q in zip(b, c, strict=True))
+
+
+def test_resuming_an_unfused_checkpoint_steps_as_it():
+    """A checkpoint written by unfused Adam loads its groups with fused=None: the step then
+    clips apart (fused Adam's scale input would be refused by the unfused kernels)."""
+    a, b = _params(10.0), _params(10.0)
+    unfused = torch.optim.Adam(a, lr=1e-2, betas=(0.9, 0.999))
+    torch.nn.utils.clip_grad_norm_(a, 1.0)
+    unfused.step()
+    opt = make_adam(b, 1e-2)
+    opt.load_state_dict(unfused.state_dict())
+    assert not opt.param_groups[0].get("fused")
+    for p in b:
+        p.grad = torch.ones_like(p) * 10
+    seen = _spy_on_scale(opt)
+    clipped_step(opt, b, 1.0)
+    assert seen == [False]
+
+
+def test_float64_parameters_take_the_fold():
+    """The scale is handed to Adam in float32, what its fused kernel takes, whatever the
+    parameters' dtype."""
+    p = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    q = torch.nn.Parameter(p.detach().clone())
+    p.grad = torch.randn(4, 3, dtype=torch.float64) * 10
+    q.grad = p.grad.clone()
+    opt_p, opt_q = make_adam([p], 1e-2), make_adam([q], 1e-2)
+    clipped_step(opt_p, [p], 1.0)
+    torch.nn.utils.clip_grad_norm_([q], 1.0)
+    opt_q.step()
+    assert torch.allclose(p, q, rtol=1e-6)
