@@ -148,16 +148,63 @@ def _capable(index: int | None) -> bool:
     return torch.cuda.get_device_capability(index) >= (7, 0)
 
 
-ENABLED: dict[str, bool] = {"cuda": True}
-"""Device types whose steps use these kernels where they can run (`use`). The CPU keeps its
-PyTorch forms (the tests run the kernels there through Triton's interpreter); on an H100 see
-`benchmarks/profile_gpu.py --parts kernels,decoder`."""
+ENABLED: dict[str, bool] = {"cuda": os.environ.get("MOESAE_TRITON", "1") != "0"}
+"""Device types whose steps use these kernels where they can run (`use`); `MOESAE_TRITON=0`
+in the environment turns them off on CUDA. The CPU keeps its PyTorch forms (the tests run the
+kernels there through Triton's interpreter); on an H100 see `benchmarks/profile_gpu.py --parts
+kernels,decoder`."""
 
 
 def use(t: Tensor) -> bool:
     """Whether work on t's device goes through these kernels: enabled for its device type, and
-    runnable (compiled on CUDA, or interpreted)."""
-    return ENABLED.get(t.device.type, False) and (available(t.device) or interpreted())
+    runnable (compiled on CUDA once `works` there, or interpreted)."""
+    if not ENABLED.get(t.device.type, False):
+        return False
+    if interpreted():
+        return True
+    return available(t.device) and works(t.device)
+
+
+def works(device: torch.device) -> bool:
+    """Whether the kernels compile and give the right answer on this device: tried once per
+    device on a tiny case against PyTorch. Where they do not (a GPU or driver Triton cannot
+    compile for), one warning line says so and the engine keeps PyTorch's forms. Inside a CUDA
+    graph's recording, which cannot wait for a result, a device not yet tried counts as
+    working (the trainer's eager warm-up steps have tried it by then)."""
+    key = (device.type, device.index if device.index is not None else (
+        torch.cuda.current_device() if device.type == "cuda" else None))
+    if key not in _WORKS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return True
+        _WORKS[key] = _try(torch.device(device.type, key[1]) if key[1] is not None else device)
+    return _WORKS[key]
+
+
+_WORKS: dict = {}
+
+
+def _try(device: torch.device) -> bool:
+    import warnings
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        X = torch.randn(5, 3, generator=gen).to(device)
+        ix = torch.tensor([0, 4, 2, 2, 1], device=device)
+        w = torch.tensor([1.0, -2.0, 0.5, 0.25, 3.0], device=device)
+        offsets = torch.tensor([0, 2, 2, 5], device=device)
+        want = torch.nn.functional.embedding_bag(ix, X, offsets[:-1], mode="sum", per_sample_weights=w)
+        dots = (X[:2, None, :] * X[ix.view(1, 5)]).sum(-1)
+        ok = (torch.allclose(segment_sum(X, ix, w, offsets), want, atol=1e-5)
+              and torch.allclose(picked_dots(X[:2], X, ix.view(1, 5).expand(2, 5)), dots, atol=1e-5)
+              and torch.allclose(unit_rows_(X.clone()).norm(dim=1), torch.ones(5, device=device), atol=1e-5))
+        if not ok:
+            raise RuntimeError("they gave other numbers than PyTorch on a tiny case")
+        return True
+    except Exception as exc:  # any failure to compile or run: PyTorch's forms instead
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        warnings.warn(f"The Triton kernels do not run on {device} ({why}); training uses "
+                      "PyTorch's kernels there, which are slower.", RuntimeWarning, stacklevel=3)
+        return False
 
 
 def interpreted() -> bool:

@@ -177,3 +177,29 @@ def test_a_step_through_the_kernels_equals_the_bags(arch, device, monkeypatch):
     for name, w in w_bag.items():
         assert torch.allclose(w, w_tri[name], atol=1e-5), name
     assert torch.allclose(w_tri["W_dec"].norm(dim=1), torch.ones(64, device=device), atol=1e-6)
+
+
+def test_a_device_the_kernels_fail_on_keeps_pytorch_with_one_warning(monkeypatch):
+    """`works` tries the kernels once on a tiny case; where they fail to compile or run, it
+    warns once and says no (the engine then keeps PyTorch's forms)."""
+    if not kernels.interpreted():
+        pytest.skip("runs the kernels on the CPU through Triton's interpreter")
+    cpu = torch.device("cpu")
+    assert kernels._try(cpu) is True
+
+    def broken(*a, **kw):
+        raise RuntimeError("no compiler for this GPU\nsecond line")
+
+    monkeypatch.setattr(kernels, "segment_sum", broken)
+    with pytest.warns(RuntimeWarning, match=r"do not run on cpu \(no compiler for this GPU\)"):
+        assert kernels._try(cpu) is False
+
+
+def test_moesae_triton_0_turns_them_off():
+    import subprocess
+    import sys
+
+    code = "from engine.sae import kernels; print(kernels.ENABLED['cuda'])"
+    env = {**__import__("os").environ, "MOESAE_TRITON": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
