@@ -14,9 +14,15 @@ master weights, 1.5 of the Scale step's 4 ms; benchmarks/profile_gpu.py):
 in a fixed order, so it is deterministic (no atomics) and a rerun gives the same bits.
 Accumulation is float32 (float64 where an input is float64), whatever the output's dtype.
 
-The kernels are plain Python functions compiled by `triton.jit` when this module is imported
-on a machine with CUDA; the tests run the same functions through Triton's interpreter on the
-CPU (`interpreted()`) and compiled on CUDA, against the `embedding_bag` forms they replace.
+Three more replace passes over the M·d weights that PyTorch runs as two kernels or as its
+strided (broadcasting) kernel: `project_rows_` (the decoder gradient's component along each
+unit row removed, METHOD §3), `unit_rows_` (the decoder rows back to unit norm) and
+`group_affine` (Feature Scaling's Ŵ_i = s_i · W_i + c_i and the same form in its backward).
+
+The kernels are plain Python functions, compiled by `triton.jit` at their first use on a CUDA
+device (`use` decides, and tries them once per device: `works`); the tests run the same
+functions through Triton's interpreter on the CPU (`interpreted()`) and compiled on CUDA,
+against the PyTorch forms they replace.
 """
 
 from __future__ import annotations
@@ -129,7 +135,7 @@ def _group_affine_kernel(X, s, c, out, R, m, d, BLOCK_R: tl.constexpr, BLOCK_D: 
 
 @functools.cache
 def _compiled():
-    """The two kernels through `triton.jit`: compiled for the GPU, or run by Triton's
+    """The five kernels by name, through `triton.jit`: compiled for the GPU, or run by Triton's
     interpreter on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported
     (tests/conftest.py does so on machines without CUDA)."""
     return {fn.__name__.strip("_").removesuffix("_kernel"): triton.jit(fn)
