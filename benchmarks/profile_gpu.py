@@ -176,14 +176,14 @@ def profile_decoders(size: dict, device: torch.device, archs: list[str], out: di
                      rounds: int = 3) -> None:
     """The step with each decoder backward (module docstring), `rounds` interleaved medians."""
     import engine.sae.base as sae_base
-    from engine.sae import moe
+    from engine.sae import kernels
 
     variants = _decoder_variants(device)
     xs = _batches(size, device, 10)
     for name, cfg in _configs(size, archs):
         row: dict = {"model": name, "precision": "bf16", "graph": device.type == "cuda",
                      "default": sae_base.picks_decoder(device, torch.float32).__name__,
-                     "default_triton": moe._triton_bags(torch.empty(0, device=device))}
+                     "default_triton": kernels.use(torch.empty(0, device=device))}
         out["decoder_ab"].append(row)
         try:
             row.update(_ab_steps(cfg, device, variants, xs, rounds))

@@ -172,21 +172,20 @@ def use(t: Tensor) -> bool:
 
 
 def works(device: torch.device) -> bool:
-    """Whether the kernels compile and give the right answer on this device: tried once per
-    device on a tiny case against PyTorch. Where they do not (a GPU or driver Triton cannot
-    compile for), one warning line says so and the engine keeps PyTorch's forms. Inside a CUDA
-    graph's recording, which cannot wait for a result, a device not yet tried counts as
-    working (the trainer's eager warm-up steps have tried it by then)."""
-    key = (device.type, device.index if device.index is not None else (
-        torch.cuda.current_device() if device.type == "cuda" else None))
-    if key not in _WORKS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    """Whether the kernels compile and give the right answer on this CUDA device (a tensor's
+    device, so its index is set): tried once per device on a tiny case against PyTorch. Where
+    they do not (a GPU or driver Triton cannot compile for), one warning line says so and the
+    engine keeps PyTorch's forms. Inside a CUDA graph's recording, which cannot wait for a
+    result, a device not yet tried counts as working (the trainer's eager warm-up steps have
+    tried it by then)."""
+    if device not in _WORKS:
+        if torch.cuda.is_current_stream_capturing():
             return True
-        _WORKS[key] = _try(torch.device(device.type, key[1]) if key[1] is not None else device)
-    return _WORKS[key]
+        _WORKS[device] = _try(device)
+    return _WORKS[device]
 
 
-_WORKS: dict = {}
+_WORKS: dict[torch.device, bool] = {}
 
 
 def _try(device: torch.device) -> bool:
@@ -228,6 +227,11 @@ def _acc(*ts: Tensor):
     return tl.float64 if any(t.dtype == torch.float64 for t in ts) else tl.float32
 
 
+def _warps(key: str) -> dict:
+    """The launch's warps from `BLOCKS[key]` (the interpreter takes none)."""
+    return {} if interpreted() else {"num_warps": BLOCKS[key]}
+
+
 def segment_sum(X: Tensor, ix: Tensor, w: Tensor, offsets: Tensor,
                 out_dtype: torch.dtype = torch.float32) -> Tensor:
     """[R, d]: row r is Σ w[p] · X[ix[p]] over p in [offsets[r], offsets[r + 1]) — what
@@ -241,9 +245,9 @@ def segment_sum(X: Tensor, ix: Tensor, w: Tensor, offsets: Tensor,
         return out.zero_()
     bd = min(BLOCKS["segment_d"], triton.next_power_of_2(d))
     grid = (R, triton.cdiv(d, bd))
-    extra = {} if X.device.type != "cuda" else {"num_warps": BLOCKS["segment_warps"]}
     seg[grid](X, ix.contiguous(), w.contiguous(), offsets.contiguous(), out, d, X.stride(0),
-              out.stride(0), BLOCK_P=BLOCKS["segment_p"], BLOCK_D=bd, ACC=_acc(X, w), **extra)
+              out.stride(0), BLOCK_P=BLOCKS["segment_p"], BLOCK_D=bd, ACC=_acc(X, w),
+              **_warps("segment_warps"))
     return out
 
 
@@ -255,20 +259,20 @@ def picked_dots(G: Tensor, W: Tensor, idx: Tensor, out_dtype: torch.dtype = torc
     out = torch.empty(B, k, dtype=out_dtype, device=G.device)
     if B == 0 or k == 0:
         return out
-    extra = {} if G.device.type != "cuda" else {"num_warps": BLOCKS["dots_warps"]}
     if W.shape[1] == 0:
         return out.zero_()
     bd = min(BLOCKS["dots_d"], triton.next_power_of_2(W.shape[1]))
     bk = min(BLOCKS["dots_k"], triton.next_power_of_2(k))  # AuxK's k_aux reaches d/2 picks
     dots[(B, triton.cdiv(k, bk))](G, W, idx.contiguous(), out, k, W.shape[1], G.stride(0),
-                                  W.stride(0), BLOCK_K=bk, BLOCK_D=bd, ACC=_acc(G, W), **extra)
+                                  W.stride(0), BLOCK_K=bk, BLOCK_D=bd, ACC=_acc(G, W),
+                                  **_warps("dots_warps"))
     return out
 
 
 def _row_tiles(d: int) -> tuple[int, int, dict]:
     """Whole rows a program: (rows a program, columns padded to a power of two, launch options)."""
     bd = triton.next_power_of_2(max(d, 1))
-    return max(1, BLOCKS["row_elems"] // bd), bd, {"num_warps": BLOCKS["row_warps"]} if not interpreted() else {}
+    return max(1, BLOCKS["row_elems"] // bd), bd, _warps("row_warps")
 
 
 def _rows_in_place(t: Tensor) -> None:

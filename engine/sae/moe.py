@@ -387,24 +387,17 @@ def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int) -> Tensor:
     counts = expert_counts(flat, M)
     tokens = torch.div(order, k, rounding_mode="floor")
     w = g.reshape(-1)[order]
-    if _triton_bags(x):
-        ends = torch.cumsum(counts, 0)
-        offsets = torch.cat([ends.new_zeros(1), ends])
-        return kernels.segment_sum(x, tokens, w, offsets, out_dtype=x.dtype)
-    starts = torch.cumsum(counts, 0) - counts  # each feature's first sorted pick
-    return F.embedding_bag(tokens, x, starts, mode="sum", per_sample_weights=w)
-
-
-def _triton_bags(t: Tensor) -> bool:
-    """The segmented sums (the sparse decode, its two gradients and the encoder's) as the
-    Triton kernels of engine/sae/kernels.py where `kernels.use` says so, else `embedding_bag`
-    (on an H100 at the paper's size see `benchmarks/profile_gpu.py --parts decoder`)."""
-    return kernels.use(t)
+    ends = torch.cumsum(counts, 0)  # one past each feature's last sorted pick
+    if kernels.use(x):
+        return kernels.segment_sum(x, tokens, w, torch.cat([ends.new_zeros(1), ends]),
+                                   out_dtype=x.dtype)
+    return F.embedding_bag(tokens, x, ends - counts, mode="sum", per_sample_weights=w)
 
 
 def _bag_rows(acts: Tensor, indices: Tensor, W: Tensor) -> Tensor:
-    """[B, d] = Σ_j acts[b, j] · W[indices[b, j]]: the fast decode's forward."""
-    if _triton_bags(W):
+    """[B, d] = Σ_j acts[b, j] · W[indices[b, j]]: the fast decode's forward (the Triton
+    `segment_sum` where `kernels.use` says so, else `embedding_bag`)."""
+    if kernels.use(W):
         B, k = indices.shape
         offsets = torch.arange(0, B * k + 1, k, device=W.device)
         return kernels.segment_sum(W, indices.reshape(-1), acts.reshape(-1), offsets,
@@ -457,7 +450,7 @@ def _picked_dots(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
     needed each token's picks sorted, a fallback for repeated features and float32/64; the
     two took the same time at the benchmark's size on the CPU (10.3 vs 10.6 ms, median of 40
     interleaved calls). Where `kernels.use` says so, the Triton `picked_dots` instead."""
-    if _triton_bags(W):
+    if kernels.use(W):
         return kernels.picked_dots(g, W, idx, out_dtype=W.dtype)
     B, k = idx.shape
     offsets = torch.arange(0, B * k, k, device=idx.device)
