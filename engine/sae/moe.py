@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels
+from . import cpu_kernels, kernels
 
 GMM_ALIGN = 16
 """Rows per expert group are padded to a multiple of this for the CUDA grouped GEMM."""
@@ -230,10 +230,14 @@ def topk_chunked(f: Tensor, k: int, chunks: int) -> tuple[Tensor, Tensor]:
 
 
 def topk_candidates(f: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """`f.topk(k, dim=-1, sorted=False)`, in two stages where `TOPK_SLICE` names the device
-    and the candidates split into at least two slices of that many, each at least k."""
-    width = TOPK_SLICE.get(f.device.type, 0)
+    """`f.topk(k, dim=-1, sorted=False)`: the numba kernel where `cpu_kernels.use` says so
+    (float32 on the CPU: 2.3 vs 10.8 ms for Scale e=2's 576 candidates a token, 11.2 vs 29.5
+    ms for dense TopK's 4,608, 4,096 tokens, k 32), in two stages where `TOPK_SLICE` names the
+    device and the candidates split into at least two slices of that many, each at least k."""
     n = f.shape[-1]
+    if cpu_kernels.use(f) and f.dim() == 2 and 0 < k <= n:
+        return cpu_kernels.topk(f, k)
+    width = TOPK_SLICE.get(f.device.type, 0)
     if width >= k and f.dim() == 2 and n % width == 0 and n // width > 1:
         return topk_chunked(f, k, n // width)
     return f.topk(k, dim=-1, sorted=False)
@@ -381,6 +385,9 @@ def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int) -> Tensor:
     2–4× faster than CSR on the CPU (bench in the README), and index_add was the largest
     kernel of a GPU step (benchmarks/profile_gpu.py)."""
     B, k = idx.shape
+    if cpu_kernels.use(g) and x.device.type == "cpu":  # a counting sort in numba
+        starts, tokens, w = cpu_kernels.group_by_row(idx, g, M)
+        return F.embedding_bag(tokens, x, starts[:-1], mode="sum", per_sample_weights=w)
     flat = idx.reshape(-1)
     # 32-bit keys where the features fit: half the passes of a radix sort over 64-bit ones
     order = torch.argsort(flat.int() if M < 2**31 else flat, stable=True)
@@ -449,9 +456,12 @@ def _picked_dots(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
     any dtype. It replaced `torch.sparse.sampled_addmm` over a CSR pattern of the picks, which
     needed each token's picks sorted, a fallback for repeated features and float32/64; the
     two took the same time at the benchmark's size on the CPU (10.3 vs 10.6 ms, median of 40
-    interleaved calls). Where `kernels.use` says so, the Triton `picked_dots` instead."""
+    interleaved calls). Where `kernels.use` says so, the Triton `picked_dots` instead; where
+    `cpu_kernels.use` says so, the numba one (2.9 vs 5.8 ms at that size)."""
     if kernels.use(W):
         return kernels.picked_dots(g, W, idx, out_dtype=W.dtype)
+    if cpu_kernels.use(W) and g.dtype == W.dtype:
+        return cpu_kernels.picked_dots(g, W, idx)
     B, k = idx.shape
     offsets = torch.arange(0, B * k, k, device=idx.device)
     bag_of_pick = torch.arange(B, device=idx.device).repeat_interleave(k)

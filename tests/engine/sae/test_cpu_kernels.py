@@ -1,0 +1,197 @@
+"""The numba kernels of engine/sae/cpu_kernels.py against the PyTorch kernels they replace on
+the CPU: `torch.topk`, `embedding_bag`'s per-sample-weights backward, and a stable argsort."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.sae import SAEConfig, build_sae, cpu_kernels, moe
+
+pytestmark = pytest.mark.skipif(cpu_kernels.numba is None, reason="needs numba")
+
+
+@pytest.fixture
+def torch_kernels():
+    """Within the test, `cpu_kernels.use` says no: the engine's PyTorch forms run instead."""
+    cpu_kernels.ENABLED = False
+    yield
+    cpu_kernels.ENABLED = True
+
+
+def _same_topk(f: torch.Tensor, k: int) -> None:
+    """The kernel's picks are a top k of each row: the values `torch.topk` finds (NaN as the
+    largest), at distinct positions that hold them."""
+    vals, pos = cpu_kernels.topk(f, k)
+    ref = f.topk(k, dim=-1).values.sort(-1).values
+    assert vals.shape == pos.shape == (f.shape[0], k) and pos.dtype == torch.long
+    assert torch.equal(vals.sort(-1).values.nan_to_num(7e37), ref.nan_to_num(7e37))
+    assert torch.equal(f.gather(1, pos).nan_to_num(7e37), vals.nan_to_num(7e37))
+    assert bool((pos.sort(-1).values.diff(dim=-1) > 0).all())  # no position twice
+
+
+@pytest.mark.parametrize("n", [40, 64, 288, 576, 1023, 1100, 2048, 4608])
+@pytest.mark.parametrize("k", [1, 7, 32])
+def test_topk_is_torch_topk(n, k):
+    """Both ways of a row's search: every value a candidate (short rows) and the bound from
+    block maxima (rows of at least LONG_ROW·k values, not a multiple of the block)."""
+    if k > n:
+        pytest.skip("k > n")
+    gen = torch.Generator().manual_seed(n * 100 + k)
+    f = torch.randn(150, n, generator=gen)
+    _same_topk(f, k)
+    _same_topk(f * 1e-30, k)  # subnormal and tiny values order as their integer keys say
+    _same_topk(-f.abs(), k)  # all negative
+
+
+def test_topk_with_ties_nan_and_infinities():
+    """Ties at the k-th value (any tied positions do), NaN counted above +inf (either sign
+    of NaN), rows of −inf (AuxK's masked candidates), ±0, and k equal to the row."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (100, 4096):
+        f = torch.randn(12, n, generator=gen)
+        f[0, :50] = 0.5  # 50 ties around the k-th value
+        f[0, 60:] = -1.0
+        f[1, 3] = float("nan")
+        f[2, 7], f[2, 9] = float("nan"), -float("nan")
+        f[3] = -float("inf")  # every candidate masked
+        f[4, ::2] = -float("inf")
+        f[5, 10] = float("inf")
+        f[6] = 0.0
+        f[6, ::3] = -0.0
+        f[7, :40] = float("inf")
+        f[8] = torch.randint(0, 3, (n,), generator=gen).float()  # few distinct values
+        for k in (1, 32):
+            _same_topk(f, k)
+        vals, pos = cpu_kernels.topk(f, 32)
+        assert int(torch.isnan(vals[2]).sum()) == 2 and int(torch.isnan(vals[1]).sum()) == 1
+    full = torch.randn(5, 9, generator=gen)
+    _same_topk(full, 9)
+
+
+def test_topk_empty_and_bad_k():
+    vals, pos = cpu_kernels.topk(torch.empty(0, 50), 5)
+    assert vals.shape == pos.shape == (0, 5)
+    with pytest.raises(ValueError, match="k = 6 for rows of 5"):
+        cpu_kernels.topk(torch.zeros(2, 5), 6)
+
+
+def test_use_says_where_they_run(torch_kernels):
+    x = torch.zeros(3, 4)
+    assert not cpu_kernels.use(x)  # switched off (MOESAE_NUMBA=0 does the same)
+    cpu_kernels.ENABLED = True
+    assert cpu_kernels.use(x)
+    assert not cpu_kernels.use(x.double()) and not cpu_kernels.use(x.bfloat16())
+
+
+def test_picked_dots_is_the_bag_kernel(torch_kernels):
+    """⟨g[b], W[idx[b, j]]⟩ for every pick, a feature picked twice by one token included."""
+    gen = torch.Generator().manual_seed(2)
+    g, W = torch.randn(64, 70, generator=gen), torch.randn(30, 70, generator=gen)
+    idx = torch.randint(0, 30, (64, 9), generator=gen)
+    idx[0, 1] = idx[0, 0]
+    ref = moe._picked_dots(idx, g, W)  # embedding_bag's kernel: cpu_kernels switched off
+    got = cpu_kernels.picked_dots(g, W, idx)
+    exact = torch.einsum("bd,bjd->bj", g.double(), W.double()[idx])
+    assert torch.allclose(got.double(), exact, atol=1e-4) and torch.allclose(got, ref, atol=1e-4)
+
+
+def test_group_by_row_is_a_stable_argsort():
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 20, (50, 6), generator=gen)
+    g = torch.randn(50, 6, generator=gen)
+    starts, tokens, w = cpu_kernels.group_by_row(idx, g, 25)  # rows 20..24 never named
+    order = torch.argsort(idx.reshape(-1), stable=True)
+    counts = torch.bincount(idx.reshape(-1), minlength=25)
+    assert torch.equal(starts, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+    assert torch.equal(tokens, order // 6) and torch.equal(w, g.reshape(-1)[order])
+
+
+def test_scatter_rows_gives_the_same_bits(torch_kernels):
+    """The encoder's and decoder's weight gradients: the counting sort hands embedding_bag the
+    same segments in the same order as the argsort, so the sums are bit-identical."""
+    gen = torch.Generator().manual_seed(4)
+    x, g = torch.randn(256, 48, generator=gen), torch.randn(256, 8, generator=gen)
+    idx = torch.randint(0, 90, (256, 8), generator=gen)
+    ref = moe._scatter_rows(idx, g, x, 100)
+    cpu_kernels.ENABLED = True
+    got = moe._scatter_rows(idx, g, x, 100)
+    dense = torch.zeros(100, 48).index_add_(0, idx.reshape(-1),
+                                            g.reshape(-1, 1) * x.repeat_interleave(8, 0))
+    assert torch.equal(got, ref) and torch.allclose(got, dense, atol=1e-5)
+    assert bool((got[90:] == 0).all())
+
+
+@pytest.mark.parametrize("arch,active", [("topk", 1), ("switch", 1), ("scale", 2)])
+def test_a_training_step_is_the_same_with_either_kernels(arch, active, torch_kernels):
+    """Forward codes, loss and every parameter's gradient of a step with AuxK, numba's
+    kernels against PyTorch's."""
+    cfg = SAEConfig(arch=arch, d_in=24, width=192, experts=4, active=active, k=8)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 24, generator=gen)
+    dead = torch.zeros(192, dtype=torch.bool)
+    dead[::5] = True
+    results = []
+    for on in (False, True):
+        cpu_kernels.ENABLED = on
+        torch.manual_seed(0)
+        sae = build_sae(cfg)
+        out = sae(x, dead_mask=dead, auxk_k=12)
+        (out.mse + out.auxk_loss + 0.1 * out.lb_loss).backward()
+        z = sae.dense_codes(out.codes)
+        results.append((z, out.mse.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()
+                                               if p.grad is not None}))
+    (z0, l0, g0), (z1, l1, g1) = results
+    assert torch.equal(z0, z1) and torch.allclose(l0, l1, rtol=1e-6)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-5, rtol=1e-4), name
+
+
+
+def test_rows_split_across_threads_give_the_same_picks():
+    """With several threads each takes its own range of rows (at least MIN_ROWS): the picks
+    and dot products are those of one thread."""
+    gen = torch.Generator().manual_seed(6)
+    B = 3 * cpu_kernels.MIN_ROWS + 5
+    f = torch.randn(B, 300, generator=gen)
+    g, W = torch.randn(B, 40, generator=gen), torch.randn(50, 40, generator=gen)
+    idx = torch.randint(0, 50, (B, 6), generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.topk(f, 16), cpu_kernels.picked_dots(g, W, idx)
+        torch.set_num_threads(3)
+        many = cpu_kernels.topk(f, 16), cpu_kernels.picked_dots(g, W, idx)
+    finally:
+        torch.set_num_threads(threads)
+    assert cpu_kernels._POOL["workers"] >= 2
+    assert torch.equal(one[0][0], many[0][0]) and torch.equal(one[0][1], many[0][1])
+    assert torch.equal(one[1], many[1])
+    _same_topk(f, 16)
+
+
+def _topk_in_child(queue):
+    torch.set_num_threads(2)
+    f = torch.randn(2 * cpu_kernels.MIN_ROWS, 100)
+    vals, _ = cpu_kernels.topk(f, 8)
+    queue.put(bool(torch.equal(vals.sort(-1).values, f.topk(8).values.sort(-1).values)))
+
+
+def test_a_forked_child_makes_its_own_pool():
+    """A forked child's copy of the pool has no threads: it makes its own instead of waiting
+    forever on the parent's."""
+    import multiprocessing as mp
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cpu_kernels.topk(torch.randn(2 * cpu_kernels.MIN_ROWS, 100), 8)  # the parent's pool
+    finally:
+        torch.set_num_threads(threads)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_topk_in_child, args=(queue,))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0 and queue.get(timeout=5)
