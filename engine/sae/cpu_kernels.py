@@ -241,6 +241,41 @@ if numba is not None:
             tokens[q] = p // k
             w[q] = g[p]
 
+    @njit(nogil=True, cache=True)
+    def _topk_expert_rows(lo, hi, pre, bias, rows, w, experts, dead, use_dead, k, L, out_v,
+                          out_i, out_z):
+        """For tokens b in [lo, hi): the token's candidates f = concat_s w[b, s] · (pre[rows[b, s]]
+        + bias[expert]) (each of its e experts' m pre-activations, in slot order; −inf where
+        `use_dead` and the feature is not dead), their k largest (out_v, positions s·m + j in
+        out_i) and the pre-activations at those positions before weighting (out_z)."""
+        e = rows.shape[1]
+        m = pre.shape[1]
+        n = e * m
+        row = np.empty(n, np.float32)
+        bits = row.view(np.int32)
+        nb = (n + L - 1) // L if L > 0 else 1
+        bm = np.empty(nb, np.float32)
+        bk = np.empty(nb, np.int32)
+        bp = np.empty(nb, np.int64)
+        ck = np.empty(n, np.int32)
+        ci = np.empty(n, np.int64)
+        for b in range(lo, hi):
+            for s in range(e):
+                r = rows[b, s]
+                ws = w[b, s]
+                base = experts[b, s] * m
+                for j in range(m):
+                    row[s * m + j] = ws * (pre[r, j] + bias[base + j])
+                if use_dead:
+                    for j in range(m):
+                        if not dead[base + j]:
+                            row[s * m + j] = -np.inf
+            _select_row(row, bits, k, L, bm, bk, bp, ck, ci, out_v[b], out_i[b])
+            for t in range(k):
+                p = out_i[b, t]
+                s = p // m
+                out_z[b, t] = pre[rows[b, s], p % m] + bias[experts[b, s] * m + p % m]
+
     @njit(fastmath=True, nogil=True, cache=True)
     def _picked_dots_rows(lo, hi, g, W, idx, out):
         k = idx.shape[1]
@@ -288,6 +323,37 @@ def topk(f: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if B:
         _split_rows(_topk_rows, B, f.numpy(), k, block_length(n, k), vals.numpy(), pos.numpy())
     return vals, pos
+
+
+def topk_expert_rows(pre: Tensor, bias: Tensor, rows: Tensor, w: Tensor, experts: Tensor,
+                     k: int, dead: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The TopK of each token over its experts' weighted candidates, read where the expert
+    encode left them: pre [P, m] float32 holds one row of m products W_i x per (token, expert)
+    pair, bias [N, m] the experts' biases, rows [B, e] names each token's rows (in slot order),
+    w [B, e] their weights, experts [B, e] the experts. The candidates of token b are
+    concat_s w[b, s] · (pre[rows[b, s]] + bias[experts[b, s]]) — what `moe._weighted` of the
+    pairs put back in token order gives, without that copy, the weighted one, or the bias
+    written into each expert's block before its matmul. With `dead` [M] (AuxK) a feature that
+    is not dead counts as −inf.
+
+    Returns (values [B, k], positions s·m + j [B, k], pre-activations at the picks before
+    weighting [B, k])."""
+    B, e = rows.shape
+    m = pre.shape[1]
+    if not 0 < k <= e * m:
+        raise ValueError(f"topk: k = {k} for rows of {e * m} values")
+    vals = torch.empty(B, k, dtype=torch.float32)
+    pos = torch.empty(B, k, dtype=torch.long)
+    z = torch.empty(B, k, dtype=torch.float32)
+    use_dead = dead is not None
+    dead_np = (dead if use_dead else torch.zeros(1, dtype=torch.bool)).contiguous().numpy()
+    if B:
+        _split_rows(_topk_expert_rows, B, pre.contiguous().numpy(),
+                    bias.to(torch.float32).contiguous().view(-1).numpy(), rows.contiguous().numpy(),
+                    w.to(torch.float32).contiguous().numpy(), experts.contiguous().numpy(),
+                    dead_np, use_dead, k, block_length(e * m, k), vals.numpy(), pos.numpy(),
+                    z.numpy())
+    return vals, pos, z
 
 
 def group_by_row(idx: Tensor, g: Tensor, n_rows: int) -> tuple[Tensor, Tensor, Tensor]:

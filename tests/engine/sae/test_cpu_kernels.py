@@ -3,6 +3,7 @@ the CPU: `torch.topk`, `embedding_bag`'s per-sample-weights backward, and a stab
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,11 +172,12 @@ def test_rows_split_across_threads_give_the_same_picks():
     _same_topk(f, 16)
 
 
-def _topk_in_child(queue):
+def _topk_in_child(queue, f, expected):
+    # only the kernel runs here: after a fork, PyTorch's own OpenMP threads are gone too, and
+    # its parallel kernels would wait for them (GNU OpenMP is not fork-safe)
     torch.set_num_threads(2)
-    f = torch.randn(2 * cpu_kernels.MIN_ROWS, 100)
     vals, _ = cpu_kernels.topk(f, 8)
-    queue.put(bool(torch.equal(vals.sort(-1).values, f.topk(8).values.sort(-1).values)))
+    queue.put(bool((np.sort(vals.numpy(), axis=1) == expected).all()))
 
 
 def test_a_forked_child_makes_its_own_pool():
@@ -189,9 +191,34 @@ def test_a_forked_child_makes_its_own_pool():
         cpu_kernels.topk(torch.randn(2 * cpu_kernels.MIN_ROWS, 100), 8)  # the parent's pool
     finally:
         torch.set_num_threads(threads)
+    f = torch.randn(2 * cpu_kernels.MIN_ROWS, 100)
+    expected = np.sort(f.topk(8).values.numpy(), axis=1)
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    child = ctx.Process(target=_topk_in_child, args=(queue,))
+    child = ctx.Process(target=_topk_in_child, args=(queue, f, expected))
     child.start()
     child.join(120)
     assert child.exitcode == 0 and queue.get(timeout=5)
+
+
+def test_topk_expert_rows_reads_the_pairs_where_the_encode_left_them():
+    """Each token's candidates are its experts' rows of the pairs' buffer, plus the expert's
+    bias, times its weight, in slot order; with a dead mask, only dead features compete."""
+    gen = torch.Generator().manual_seed(7)
+    B, e, N, m, k = 40, 3, 5, 11, 6
+    experts = torch.stack([torch.randperm(N, generator=gen)[:e] for _ in range(B)])
+    w = torch.rand(B, e, generator=gen) + 0.1
+    pre = torch.randn(B * e, m, generator=gen)
+    bias = torch.randn(N, m, generator=gen)
+    rows = torch.randperm(B * e, generator=gen).view(B, e)  # any layout of the pairs
+    f = torch.stack([torch.cat([w[b, s] * (pre[rows[b, s]] + bias[experts[b, s]])
+                                for s in range(e)]) for b in range(B)])
+    vals, pos, z = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, k)
+    assert torch.equal(vals.sort(-1).values, f.topk(k).values.sort(-1).values)
+    assert torch.equal(f.gather(1, pos), vals)
+    assert torch.allclose(z * w.gather(1, pos // m), vals)  # z: before weighting
+    dead = torch.rand(N * m, generator=gen) < 0.3
+    is_dead = dead.view(N, m)[experts].reshape(B, e * m)
+    masked = f.masked_fill(~is_dead, float("-inf"))
+    vals, pos, _ = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, 2, dead)
+    assert torch.equal(vals.sort(-1).values, masked.topk(2).values.sort(-1).values)

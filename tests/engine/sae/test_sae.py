@@ -155,7 +155,7 @@ def test_encode_matches_dense_reference(arch, kw):
 
 
 def test_moe_encoder_computes_only_selected_experts(monkeypatch):
-    """The encoder matmuls see B·e token rows in total, never B·N."""
+    """The encoder matmuls see B·e token rows in total, never B·N (either expert encode)."""
     rows = []
     real_linear = F.linear
 
@@ -163,7 +163,14 @@ def test_moe_encoder_computes_only_selected_experts(monkeypatch):
         rows.append((inp.shape[0], weight.shape[0]))
         return real_linear(inp, weight, bias)
 
+    real_mm = torch.mm
+
+    def counting_mm(inp, weight_t, **kw):  # the CPU's fused path (moe._expert_picks_cpu)
+        rows.append((inp.shape[0], weight_t.shape[1]))
+        return real_mm(inp, weight_t, **kw)
+
     monkeypatch.setattr(moe.F, "linear", counting_linear)
+    monkeypatch.setattr(moe.torch, "mm", counting_mm)
     for arch, e in (("switch", 1), ("scale", 2)):
         rows.clear()
         sae = make(arch, active=e)
