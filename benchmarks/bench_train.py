@@ -9,7 +9,9 @@ steps of `SAETrainer._train_step`) on the same batches, for comparison.
 
 Without --acts it uses Gaussian activations of the default model's width (d = 576): the step
 cost does not depend on the data. Prints a table and writes benchmarks/results/train.json.
-Then, for each of our variants, where a step's time goes: the median of each phase (encode,
+With --torch-kernels-too, dense TopK and Scale e=2 also run with the numba CPU kernels off
+(engine/sae/cpu_kernels.py; "…, torch" rows, their ratio taken to dense TopK with the same
+kernels). Then, for each of our variants, where a step's time goes: the median of each phase (encode,
 decode, loss, backward, the optimiser's part) over `--phase-steps` steps, the variants taking
 turns step by step; in the JSON and as a stacked bar plot beside it (train_phases.png).
 """
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from engine.runtime import allocator_label, keep_freed_memory
-from engine.sae import SAEConfig, build_sae
+from engine.sae import SAEConfig, build_sae, cpu_kernels
 from engine.training.schedule import lr_for_width, make_adam, optimiser_step
 
 
@@ -78,6 +80,19 @@ def ours_step_fn(cfg: SAEConfig, lr: float):
         mark("optimiser")
 
     return step
+
+
+def with_torch_kernels(step):
+    """The step with the numba kernels off (`cpu_kernels.use` says no): PyTorch's forms, for
+    an A/B in the same run."""
+    def run(x, mark=lambda phase: None):
+        was, cpu_kernels.ENABLED = cpu_kernels.ENABLED, False
+        try:
+            step(x, mark)
+        finally:
+            cpu_kernels.ENABLED = was
+
+    return run
 
 
 def phase_times(steps: dict, xs, n_steps: int) -> dict[str, dict[str, float]]:
@@ -166,6 +181,8 @@ def main() -> None:
     ap.add_argument("--phase-steps", type=int, default=20,
                     help="steps timed phase by phase for each variant (0: skip)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--torch-kernels-too", action="store_true",
+                    help="also dense TopK and Scale e=2 with the numba CPU kernels off (an A/B)")
     ap.add_argument("--system-malloc", action="store_true",
                     help="leave glibc's allocator as it is (the moesae command keeps freed memory)")
     ap.add_argument("--out", default="benchmarks/results/train.json")
@@ -187,6 +204,12 @@ def main() -> None:
     # interleave the variants across repeats so that machine noise hits all of them alike
     steps = {name: ours_step_fn(SAEConfig(d_in=d, width=args.width, experts=args.experts,
                                           k=args.k, **kw), lr) for name, kw in variants}
+    if args.torch_kernels_too:
+        for name, kw in variants:
+            if name in ("topk", "scale e=2"):
+                cfg = SAEConfig(d_in=d, width=args.width, experts=args.experts, k=args.k, **kw)
+                steps[f"{name}, torch"] = with_torch_kernels(ours_step_fn(cfg, lr))
+        variants += [(f"{n}, torch", {}) for n in ("topk", "scale e=2")]
     try:
         steps["sae-lens topk"] = saelens_step_fn(d, args.width, args.k, lr)
     except Exception as exc:  # reported, not hidden
@@ -202,8 +225,10 @@ def main() -> None:
         med = statistics.median(r)
         rows.append({"model": name, "tokens_per_s_median": med, "tokens_per_s_all": r,
                      "ratio_to_topk": med / base})
+        if name.endswith(", torch"):  # its ratio to dense TopK with the same kernels
+            rows[-1]["ratio_to_topk"] = med / statistics.median(rates["topk, torch"])
     if args.phase_steps:
-        ours = {name: steps[name] for name, _ in variants}
+        ours = {name: steps[name] for name, _ in variants if name in steps}
         phases = phase_times(ours, xs, args.phase_steps)
         for row in rows:
             if row["model"] in phases:
@@ -212,16 +237,16 @@ def main() -> None:
     print(f"\nTraining throughput, d={d}, M={args.width}, N={args.experts}, k={args.k}, "
           f"batch={args.batch}, {args.steps} steps × {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"{'model':<16}{'tokens/s (median)':>20}{'× dense TopK':>16}")
+    print(f"{'model':<18}{'tokens/s (median)':>20}{'× dense TopK':>16}")
     for r in rows:
-        print(f"{r['model']:<16}{r['tokens_per_s_median']:>20,.0f}{r['ratio_to_topk']:>16.2f}")
+        print(f"{r['model']:<18}{r['tokens_per_s_median']:>20,.0f}{r['ratio_to_topk']:>16.2f}")
     if args.phase_steps:
         print(f"\nms per step, median of {args.phase_steps} steps phase by phase")
-        print(f"{'model':<16}" + "".join(f"{p:>11}" for p in PHASES) + f"{'sum':>9}")
+        print(f"{'model':<18}" + "".join(f"{p:>11}" for p in PHASES) + f"{'sum':>9}")
         for r in rows:
             if "phases_ms" in r:
                 ph = r["phases_ms"]
-                print(f"{r['model']:<16}" + "".join(f"{ph[p]:>11.1f}" for p in PHASES)
+                print(f"{r['model']:<18}" + "".join(f"{ph[p]:>11.1f}" for p in PHASES)
                       + f"{sum(ph.values()):>9.1f}")
     result = {
         "date": date.today().isoformat(),
