@@ -48,6 +48,9 @@ ENABLED = os.environ.get("MOESAE_NUMBA", "1") != "0"
 MIN_ROWS = 256
 """Rows a thread takes at least: smaller calls run on the calling thread alone."""
 
+CHUNKS_PER_THREAD = 8
+"""Chunks of rows per thread in `_split_rows`'s queue."""
+
 
 def use(t: Tensor) -> bool:
     """Whether the numba kernels run for tensor `t`: float32 on the CPU, numba importable."""
@@ -57,15 +60,16 @@ def use(t: Tensor) -> bool:
 _POOL: dict = {"pid": None, "workers": 0, "pool": None}
 
 
-def _split_rows(kernel, B: int, *args) -> None:
-    """kernel(lo, hi, *args) over rows [0, B), cut into as many equal ranges as PyTorch has
-    threads (at least MIN_ROWS rows each): the calling thread takes the first, a pool of
-    threads the others. The kernels release the GIL, so the ranges run at once. A pool rather
-    than numba's own threads: OpenMP's workers spin after each parallel region, and on a
-    2-core machine that spinning took the cores from PyTorch's next kernels and from the other
-    process of a data-parallel run (3× slower steps there); these threads sleep. The pool is
-    made again in a forked child, whose copy has no threads."""
-    parts = max(1, min(torch.get_num_threads(), B // MIN_ROWS))
+def _split_rows(kernel, B: int, *args, min_rows: int = MIN_ROWS) -> None:
+    """kernel(lo, hi, *args) over rows [0, B), on as many threads as PyTorch has (each with at
+    least `min_rows` rows): the calling thread and a pool of threads take chunks of rows from
+    one shared queue until it is empty, so a thread that starts late (its core still busy
+    with PyTorch's spinning OpenMP workers) takes fewer. The kernels release the GIL, so the
+    chunks run at once. A pool rather than numba's own threads: OpenMP's workers spin after
+    each parallel region, and on a 2-core machine that spinning took the cores from PyTorch's
+    next kernels and from the other process of a data-parallel run (3× slower steps there);
+    these threads sleep. The pool is made again in a forked child, whose copy has no threads."""
+    parts = max(1, min(torch.get_num_threads(), B // min_rows))
     if parts == 1:
         kernel(0, B, *args)
         return
@@ -73,9 +77,16 @@ def _split_rows(kernel, B: int, *args) -> None:
     if _POOL["pid"] != os.getpid() or _POOL["workers"] < parts - 1:
         pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="moesae-cpu")
         _POOL.update(pid=os.getpid(), workers=parts - 1, pool=pool)
-    cuts = [B * i // parts for i in range(parts + 1)]
-    rest = [pool.submit(kernel, cuts[i], cuts[i + 1], *args) for i in range(1, parts)]
-    kernel(cuts[0], cuts[1], *args)
+    n = min(B, parts * CHUNKS_PER_THREAD)
+    cuts = [B * i // n for i in range(n + 1)]
+    queue = iter(range(n))  # next() on it runs under the GIL: each chunk is taken once
+
+    def work():
+        for i in queue:
+            kernel(cuts[i], cuts[i + 1], *args)
+
+    rest = [pool.submit(work) for _ in range(parts - 1)]
+    work()
     for fut in rest:
         fut.result()
 
