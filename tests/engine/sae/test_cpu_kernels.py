@@ -9,7 +9,7 @@ import torch
 
 from engine.sae import SAEConfig, build_sae, cpu_kernels, moe
 
-pytestmark = pytest.mark.skipif(cpu_kernels.numba is None, reason="needs numba")
+pytestmark = pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="needs numba")
 
 
 @pytest.fixture
