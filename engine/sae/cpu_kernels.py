@@ -60,8 +60,50 @@ def _jit():
 
 
 def use(t: Tensor) -> bool:
-    """Whether the numba kernels run for tensor `t`: float32 on the CPU, numba importable."""
-    return ENABLED and AVAILABLE and t.device.type == "cpu" and t.dtype == torch.float32
+    """Whether the numba kernels run for tensor `t`: float32 on the CPU, numba installed, and
+    the kernels working (`works`)."""
+    return (ENABLED and AVAILABLE and t.device.type == "cpu" and t.dtype == torch.float32
+            and works())
+
+
+_WORKS: list[bool] = []
+
+
+def works() -> bool:
+    """Whether the kernels compile and give PyTorch's answers on a tiny case: tried once per
+    process, at the first call of `use` (which compiles them, or loads them from numba's disk
+    cache). Where they do not — a numba that does not import beside this numpy, a compiler
+    error — one warning line says so and the engine keeps PyTorch's kernels."""
+    if not _WORKS:
+        _WORKS.append(_try())
+    return _WORKS[0]
+
+
+def _try() -> bool:
+    import warnings
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        f = torch.randn(3, 70, generator=gen)
+        vals, pos = topk(f, 4)
+        W, g = torch.randn(6, 5, generator=gen), torch.randn(3, 5, generator=gen)
+        idx = torch.tensor([[0, 5], [2, 2], [1, 4]])
+        rows = torch.tensor([[0, 1], [2, 3], [4, 5]])
+        ev, epos, _ = topk_expert_rows(W, torch.zeros(3, 5), rows, torch.ones(3, 2),
+                                       torch.tensor([[0, 1], [2, 0], [1, 2]]), 3)
+        starts, tokens, w = group_by_row(idx, g[:, :2], 6)
+        ok = (torch.equal(vals.sort(-1).values, f.topk(4).values.sort(-1).values)
+              and torch.equal(ev.sort(-1).values, W.view(3, 10).topk(3).values.sort(-1).values)
+              and torch.allclose(picked_dots(g, W, idx), (g[:, None] * W[idx]).sum(-1), atol=1e-5)
+              and starts.tolist() == [0, 1, 2, 4, 4, 5, 6] and tokens.tolist() == [0, 2, 1, 1, 2, 0])
+        if not ok:
+            raise RuntimeError("they gave other numbers than PyTorch on a tiny case")
+        return True
+    except Exception as exc:  # any failure to import, compile or run: PyTorch's kernels instead
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        warnings.warn(f"The numba kernels do not run here ({why}); training uses PyTorch's "
+                      "kernels on the CPU, which are slower.", RuntimeWarning, stacklevel=3)
+        return False
 
 
 _POOL: dict = {"pid": None, "workers": 0, "pool": None}

@@ -222,3 +222,19 @@ def test_topk_expert_rows_reads_the_pairs_where_the_encode_left_them():
     masked = f.masked_fill(~is_dead, float("-inf"))
     vals, pos, _ = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, 2, dead)
     assert torch.equal(vals.sort(-1).values, masked.topk(2).values.sort(-1).values)
+
+
+def test_kernels_that_do_not_run_leave_pytorch_s_with_one_warning(monkeypatch):
+    """A numba that cannot import beside this numpy, or a kernel that does not compile: one
+    warning line, and `use` says no for the rest of the process."""
+    def broken():
+        raise ImportError("Numba needs NumPy 2.3 or less")
+
+    monkeypatch.setattr(cpu_kernels, "_jit", broken)
+    monkeypatch.setattr(cpu_kernels, "_WORKS", [])
+    with pytest.warns(RuntimeWarning, match=r"numba kernels do not run here \(Numba needs NumPy"):
+        assert not cpu_kernels.use(torch.zeros(2, 3))
+    assert not cpu_kernels.use(torch.zeros(2, 3))  # tried once
+    monkeypatch.setattr(cpu_kernels, "_WORKS", [])
+    monkeypatch.undo()
+    assert cpu_kernels.use(torch.zeros(2, 3))
