@@ -1,13 +1,15 @@
 """Numba kernels for the sparse step on the CPU.
 
-Two products of a CPU training step ran as PyTorch kernels that do per-row or per-pick work
-one element at a time (torch profiler, the benchmark's Scale e=2 step: B 4,096, d 576, M 4,608,
-N 16, k 32, two threads):
+Parts of a CPU training step ran as PyTorch kernels that do per-row or per-pick work one
+element at a time, or as copies between them (torch profiler, the benchmark's Scale e=2 step:
+B 4,096, d 576, M 4,608, N 16, k 32, two threads):
 
-| product (METHOD §1)                          | PyTorch's kernel                         | here |
+| step (METHOD §1)                             | PyTorch                                  | here |
 |----------------------------------------------|------------------------------------------|------|
 | TopK_k of each token's candidates f [B, n]   | `torch.topk`: a partial sort of (value, index) pairs per row | `topk` |
+| a routed SAE's candidates concat_i w_i · (W_i x + b_i) and their TopK | the experts' blocks concatenated, put back in token order, weighted, then `torch.topk` | `topk_expert_rows` |
 | ∂z[b, j] = ⟨∂x̂[b], W_dec[idx[b, j]]⟩        | `embedding_bag`'s per-sample-weights backward | `picked_dots` |
+| the picks grouped by feature for ∂W_enc, ∂W_dec | a stable `argsort`, counts and two gathers | `group_by_row` (a counting sort) |
 
 `topk` finds each row's k largest without sorting anything: by bisection on order-preserving
 integer keys of the floats (an int32 whose order is the float's), counting the keys at or
@@ -24,8 +26,9 @@ row holding a NaN skips the bounds and is searched whole.
 The kernels (engine/sae/_cpu_jit.py, imported at the first call) are compiled by numba at
 their first call (cached on disk beside the file, or in numba's user cache where that is
 read-only), release the GIL, and run on as many threads as PyTorch has, each taking chunks of
-rows (`_split_rows`). `use` decides where they run: float32 CPU tensors, numba installed, and
-not `MOESAE_NUMBA=0`. The tests hold them to `torch.topk` and to `embedding_bag`'s kernel.
+rows (`_split_rows`). `use` decides where they run: float32 CPU tensors, numba installed, not
+`MOESAE_NUMBA=0`, and the kernels working on a tiny case (`works`). The tests
+(tests/engine/sae/test_cpu_kernels.py) hold them to the PyTorch forms.
 """
 
 from __future__ import annotations
@@ -124,6 +127,8 @@ def _split_rows(kernel, B: int, *args, min_rows: int = MIN_ROWS) -> None:
         return
     pool = _POOL["pool"]
     if _POOL["pid"] != os.getpid() or _POOL["workers"] < parts - 1:
+        if pool is not None and _POOL["pid"] == os.getpid():
+            pool.shutdown(wait=False)  # a smaller pool of this process: its threads end
         pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="moesae-cpu")
         _POOL.update(pid=os.getpid(), workers=parts - 1, pool=pool)
     n = min(B, parts * CHUNKS_PER_THREAD)
