@@ -146,15 +146,17 @@ def _select_row(row, bits, k, L, bm, bk, bp, ck, ci, out_v, out_i):
 
 
 @njit(nogil=True, cache=True)
-def _topk_rows(lo, hi, f, k, L, out_v, out_i):
-    n = f.shape[1]
-    bits = f.view(np.int32)
+def _scratch(n, L):
+    """`_select_row`'s buffers for rows of n values and blocks of L (allocated once a range)."""
     nb = (n + L - 1) // L if L > 0 else 1
-    bm = np.empty(nb, np.float32)
-    bk = np.empty(nb, np.int32)
-    bp = np.empty(nb, np.int64)
-    ck = np.empty(n, np.int32)
-    ci = np.empty(n, np.int64)
+    return (np.empty(nb, np.float32), np.empty(nb, np.int32), np.empty(nb, np.int64),
+            np.empty(n, np.int32), np.empty(n, np.int64))
+
+
+@njit(nogil=True, cache=True)
+def _topk_rows(lo, hi, f, k, L, out_v, out_i):
+    bits = f.view(np.int32)
+    bm, bk, bp, ck, ci = _scratch(f.shape[1], L)
     for b in range(lo, hi):
         _select_row(f[b], bits[b], k, L, bm, bk, bp, ck, ci, out_v[b], out_i[b])
 
@@ -189,12 +191,7 @@ def _topk_expert_rows(lo, hi, pre, bias, rows, w, experts, dead, use_dead, k, L,
     n = e * m
     row = np.empty(n, np.float32)
     bits = row.view(np.int32)
-    nb = (n + L - 1) // L if L > 0 else 1
-    bm = np.empty(nb, np.float32)
-    bk = np.empty(nb, np.int32)
-    bp = np.empty(nb, np.int64)
-    ck = np.empty(n, np.int32)
-    ci = np.empty(n, np.int64)
+    bm, bk, bp, ck, ci = _scratch(n, L)
     for b in range(lo, hi):
         for s in range(e):
             r = rows[b, s]
