@@ -180,7 +180,8 @@ def test_page_in_chromium(build, tmp_path):
             pg.wait_for_timeout(500)
             assert slider.get_by_role("slider").get_attribute("aria-valuetext") == "+200"
             pg.get_by_role("button", name="Generate").click()
-            pg.get_by_text("Steered", exact=True).wait_for(timeout=180_000)
+            # "Steered" heads both the steered text and its firing features once results are in
+            pg.get_by_text("Steered", exact=True).first.wait_for(timeout=180_000)
             assert pg.locator('[data-testid="stException"]').count() == 0
             body = pg.inner_text("body")
             assert "Default" in body and "What fires on the continuations" in body
