@@ -222,8 +222,9 @@ def group_by_row(idx: Tensor, g: Tensor, n_rows: int) -> tuple[Tensor, Tensor, T
     starts = torch.empty(n_rows + 1, dtype=torch.long)
     tokens = torch.empty(n, dtype=torch.long)
     w = torch.empty(n, dtype=g.dtype)
-    _jit()._group_by_row(idx.reshape(-1).contiguous().numpy(), k, g.reshape(-1).contiguous().numpy(),
-                  n_rows, starts.numpy(), tokens.numpy(), w.numpy())
+    _jit()._group_by_row(idx.reshape(-1).contiguous().numpy(), k,
+                         g.reshape(-1).contiguous().numpy(), n_rows, starts.numpy(),
+                         tokens.numpy(), w.numpy())
     return starts, tokens, w
 
 

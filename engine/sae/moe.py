@@ -120,26 +120,37 @@ def grouped_expert_encode(
     x_c [B, d], token_idx/expert_idx [P], W [N, m, d], b [N, m] → [P, m] in pair order.
     """
     N, m, _ = W.shape
-    order = torch.argsort(expert_idx, stable=True)
-    counts = torch.bincount(expert_idx, minlength=N).tolist()  # host sync: the plain reference
-    sorted_tokens = token_idx[order]
+    order, groups = _expert_groups(token_idx, expert_idx, N)
     # unbind: one autograd node for all experts, rather than a full-size zero gradient per
     # expert slice (which would cost N × M·d writes per backward pass).
     W_i, b_i = W.unbind(0), b.unbind(0)
-    blocks = []
-    start = 0
-    for i, c in enumerate(counts):
-        if c == 0:
-            continue
-        xs = x_c.index_select(0, sorted_tokens[start : start + c])
-        blocks.append(F.linear(xs, W_i[i], b_i[i]))
-        start += c
+    blocks = [F.linear(x_c.index_select(0, tokens), W_i[i], b_i[i]) for i, _, tokens in groups]
     if not blocks:
         return x_c.new_zeros(0, m)
-    out_sorted = torch.cat(blocks, 0)
+    return torch.cat(blocks, 0).index_select(0, _inverse(order))
+
+
+def _expert_groups(token_idx: Tensor, expert_idx: Tensor, N: int):
+    """The (token, expert) pairs grouped by expert for a loop of one matmul per expert:
+    (order, the pairs sorted stably by expert; [(expert i, its first sorted pair, its pairs'
+    tokens)] for each expert with pairs). The group sizes are read on the host — the loop's
+    host synchronisation."""
+    order = torch.argsort(expert_idx, stable=True)
+    counts = torch.bincount(expert_idx, minlength=N).tolist()
+    sorted_tokens = token_idx[order]
+    groups, start = [], 0
+    for i, c in enumerate(counts):
+        if c:
+            groups.append((i, start, sorted_tokens[start:start + c]))
+            start += c
+    return order, groups
+
+
+def _inverse(order: Tensor) -> Tensor:
+    """The inverse permutation: position of each original pair in the sorted order."""
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return out_sorted.index_select(0, inverse)
+    return inverse
 
 
 def grouped_expert_encode_gmm(
@@ -231,7 +242,7 @@ def topk_chunked(f: Tensor, k: int, chunks: int) -> tuple[Tensor, Tensor]:
 
 def topk_candidates(f: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """`f.topk(k, dim=-1, sorted=False)`: the numba kernel where `cpu_kernels.use` says so
-    (float32 on the CPU: 2.3 vs 10.8 ms for Scale e=2's 576 candidates a token, 11.2 vs 29.5
+    (float32 on the CPU: 2.3 vs 10.8 ms for Scale e=2's 576 candidates a token, 10.8 vs 29.5
     ms for dense TopK's 4,608, 4,096 tokens, k 32), in two stages where `TOPK_SLICE` names the
     device and the candidates split into at least two slices of that many, each at least k."""
     n = f.shape[-1]
@@ -316,8 +327,7 @@ class _SparseTopK(torch.autograd.Function):
             # ReLU commutes with the TopK (it is monotone, and w_i > 0 gives w_i · ReLU(p) =
             # ReLU(w_i · p)), so it runs on the k picks, not on all the candidates: the same
             # values, and where fewer than k candidates are positive, zero picks either way
-            if (experts is not None and encode is grouped_expert_encode
-                    and cpu_kernels.use(xc) and Wc.dtype == bc.dtype == xc.dtype):
+            if experts is not None and encode is grouped_expert_encode and cpu_kernels.use(xc):
                 outs, picks, z_all = _expert_picks_cpu(xc, Wc, bc, experts, wc, k, dead, k_aux)
             else:
                 pre = _preactivations(xc, Wc, bc, experts, encode)
@@ -395,20 +405,13 @@ def _expert_picks_cpu(x_c: Tensor, W: Tensor, b: Tensor, experts: Tensor, weight
     [TopK, then AuxK where asked], and their pre-activations before weighting, ReLU applied."""
     N, m, _ = W.shape
     B, e = experts.shape
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=N).tolist()
-    tokens = torch.div(order, e, rounding_mode="floor")  # pair p is token p // e's
-    pre = x_c.new_empty(flat.numel(), m)
-    start = 0
-    for i, c in enumerate(counts):
-        if c:
-            torch.mm(x_c.index_select(0, tokens[start:start + c]), W[i].T,
-                     out=pre[start:start + c])
-            start += c
-    rows = torch.empty_like(order)
-    rows[order] = torch.arange(order.numel())
-    rows = rows.view(B, e)  # each token's rows of `pre`, in slot order
+    tokens = torch.arange(B).repeat_interleave(e)  # pair p is token p // e's, as in _preactivations
+    order, groups = _expert_groups(tokens, experts.reshape(-1), N)
+    pre = x_c.new_empty(B * e, m)
+    for i, start, group_tokens in groups:
+        torch.mm(x_c.index_select(0, group_tokens), W[i].T,
+                 out=pre[start:start + group_tokens.numel()])
+    rows = _inverse(order).view(B, e)  # each token's rows of `pre`, in slot order
     w = weights if weights is not None else x_c.new_ones(B, e)
     top_f, pos, z = cpu_kernels.topk_expert_rows(pre, b, rows, w, experts, k)
     outs, picks, zs = [top_f.relu_()], [pos], [z]
@@ -431,7 +434,7 @@ def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int) -> Tensor:
     2–4× faster than CSR on the CPU (bench in the README), and index_add was the largest
     kernel of a GPU step (benchmarks/profile_gpu.py)."""
     B, k = idx.shape
-    if cpu_kernels.use(g) and x.device.type == "cpu":  # a counting sort in numba
+    if cpu_kernels.use(g):  # a counting sort in numba
         starts, tokens, w = cpu_kernels.group_by_row(idx, g, M)
         return F.embedding_bag(tokens, x, starts[:-1], mode="sum", per_sample_weights=w)
     flat = idx.reshape(-1)
