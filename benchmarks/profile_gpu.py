@@ -18,6 +18,10 @@ kernels: each Triton kernel alone at the size against the PyTorch it replaces (t
          sums' embedding_bag; the decoder gradient's projection, the decoder's renormalisation
          and Feature Scaling's addcmul, each with the clones the timing needs), at each tile
          choice of a small sweep.
+tail:    an A/B of the optimiser's tail in the trainer's step (bf16, recorded as a CUDA graph on
+         a GPU): the decoder's projection, Adam step and renormalisation as one Triton pass
+         (engine/training/schedule.py `FUSED_DECODER_STEP`, at a few tile sizes) against the
+         four passes; interleaved, for each architecture.
 compile: the model's own forward pass, eager against torch.compile (how much fusing would save).
 topk:    TopK alone over the dense and the Scale e=2 candidates, one `torch.topk` against the
          two-stage form with several chunk counts; then the dense TopK step with the fastest.
@@ -25,6 +29,7 @@ topk:    TopK alone over the dense and the Scale e=2 candidates, one `torch.topk
     python benchmarks/profile_gpu.py --parts step
     python benchmarks/profile_gpu.py --parts decoder --archs "topk,scale e=2"
     python benchmarks/profile_gpu.py --parts kernels
+    python benchmarks/profile_gpu.py --parts tail --archs "topk,scale e=2"
     python benchmarks/profile_gpu.py --parts topk --archs topk
     python benchmarks/profile_gpu.py --parts harvest --corpus corpus.jsonl --tokens 2000000
 """
@@ -190,6 +195,42 @@ def profile_decoders(size: dict, device: torch.device, archs: list[str], out: di
             ms = row["ms"]
             print(f"== decoder A/B, {name}: " + ", ".join(f"{label} {v:.3f} ms" for label, v in ms.items())
                   + " a step", flush=True)
+        except Exception as exc:
+            traceback.print_exc()
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _tail_variants(device: torch.device) -> dict:
+    """The optimiser tails of the A/B (module docstring), each a `_patched_all` variant: the
+    four passes, then the fused decoder pass at its default tiles and a few others."""
+    from engine.sae import kernels
+    from engine.training import schedule
+
+    variants = {"four passes": _patched(schedule, "FUSED_DECODER_STEP", False)}
+    if kernels.available(device) or kernels.interpreted():
+        for elems, warps in ((kernels.BLOCKS["adam_elems"], kernels.BLOCKS["adam_warps"]),
+                             (1024, 2), (2048, 8), (4096, 8)):
+            label = f"fused, {elems} elements, {warps} warps"
+            if label not in variants:
+                variants[label] = _patched_all([
+                    (schedule, "FUSED_DECODER_STEP", True),
+                    (kernels, "BLOCKS", {**kernels.BLOCKS, "adam_elems": elems, "adam_warps": warps})])
+    return variants
+
+
+def profile_tail(size: dict, device: torch.device, archs: list[str], out: dict,
+                 rounds: int = 3) -> None:
+    """The step with each optimiser tail (module docstring), `rounds` interleaved medians."""
+    xs = _batches(size, device, 10)
+    for name, cfg in _configs(size, archs):
+        row: dict = {"model": name, "precision": "bf16", "graph": device.type == "cuda"}
+        out["tail_ab"].append(row)
+        try:
+            row.update(_ab_steps(cfg, device, _tail_variants(device), xs, rounds))
+            print(f"== tail A/B, {name}: " + ", ".join(f"{label} {v:.3f} ms" for label, v
+                                                      in row["ms"].items()) + " a step", flush=True)
         except Exception as exc:
             traceback.print_exc()
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -449,13 +490,16 @@ def main() -> None:
     device = torch.device(args.device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "steps": [], "trainer": None, "harvest": [],
-              "decoder_ab": [], "topk": [], "kernels": []}
+              "decoder_ab": [], "tail_ab": [], "topk": [], "kernels": []}
     parts = set(args.parts.split(","))
     if "step" in parts:
         profile_steps(SIZES[args.size], device, args.archs.split(","), result)
         Path(args.out).write_text(json.dumps(result, indent=2))
     if "decoder" in parts:
         profile_decoders(SIZES[args.size], device, args.archs.split(","), result)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if "tail" in parts:
+        profile_tail(SIZES[args.size], device, args.archs.split(","), result)
         Path(args.out).write_text(json.dumps(result, indent=2))
     if "kernels" in parts:
         profile_kernels(SIZES[args.size], device, result)

@@ -28,6 +28,7 @@ against the PyTorch forms they replace.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -42,7 +43,7 @@ except ImportError:  # the CPU build of torch ships without triton: the engine u
 
 BLOCKS: dict[str, int] = {"segment_d": 128, "segment_p": 8, "segment_warps": 1,
                           "dots_k": 32, "dots_d": 32, "dots_warps": 1, "row_elems": 4096,
-                          "row_warps": 4}
+                          "row_warps": 4, "adam_elems": 2048, "adam_warps": 4}
 """Tile sizes: the columns and rows a `segment_sum` program handles at once and its warps; the
 picks a `picked_dots` program takes (at most; fewer where a token has fewer), the columns it
 reads at once and its warps; the elements (whole rows, padded to
@@ -133,14 +134,62 @@ def _group_affine_kernel(X, s, c, out, R, m, d, BLOCK_R: tl.constexpr, BLOCK_D: 
     tl.store(out + at, (sg[:, None] * x + cg).to(out.dtype.element_ty), mask=mask)
 
 
+
+def _projected_sq_kernel(G, W, out, R, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                         ACC: tl.constexpr):
+    """out[r] = ‖G[r] − ⟨G[r], W[r]⟩ · W[r]‖² for each row r: the squared norm of the row's
+    projected gradient, which is not written anywhere."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < R
+    mask = rmask[:, None] & (cols < d)[None, :]
+    at = rows.to(tl.int64)[:, None] * d + cols[None, :]
+    g = tl.load(G + at, mask=mask, other=0.0).to(ACC)
+    w = tl.load(W + at, mask=mask, other=0.0).to(ACC)
+    r = g - tl.sum(g * w, axis=1)[:, None] * w
+    tl.store(out + rows, tl.sum(r * r, axis=1).to(out.dtype.element_ty), mask=rmask)
+
+
+def _adam_unit_rows_kernel(W, G, M1, M2, lr, step, scale, R, d, beta1, beta2, log_beta1,
+                           log_beta2, eps, unit_eps, BLOCK_R: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """The decoder's whole optimiser step, in place, for each row r (float32 rows):
+        g = (G[r] − ⟨G[r], W[r]⟩ · W[r]) / scale      the gradient projected, then clipped
+        M1[r] = β1 · M1[r] + (1 − β1) · g;  M2[r] = β2 · M2[r] + (1 − β2) · g²
+        W[r] −= lr / (1 − β1ᵗ) · M1[r] / (√M2[r] / √(1 − β2ᵗ) + eps)      (Adam, as torch's)
+        W[r] /= max(‖W[r]‖, unit_eps)                                        (unit norm)
+    with t the step count already incremented on the device and the bias corrections in
+    float64, as torch's fused Adam takes them."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < R)[:, None] & (cols < d)[None, :]
+    at = rows.to(tl.int64)[:, None] * d + cols[None, :]
+    t = tl.load(step).to(tl.float64)
+    bc1 = 1.0 - tl.exp(t * tl.cast(log_beta1, tl.float64))
+    bc2_sqrt = tl.sqrt(1.0 - tl.exp(t * tl.cast(log_beta2, tl.float64)))
+    step_size = (tl.load(lr).to(tl.float64) / bc1).to(tl.float32)
+    bc2_sqrt = bc2_sqrt.to(tl.float32)
+    g = tl.load(G + at, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + at, mask=mask, other=0.0).to(tl.float32)
+    g = (g - tl.sum(g * w, axis=1)[:, None] * w) / tl.load(scale).to(tl.float32)
+    m1 = beta1 * tl.load(M1 + at, mask=mask, other=0.0) + (1 - beta1) * g
+    m2 = beta2 * tl.load(M2 + at, mask=mask, other=0.0) + (1 - beta2) * g * g
+    w = w - step_size * m1 / (tl.sqrt(m2) / bc2_sqrt + eps)
+    norm = tl.sqrt(tl.sum(w * w, axis=1))
+    norm = tl.where(norm != norm, norm, tl.maximum(norm, unit_eps))
+    tl.store(W + at, w / norm[:, None], mask=mask)
+    tl.store(M1 + at, m1, mask=mask)
+    tl.store(M2 + at, m2, mask=mask)
+
 @functools.cache
 def _compiled():
-    """The five kernels by name, through `triton.jit`: compiled for the GPU, or run by Triton's
+    """The kernels by name, through `triton.jit`: compiled for the GPU, or run by Triton's
     interpreter on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported
     (tests/conftest.py does so on machines without CUDA)."""
     return {fn.__name__.strip("_").removesuffix("_kernel"): triton.jit(fn)
             for fn in (_segment_sum_kernel, _picked_dots_kernel, _project_rows_kernel,
-                       _unit_rows_kernel, _group_affine_kernel)}
+                       _unit_rows_kernel, _group_affine_kernel, _projected_sq_kernel,
+                       _adam_unit_rows_kernel)}
 
 
 def available(device: torch.device) -> bool:
@@ -209,6 +258,46 @@ def _try(device: torch.device) -> bool:
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         warnings.warn(f"The Triton kernels do not run on {device} ({why}); training uses "
                       "PyTorch's kernels there, which are slower.", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def adam_works(device: torch.device) -> bool:
+    """Whether `adam_unit_rows_` compiles and matches PyTorch on this device (tried once per
+    device, like `works`; it alone computes in float64, which a GPU compiler might refuse):
+    where it does not, one warning line, and the optimiser keeps its four passes."""
+    if interpreted() and device.type == "cpu":
+        return True
+    if device not in _ADAM_WORKS:
+        if torch.cuda.is_current_stream_capturing():
+            return True
+        _ADAM_WORKS[device] = _try_adam(device)
+    return _ADAM_WORKS[device]
+
+
+_ADAM_WORKS: dict[torch.device, bool] = {}
+
+
+def _try_adam(device: torch.device) -> bool:
+    import warnings
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        W = torch.nn.functional.normalize(torch.randn(3, 5, generator=gen), dim=1).to(device)
+        G = torch.randn(3, 5, generator=gen).to(device)
+        m1, m2 = torch.full_like(W, 0.1), torch.full_like(W, 0.2)
+        step, scale = torch.full((), 2.0, device=device), torch.full((), 2.0, device=device)
+        g = (G - (G * W).sum(1, keepdim=True) * W) / 2
+        w1, w2 = 0.9 * m1 + 0.1 * g, 0.999 * m2 + 0.001 * g * g
+        want = W - 0.1 / (1 - 0.9**2) * w1 / (w2.sqrt() / (1 - 0.999**2) ** 0.5 + 1e-8)
+        want = want / want.norm(dim=1, keepdim=True)
+        got = adam_unit_rows_(W.clone(), G, m1, m2, 0.1, step, scale, (0.9, 0.999), 1e-8)
+        if not (torch.allclose(got, want, atol=1e-5) and torch.allclose(m2, w2, atol=1e-6)):
+            raise RuntimeError("it gave other numbers than PyTorch on a tiny case")
+        return True
+    except Exception as exc:  # any failure to compile or run: the optimiser's separate passes
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        warnings.warn(f"The fused decoder step does not run on {device} ({why}); the optimiser "
+                      "runs its passes apart there, which is slower.", RuntimeWarning, stacklevel=3)
         return False
 
 
@@ -322,3 +411,45 @@ def group_affine(X: Tensor, s: Tensor, c: Tensor, out_dtype: torch.dtype | None 
                                       N * m, m, d, BLOCK_R=br, BLOCK_D=bd, ACC=_acc(X, s, c),
                                       **extra)
     return out
+
+
+def projected_sq_norms(G: Tensor, W: Tensor) -> Tensor:
+    """[R] float32: ‖G[r] − ⟨G[r], W[r]⟩ · W[r]‖² for G, W contiguous [R, d] — the squared
+    norms of the decoder gradient's rows once `project_rows_` has run, without writing them
+    (what the gradient clip needs ahead of `adam_unit_rows_`)."""
+    fn = _kernels(G)["projected_sq"]
+    R, d = G.shape
+    out = torch.empty(R, dtype=torch.float32, device=G.device)
+    br, bd, extra = _row_tiles(d)
+    if R:
+        fn[(triton.cdiv(R, br),)](G.contiguous(), W.contiguous(), out, R, d, BLOCK_R=br,
+                                  BLOCK_D=bd, ACC=_acc(G, W), **extra)
+    return out
+
+
+def adam_unit_rows_(W: Tensor, G: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                    lr: float | Tensor, step: Tensor, scale: Tensor, betas: tuple[float, float],
+                    eps: float, unit_eps: float = 1e-8) -> Tensor:
+    """The decoder's optimiser step in one pass over its rows, in place (all float32,
+    contiguous [R, d]): `project_rows_(G, W)`, the gradient divided by the clip's `scale`,
+    torch's Adam (`step` is the state's count, already incremented; `lr` a number or a device
+    tensor), then `unit_rows_(W, unit_eps)` — four passes over the decoder and its gradient in
+    PyTorch's order, here one. G itself is left as it was (unprojected)."""
+    fn = _kernels(W)["adam_unit_rows"]
+    for t in (W, G, exp_avg, exp_avg_sq):
+        _rows_in_place(t)
+        if t.dtype != torch.float32 or t.shape != W.shape:
+            raise ValueError("adam_unit_rows_ takes float32 [R, d] weights, gradient and moments")
+    R, d = W.shape
+    if not isinstance(lr, Tensor):
+        lr = torch.full((), lr, dtype=torch.float64, device=W.device)  # a fill: no host copy
+    beta1, beta2 = betas
+    bd = triton.next_power_of_2(max(d, 1))
+    br = max(1, BLOCKS["adam_elems"] // bd)
+    if R:
+        fn[(triton.cdiv(R, br),)](W, G, exp_avg, exp_avg_sq, lr, step, scale, R, d, beta1, beta2,
+                                  math.log(beta1), math.log(beta2), eps, unit_eps, BLOCK_R=br,
+                                  BLOCK_D=bd, **_warps("adam_warps"))
+    for t in (W, exp_avg, exp_avg_sq):
+        torch.autograd.graph.increment_version(t)
+    return W

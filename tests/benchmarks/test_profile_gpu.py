@@ -71,3 +71,20 @@ def test_the_compile_part_times_the_forward_both_ways():
     row = out["compile"]
     assert "error" not in row, row
     assert row["eager_ms"] > 0 and row["compiled_ms"] > 0 and row["compile_s"] > 0
+
+
+def test_the_tail_ab_part_runs_and_restores_the_defaults():
+    """The fused decoder step's A/B (through Triton's interpreter on the CPU, where the fused
+    variants run only if the kernels are enabled for the device: here the four passes)."""
+    from benchmarks import profile_gpu
+    from engine.sae import kernels
+    from engine.training import schedule
+
+    blocks = dict(kernels.BLOCKS)
+    out = {"tail_ab": []}
+    profile_gpu.profile_tail(SMALL, torch.device("cpu"), ["scale e=2"], out, rounds=1)
+    row = out["tail_ab"][0]
+    assert "error" not in row and "four passes" in row["ms"]
+    if kernels.interpreted():
+        assert "fused, 2048 elements, 4 warps" in row["ms"] and len(row["ms"]) == 5
+    assert kernels.BLOCKS == blocks and schedule.FUSED_DECODER_STEP is True

@@ -202,3 +202,47 @@ def test_moesae_triton_0_turns_them_off():
     env = {**__import__("os").environ, "MOESAE_TRITON": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_projected_sq_norms_are_those_of_the_projected_rows(device):
+    gen = torch.Generator().manual_seed(3)
+    W = F.normalize(torch.randn(37, 70, generator=gen), dim=1).to(device)
+    G = torch.randn(37, 70, generator=gen).to(device)
+    want = kernels.project_rows_(G.clone(), W).pow(2).sum(1)
+    assert torch.allclose(kernels.projected_sq_norms(G, W), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adam_unit_rows_is_project_adam_then_unit_rows(device):
+    """Two steps of the fused pass against `project_rows_`, the gradient divided by the clip's
+    scale, `torch.optim.Adam` (its own fused kernel where it has one) and `unit_rows_`; a zero
+    row stays zero and a row with a NaN stays NaN, as in PyTorch."""
+    gen = torch.Generator().manual_seed(4)
+    R, d = 21, 70
+    W0 = F.normalize(torch.randn(R, d, generator=gen), dim=1)
+    grads = [torch.randn(R, d, generator=gen) * 3 for _ in range(2)]
+    grads[0][5] = 0.0
+    W_ref = torch.nn.Parameter(W0.clone().to(device))
+    opt = torch.optim.Adam([W_ref], lr=1e-2, betas=(0.9, 0.999))
+    W = W0.clone().to(device)
+    m1, m2 = torch.zeros_like(W), torch.zeros_like(W)
+    step = torch.zeros((), device=device)
+    for t, G in enumerate(grads):
+        G = G.to(device)
+        scale = torch.full((), 1.5 + t, device=device)
+        W_ref.grad = kernels.project_rows_(G.clone(), W_ref.detach()) / scale
+        opt.step()
+        with torch.no_grad():
+            kernels.unit_rows_(W_ref.data)
+        step.add_(1)
+        kernels.adam_unit_rows_(W, G, m1, m2, 1e-2, step, scale, (0.9, 0.999), 1e-8)
+        assert torch.allclose(W, W_ref.detach(), rtol=1e-5, atol=1e-6)
+        # the second step projects onto rows that differ from the reference's by their rounding
+        assert torch.allclose(m1, opt.state[W_ref]["exp_avg"], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(m2, opt.state[W_ref]["exp_avg_sq"], rtol=1e-5, atol=1e-8)
+    W_nan = W.clone()
+    W_nan[2, 3] = float("nan")
+    kernels.adam_unit_rows_(W_nan, torch.zeros_like(W), m1.clone(), m2.clone(), 1e-2, step,
+                            torch.ones((), device=device), (0.9, 0.999), 1e-8)
+    assert bool(W_nan[2].isnan().all()) and not bool(W_nan[3].isnan().any())

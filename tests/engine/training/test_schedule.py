@@ -106,3 +106,83 @@ def test_float64_parameters_take_the_fold():
     torch.nn.utils.clip_grad_norm_([q], 1.0)
     opt_q.step()
     assert torch.allclose(p, q, rtol=1e-6)
+
+
+# -- the decoder's fused step (kernels.adam_unit_rows_), through Triton's interpreter on the CPU
+def _sae_with_grads(scale: float, seed: int = 0):
+    from engine.sae import SAEConfig, build_sae
+
+    torch.manual_seed(seed)
+    sae = build_sae(SAEConfig(d_in=12, width=40, k=4, arch="scale", experts=4, active=2))
+    sae.kernels = "fast"
+    return sae
+
+
+def _set_grads(sae, scale: float, step: int) -> None:
+    g = torch.Generator().manual_seed(100 + step)
+    for p in sae.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * scale
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    pytest.importorskip("triton")
+    from engine.sae import kernels
+
+    if not kernels.interpreted():
+        pytest.skip("CPU tensors need Triton's interpreter")
+    monkeypatch.setattr(kernels, "ENABLED", {"cpu": True})
+    return kernels
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0], ids=["under the clip", "clipped"])
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["lr a number", "lr a tensor"])
+def test_the_fused_decoder_step_is_the_four_passes(triton_on_cpu, monkeypatch, scale, tensor_lr):
+    """Three steps of `optimiser_step`: one Triton pass over the decoder (projection, clip,
+    Adam, unit norm) against the projection, clip_grad_norm_, Adam and renormalisation in
+    PyTorch's own forms: every weight and both moments to float32 rounding, and the optimiser
+    state under the same keys (so a checkpoint of either loads into the other)."""
+    from engine.training import schedule
+
+    ref, fast = _sae_with_grads(scale), _sae_with_grads(scale)
+    ref.kernels = "reference"  # its projection and renormalisation in PyTorch
+    lr = torch.tensor(1e-2) if tensor_lr else 1e-2
+    opt_ref, opt_fast = make_adam(ref.parameters(), lr), make_adam(fast.parameters(), lr)
+    seen = []
+    real = triton_on_cpu.adam_unit_rows_
+    monkeypatch.setattr(triton_on_cpu, "adam_unit_rows_", lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    for step in range(3):
+        _set_grads(ref, scale, step)
+        _set_grads(fast, scale, step)
+        schedule.optimiser_step(ref, opt_ref, 1.0)
+        schedule.optimiser_step(fast, opt_fast, 1.0)
+    assert len(seen) == 3  # the fused pass ran, and only for the fast SAE
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), name
+        a, b = opt_ref.state[p], opt_fast.state[q]
+        assert a.keys() == b.keys() and float(a["step"]) == float(b["step"]) == 3.0
+        assert torch.allclose(a["exp_avg"], b["exp_avg"], rtol=1e-4, atol=1e-9), name
+        assert torch.allclose(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-4, atol=1e-12), name
+    assert torch.allclose(fast.W_dec.norm(dim=1), torch.ones(40), atol=1e-6)
+    assert not hasattr(opt_fast, "grad_scale")
+
+
+def test_the_fused_decoder_step_stands_aside_where_it_cannot_run(triton_on_cpu, monkeypatch):
+    """The plain passes where the fused one does not apply: the reference kernels, the switch
+    off, unfused Adam; and where the kernel fails its first try on a device."""
+    from engine.training import schedule
+
+    sae = _sae_with_grads(1.0)
+    _set_grads(sae, 1.0, 0)
+    opt = make_adam(sae.parameters(), 1e-2)
+    assert schedule._fused_decoder_group(sae, opt) is opt.param_groups[0]
+    sae.kernels = "reference"
+    assert schedule._fused_decoder_group(sae, opt) is None
+    sae.kernels = "fast"
+    monkeypatch.setattr(schedule, "FUSED_DECODER_STEP", False)
+    assert schedule._fused_decoder_group(sae, opt) is None
+    monkeypatch.setattr(schedule, "FUSED_DECODER_STEP", True)
+    unfused = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    assert schedule._fused_decoder_group(sae, unfused) is None
+    monkeypatch.setattr(triton_on_cpu, "adam_works", lambda device: False)
+    assert schedule._fused_decoder_group(sae, opt) is None
