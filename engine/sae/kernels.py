@@ -181,6 +181,22 @@ def _adam_unit_rows_kernel(W, G, M1, M2, lr, step, scale, R, d, beta1, beta2, lo
     tl.store(M1 + at, m1, mask=mask)
     tl.store(M2 + at, m2, mask=mask)
 
+
+def _expert_rows_kernel(Y, dest, order, expert, b, out, P, m, stride_y,
+                        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out[order[p]] = Y[dest[p]] + b[expert[p]] for each sorted pair p: the bias added in
+    float32 and rounded once to out's dtype (the grouped GEMM's epilogue, back in pair order)."""
+    p = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_M)
+    pmask = p < P
+    mask = pmask[:, None] & (cols < m)[None, :]
+    src = tl.load(dest + p, mask=pmask, other=0).to(tl.int64)
+    to = tl.load(order + p, mask=pmask, other=0).to(tl.int64)
+    ex = tl.load(expert + p, mask=pmask, other=0).to(tl.int64)
+    y = tl.load(Y + src[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    bias = tl.load(b + ex[:, None] * m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + to[:, None] * m + cols[None, :], (y + bias).to(out.dtype.element_ty), mask=mask)
+
 @functools.cache
 def _compiled():
     """The kernels by name, through `triton.jit`: compiled for the GPU, or run by Triton's
@@ -189,7 +205,7 @@ def _compiled():
     return {fn.__name__.strip("_").removesuffix("_kernel"): triton.jit(fn)
             for fn in (_segment_sum_kernel, _picked_dots_kernel, _project_rows_kernel,
                        _unit_rows_kernel, _group_affine_kernel, _projected_sq_kernel,
-                       _adam_unit_rows_kernel)}
+                       _adam_unit_rows_kernel, _expert_rows_kernel)}
 
 
 def available(device: torch.device) -> bool:
@@ -453,3 +469,23 @@ def adam_unit_rows_(W: Tensor, G: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
     for t in (W, exp_avg, exp_avg_sq):
         torch.autograd.graph.increment_version(t)
     return W
+
+
+def expert_rows(Y: Tensor, dest: Tensor, order: Tensor, expert: Tensor, b: Tensor,
+                out_dtype: torch.dtype) -> Tensor:
+    """[P, m]: row order[p] is Y[dest[p]] + b[expert[p]], added in float32 and rounded once to
+    `out_dtype` — `(Y[dest].float() + b.float()[expert]).to(out_dtype)` scattered back by
+    `index_copy(0, order, ·)` (the grouped GEMM's epilogue in `moe.grouped_expert_encode_gmm`),
+    one pass instead of six. Y [rows, m] with unit column stride, b [N, m]."""
+    fn = _kernels(Y)["expert_rows"]
+    P, m = order.numel(), Y.shape[1]
+    out = torch.empty(P, m, dtype=out_dtype, device=Y.device)
+    if Y.stride(1) != 1:
+        Y = Y.contiguous()
+    bm = triton.next_power_of_2(max(m, 1))
+    br = max(1, BLOCKS["row_elems"] // bm)
+    if P and m:
+        fn[(triton.cdiv(P, br),)](Y, dest.contiguous(), order.contiguous(), expert.contiguous(),
+                                  b.contiguous(), out, P, m, Y.stride(0), BLOCK_R=br, BLOCK_M=bm,
+                                  **_warps("row_warps"))
+    return out

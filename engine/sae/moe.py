@@ -173,9 +173,16 @@ def grouped_expert_encode_gmm(
     ends = torch.cumsum(padded, 0)
     rank = torch.arange(P, device=x_c.device) - (torch.cumsum(counts, 0) - counts)[e_sorted]
     dest = (ends - padded)[e_sorted] + rank  # row of each sorted pair in the buffer
-    buf = x_c.new_zeros(P + N * (align - 1), d).index_copy(0, dest, x_c[token_idx[order]])
+    # Without autograd (the sparse TopK's forward) the padding rows may hold anything: their
+    # outputs are never read. With it they must be zeros, or W's gradient would read them.
+    differentiable = torch.is_grad_enabled() and (x_c.requires_grad or W.requires_grad
+                                                  or b.requires_grad)
+    buf = (x_c.new_zeros if differentiable else x_c.new_empty)(P + N * (align - 1), d)
+    buf.index_copy_(0, dest, x_c[token_idx[order]])
     # W.transpose(1, 2) is [N, d, m] in column-major layout, as the grouped GEMM wants it
     out = torch._grouped_mm(buf, W.transpose(1, 2), offs=ends.to(torch.int32))
+    if not differentiable and kernels.use(out):  # the epilogue below as one Triton pass
+        return kernels.expert_rows(out, dest, order, e_sorted, b, x_c.dtype)
     # the bias added in float32 (its gradient then sums each expert's rows in float32, as the
     # loop's GEMM does, instead of one bf16 rounding per row)
     pre_sorted = (out[dest].float() + b.float()[e_sorted]).to(x_c.dtype)

@@ -246,3 +246,25 @@ def test_adam_unit_rows_is_project_adam_then_unit_rows(device):
     kernels.adam_unit_rows_(W_nan, torch.zeros_like(W), m1.clone(), m2.clone(), 1e-2, step,
                             torch.ones((), device=device), (0.9, 0.999), 1e-8)
     assert bool(W_nan[2].isnan().all()) and not bool(W_nan[3].isnan().any())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_rows_is_the_gathered_bias_add_scattered_back(device, dtype):
+    """Bit for bit the composed PyTorch epilogue, with m not a power of two and padding rows
+    in Y that no pair reads (compiled; Triton's interpreter rounds to bfloat16 by truncation,
+    so there within one bfloat16 step)."""
+    gen = torch.Generator().manual_seed(5)
+    P, m, N = 45, 24, 6
+    Y = torch.randn(P + 20, m, generator=gen).to(device, dtype)
+    dest = torch.randperm(P + 20, generator=gen)[:P].to(device)
+    order = torch.randperm(P, generator=gen).to(device)
+    expert = torch.randint(0, N, (P,), generator=gen).to(device)
+    b = torch.randn(N, m, generator=gen).to(device, dtype)
+    want = (Y[dest].float() + b.float()[expert]).to(dtype)
+    want = want.new_empty(P, m).index_copy(0, order, want)
+    got = kernels.expert_rows(Y, dest, order, expert, b, dtype)
+    if device == "cpu" and dtype == torch.bfloat16:
+        assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(got, want)

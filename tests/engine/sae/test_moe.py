@@ -349,3 +349,30 @@ def test_the_grouped_gemm_in_bf16_is_as_exact_as_the_loop(device):
     g_fast = torch.autograd.grad(fast, (x, W, b), go.bfloat16())
     for name, e, lo, fa in zip("xWb", g_exact, g_loop, g_fast, strict=True):
         assert err(fa, e) <= 1.5 * err(lo, e) + 1e-3, (name, err(fa, e), err(lo, e))
+
+
+def test_the_grouped_gemms_epilogue_in_triton_is_the_composed_one(monkeypatch):
+    """Without autograd (the sparse TopK's forward) the grouped GEMM's epilogue is one Triton
+    pass (`kernels.expert_rows`, here through the interpreter): the same numbers; with
+    autograd the composed form, which autograd can differentiate."""
+    pytest.importorskip("triton")
+    from engine.sae import kernels
+
+    if not kernels.interpreted():
+        pytest.skip("CPU tensors need Triton's interpreter")
+    g = torch.Generator().manual_seed(0)
+    N, m, d, B = 5, 8, 12, 40
+    x, W, b = torch.randn(B, d, generator=g), torch.randn(N, m, d, generator=g), torch.randn(N, m, generator=g)
+    tokens = torch.arange(B).repeat_interleave(2)
+    experts = torch.randint(0, N - 1, (2 * B,), generator=g)
+    with torch.no_grad():
+        plain = grouped_expert_encode_gmm(x, tokens, experts, W, b)
+    calls = []
+    monkeypatch.setattr(kernels, "ENABLED", {"cpu": True})
+    real = kernels.expert_rows
+    monkeypatch.setattr(kernels, "expert_rows", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fused = grouped_expert_encode_gmm(x, tokens, experts, W, b)
+    assert calls == [1] and torch.equal(fused, plain)
+    W.requires_grad_()
+    assert grouped_expert_encode_gmm(x, tokens, experts, W, b).requires_grad and calls == [1]
