@@ -43,7 +43,8 @@ except ImportError:  # the CPU build of torch ships without triton: the engine u
 
 BLOCKS: dict[str, int] = {"segment_d": 128, "segment_p": 8, "segment_warps": 1,
                           "dots_k": 32, "dots_d": 32, "dots_warps": 1, "row_elems": 4096,
-                          "row_warps": 4, "adam_elems": 2048, "adam_warps": 4}
+                          "row_warps": 4, "adam_elems": 2048, "adam_warps": 4,
+                          "sums_rows": 32, "sums_d": 128, "sums_warps": 4}
 """Tile sizes: the columns and rows a `segment_sum` program handles at once and its warps; the
 picks a `picked_dots` program takes (at most; fewer where a token has fewer), the columns it
 reads at once and its warps; the elements (whole rows, padded to
@@ -197,6 +198,25 @@ def _expert_rows_kernel(Y, dest, order, expert, b, out, P, m, stride_y,
     bias = tl.load(b + ex[:, None] * m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out + to[:, None] * m + cols[None, :], (y + bias).to(out.dtype.element_ty), mask=mask)
 
+
+def _group_sums_kernel(G, W, colsum, dots, m, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                       ACC: tl.constexpr):
+    """For expert i = program 0, its rows in block program 1 and columns in block program 2:
+    colsum[i, block, cols] = Σ_rows G[i, row, cols] and dots[i, block, col block] =
+    Σ_rows Σ_cols G[i, row, col] · W[i, row, col] — partial sums, added up by the caller."""
+    i = tl.program_id(0).to(tl.int64)
+    rb, cb = tl.program_id(1), tl.program_id(2)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = cb * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    mask = (rows < m)[:, None] & cmask[None, :]
+    at = (i * m + rows.to(tl.int64))[:, None] * d + cols[None, :]
+    g = tl.load(G + at, mask=mask, other=0.0).to(ACC)
+    w = tl.load(W + at, mask=mask, other=0.0).to(ACC)
+    blocks_r = tl.num_programs(1)
+    tl.store(colsum + (i * blocks_r + rb) * d + cols, tl.sum(g, axis=0), mask=cmask)
+    tl.store(dots + (i * blocks_r + rb) * tl.num_programs(2) + cb, tl.sum(tl.sum(g * w, axis=1), axis=0))
+
 @functools.cache
 def _compiled():
     """The kernels by name, through `triton.jit`: compiled for the GPU, or run by Triton's
@@ -205,7 +225,7 @@ def _compiled():
     return {fn.__name__.strip("_").removesuffix("_kernel"): triton.jit(fn)
             for fn in (_segment_sum_kernel, _picked_dots_kernel, _project_rows_kernel,
                        _unit_rows_kernel, _group_affine_kernel, _projected_sq_kernel,
-                       _adam_unit_rows_kernel, _expert_rows_kernel)}
+                       _adam_unit_rows_kernel, _expert_rows_kernel, _group_sums_kernel)}
 
 
 def available(device: torch.device) -> bool:
@@ -489,3 +509,23 @@ def expert_rows(Y: Tensor, dest: Tensor, order: Tensor, expert: Tensor, b: Tenso
                                   b.contiguous(), out, P, m, Y.stride(0), BLOCK_R=br, BLOCK_M=bm,
                                   **_warps("row_warps"))
     return out
+
+
+def group_sums(G: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_j G[i, j, :] as [N, 1, d], Σ_j ⟨G[i, j, :], W[i, j, :]⟩ as [N]) for G, W [N, m, d]:
+    Feature Scaling's two reductions of its backward, `G.sum(1, keepdim=True)` and
+    `linalg.vecdot` per expert, from one read of G and W (PyTorch's vecdot writes and reads
+    back the products). Accumulated in float32 (float64 for float64 inputs), in the inputs'
+    promoted dtype out."""
+    fn = _kernels(G)["group_sums"]
+    N, m, d = G.shape
+    acc = torch.float64 if torch.float64 in (G.dtype, W.dtype) else torch.float32
+    br, bd = BLOCKS["sums_rows"], min(BLOCKS["sums_d"], triton.next_power_of_2(max(d, 1)))
+    grid = (N, triton.cdiv(m, br), triton.cdiv(d, bd))
+    colsum = torch.zeros(N, grid[1], d, dtype=acc, device=G.device)
+    dots = torch.zeros(N, grid[1] * grid[2], dtype=acc, device=G.device)
+    if N and m and d:
+        fn[grid](G.contiguous(), W.contiguous(), colsum, dots, m, d, BLOCK_R=br, BLOCK_D=bd,
+                 ACC=_acc(G, W), **_warps("sums_warps"))
+    out = torch.promote_types(G.dtype, W.dtype)
+    return colsum.sum(1, keepdim=True).to(out), dots.sum(1).to(out)

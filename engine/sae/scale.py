@@ -93,10 +93,13 @@ class _FeatureScaling(torch.autograd.Function):
         W, T, omega, mean, A = ctx.saved_tensors
         N, m, d = W.shape
         s = (1 + omega)[:, None, None]
-        G_c = G.sum(1, keepdim=True)  # ∂/∂c_i = Σ_j G_i[j,:]   [N, 1, d]
-        # ∂/∂s_i from s_i · W_i: ⟨G_i, W_i⟩ per expert; on the CPU at 16 × 288 × 576, vecdot
-        # 1.3 ms, a [N, 1, m·d] @ [N, m·d, 1] bmm 8.5 ms, einsum 15 ms
-        G_s = torch.linalg.vecdot(G.reshape(N, -1), W.to(G.dtype).reshape(N, -1))
+        if kernels.use(G):  # both reductions below from one read of G and W
+            G_c, G_s = kernels.group_sums(G, W.to(G.dtype))
+        else:
+            G_c = G.sum(1, keepdim=True)  # ∂/∂c_i = Σ_j G_i[j,:]   [N, 1, d]
+            # ∂/∂s_i from s_i · W_i: ⟨G_i, W_i⟩ per expert; on the CPU at 16 × 288 × 576,
+            # vecdot 1.3 ms, a [N, 1, m·d] @ [N, m·d, 1] bmm 8.5 ms, einsum 15 ms
+            G_s = torch.linalg.vecdot(G.reshape(N, -1), W.to(G.dtype).reshape(N, -1))
         if ctx.t_mean:  # c = −ω·Ā
             G_A = -omega[:, None, None] * G_c
             G_omega = G_s - (G_c * A).sum((1, 2))

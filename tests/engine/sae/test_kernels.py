@@ -268,3 +268,18 @@ def test_expert_rows_is_the_gathered_bias_add_scattered_back(device, dtype):
         assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0)
     else:
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_group_sums_are_the_column_sums_and_dots(device, dtype):
+    """m and d not multiples of the blocks (partial blocks both ways)."""
+    gen = torch.Generator().manual_seed(6)
+    N, m, d = 3, kernels.BLOCKS["sums_rows"] + 5, kernels.BLOCKS["sums_d"] + 7
+    G = torch.randn(N, m, d, generator=gen, dtype=torch.float64)
+    W = torch.randn(N, m, d, generator=gen, dtype=torch.float64)
+    colsum, dots = kernels.group_sums(G.to(device, dtype), W.to(device, dtype))
+    assert colsum.shape == (N, 1, d) and dots.shape == (N,) and colsum.dtype == dtype
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(colsum.cpu().double(), G.sum(1, keepdim=True), rtol=tol, atol=tol)
+    assert torch.allclose(dots.cpu().double(), (G * W).sum((1, 2)), rtol=tol, atol=tol)

@@ -48,20 +48,27 @@ def make(arch, seed=0, **kw):
 
 
 @pytest.mark.parametrize("form", ["t_mean", "plain_mean"])
-def test_fused_feature_scaling_equals_the_plain_expression(form):
+def test_fused_feature_scaling_equals_the_plain_expression(form, monkeypatch):
     """Ŵ and the gradients of W_enc, T and ω from the fused form against autograd through METHOD
-    §3 written out (in float64, with T ≠ I and ω ≠ 0), and a finite-difference check."""
+    §3 written out (in float64, with T ≠ I and ω ≠ 0), and a finite-difference check; where
+    Triton's interpreter runs, the fused form through the Triton kernels too (`group_affine`,
+    `group_sums`)."""
+    from engine.sae import kernels as triton_kernels
     from engine.sae.scale import _FeatureScaling
 
     sae = make("scale", scaling_form=form).double()
     go = torch.randn(4, 16, 12, dtype=torch.float64)
     out = {}
-    for kernels in ("reference", "fast"):
-        sae.kernels = kernels
+    forms = ["reference", "fast"] + (["fast, triton"] if triton_kernels.interpreted() else [])
+    for kernels in forms:
+        sae.kernels = kernels.split(",")[0]
+        monkeypatch.setattr(triton_kernels, "ENABLED", {"cpu": kernels == "fast, triton"})
         W_hat = sae.scaled_encoder()
         out[kernels] = (W_hat, *torch.autograd.grad(W_hat, (sae.W_enc, sae.T, sae.omega), go))
-    for a, b in zip(out["reference"], out["fast"], strict=True):
-        assert torch.allclose(a, b, atol=1e-12)
+    for kernels in forms[1:]:
+        for a, b in zip(out["reference"], out[kernels], strict=True):
+            assert torch.allclose(a, b, atol=1e-12), kernels
+    monkeypatch.setattr(triton_kernels, "ENABLED", {"cpu": False})  # gradcheck's many calls
     W = sae.W_enc.detach().view(4, 16, 12).clone().requires_grad_()
     T, omega = sae.T.detach().clone().requires_grad_(), sae.omega.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda W, T, o: _FeatureScaling.apply(W, T, o, form == "t_mean"),
