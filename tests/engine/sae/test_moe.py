@@ -220,6 +220,23 @@ def test_the_fused_router_logits_equal_the_plain_ones(lead):
         assert torch.allclose(p, q, atol=1e-12)
 
 
+def test_the_fused_routers_weight_gradient_is_autocasts_under_bf16():
+    """Under bf16 autocast W's gradient is a bf16 product, as autocast's own backward: within
+    bf16 rounding of the reference, and exactly a bf16 result widened."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 32, generator=g)
+    c = torch.randn(32, generator=g, requires_grad=True)
+    W = torch.randn(8, 32, generator=g, requires_grad=True)
+    go = torch.randn(64, 8, generator=g).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = router_logits(x, c, W), router_logits_fused(x, c, W)
+    assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
+    (ga,) = torch.autograd.grad(a, (W,), go)
+    (gb,) = torch.autograd.grad(b, (W,), go)
+    assert gb.dtype == torch.float32 and torch.equal(gb, gb.bfloat16().float())
+    assert torch.allclose(ga, gb, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("case", ["distinct", "repeated"])
