@@ -369,6 +369,7 @@ class _SparseTopK(torch.autograd.Function):
         ctx.k = k
         ctx.mark_non_differentiable(idx_all)
         top_idx = idx_all[:, :k]
+        ctx.shared = top_idx._feature_groups = FeatureGroups()  # for the decoder's backward
         aux_idx = idx_all[:, k:] if len(picks) > 1 else None
         aux = outs[1].to(x_c.dtype) if len(picks) > 1 else None  # x − centre's promoted dtype
         return outs[0].to(x_c.dtype), top_idx, aux, aux_idx
@@ -389,7 +390,7 @@ class _SparseTopK(torch.autograd.Function):
             grad_x = F.embedding_bag(idx, W.reshape(N * m, d).float(),
                                      per_sample_weights=g_pre, mode="sum").to(x_c.dtype)
         if want_W:
-            grad_W = _scatter_rows(idx, g_pre, x_c.float(), N * m).view(N, m, d).to(W.dtype)
+            grad_W = _scatter_rows(idx, g_pre, x_c.float(), N * m, ctx.shared).view(N, m, d).to(W.dtype)
         if want_b or want_centre:
             g_b = torch.zeros(N * m, dtype=torch.float32, device=W.device).index_add_(
                 0, idx.reshape(-1), g_pre.reshape(-1))  # ∂b: Σ of g_pre over each feature's picks
@@ -438,7 +439,40 @@ def _expert_picks_cpu(x_c: Tensor, W: Tensor, b: Tensor, experts: Tensor, weight
     return outs, picks, torch.cat(zs, 1).relu_()
 
 
-def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int) -> Tensor:
+class FeatureGroups:
+    """A step's TopK picks grouped by feature, shared by the two backward passes that need it:
+    the decoder's weight gradient and the encoder's both sum over the same picks sorted by
+    feature (`_scatter_rows`), so whichever runs first sorts them (a radix sort of B·k keys,
+    its counts and offsets) and the other reuses that. `_SparseTopK` attaches one to the TopK
+    indices it returns; `_SparseDecode` finds it there. Only where AuxK adds no picks to the
+    encoder's are the two sets of picks the same."""
+
+    __slots__ = ("shape", "groups")
+
+    def __init__(self):
+        self.shape, self.groups = None, None
+
+
+def _feature_groups(idx: Tensor, M: int, shared: FeatureGroups | None):
+    """(tokens, order, offsets) of the picks idx [B, k] sorted by feature: pick p of the
+    sorted order is `order[p]`, of token `tokens[p]`; feature f's picks are sorted positions
+    offsets[f] to offsets[f + 1]. Taken from `shared` where it holds them for idx's shape."""
+    if shared is not None and shared.shape == idx.shape:
+        return shared.groups
+    B, k = idx.shape
+    flat = idx.reshape(-1)
+    # 32-bit keys where the features fit: half the passes of a radix sort over 64-bit ones
+    order = torch.argsort(flat.int() if M < 2**31 else flat, stable=True)
+    ends = torch.cumsum(expert_counts(flat, M), 0)  # one past each feature's last sorted pick
+    groups = (torch.div(order, k, rounding_mode="floor"), order,
+              torch.cat([ends.new_zeros(1), ends]))
+    if shared is not None:
+        shared.shape, shared.groups = idx.shape, groups
+    return groups
+
+
+def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int,
+                  shared: FeatureGroups | None = None) -> Tensor:
     """[M, d]: Σ over tokens b and picks j of g[b, j] · x[b] into row idx[b, j] — the encoder's
     gradient from the picks alone. The picks are sorted by feature, and each feature's rows are
     one segment of a segmented weighted sum over x (no atomics, no [B·k, d] products in
@@ -446,21 +480,14 @@ def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int) -> Tensor:
     Measured against the index_add (atomic adds) and sparse CSR × dense forms it replaced:
     2–4× faster than CSR on the CPU (bench in the README), and index_add was the largest
     kernel of a GPU step (benchmarks/profile_gpu.py)."""
-    B, k = idx.shape
     if cpu_kernels.use(g):  # a counting sort in numba
         starts, tokens, w = cpu_kernels.group_by_row(idx, g, M)
         return F.embedding_bag(tokens, x, starts[:-1], mode="sum", per_sample_weights=w)
-    flat = idx.reshape(-1)
-    # 32-bit keys where the features fit: half the passes of a radix sort over 64-bit ones
-    order = torch.argsort(flat.int() if M < 2**31 else flat, stable=True)
-    counts = expert_counts(flat, M)
-    tokens = torch.div(order, k, rounding_mode="floor")
+    tokens, order, offsets = _feature_groups(idx, M, shared)
     w = g.reshape(-1)[order]
-    ends = torch.cumsum(counts, 0)  # one past each feature's last sorted pick
     if kernels.use(x):
-        return kernels.segment_sum(x, tokens, w, torch.cat([ends.new_zeros(1), ends]),
-                                   out_dtype=x.dtype)
-    return F.embedding_bag(tokens, x, ends - counts, mode="sum", per_sample_weights=w)
+        return kernels.segment_sum(x, tokens, w, offsets, out_dtype=x.dtype)
+    return F.embedding_bag(tokens, x, offsets[:-1], mode="sum", per_sample_weights=w)
 
 
 def _bag_rows(acts: Tensor, indices: Tensor, W: Tensor) -> Tensor:
@@ -493,6 +520,7 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, acts, indices, W):
         ctx.save_for_backward(acts, indices, W)
+        ctx.shared = getattr(indices, "_feature_groups", None)  # the encoder's (FeatureGroups)
         return _bag_rows(acts, indices, W)
 
     @staticmethod
@@ -502,7 +530,7 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_acts = _picked_dots(indices, g.to(W.dtype), W).to(acts.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W = _scatter_rows(indices, acts.to(g.dtype), g, W.shape[0]).to(W.dtype)
+            grad_W = _scatter_rows(indices, acts.to(g.dtype), g, W.shape[0], ctx.shared).to(W.dtype)
         return grad_acts, None, grad_W
 
 

@@ -400,3 +400,36 @@ def test_the_grouped_gemms_epilogue_in_triton_is_the_composed_one(monkeypatch):
     assert calls == [1] and torch.equal(fused, plain)
     W.requires_grad_()
     assert grouped_expert_encode_gmm(x, tokens, experts, W, b).requires_grad and calls == [1]
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+@pytest.mark.parametrize("arch,kw", CASES[:3])
+def test_the_two_weight_gradients_share_one_sort_of_the_picks(arch, kw, with_dead, monkeypatch):
+    """With PyTorch's sort (as on a GPU; the CPU's numba kernels group picks their own way),
+    the decoder's and the encoder's weight gradients sort the TopK picks once between them
+    (`FeatureGroups`), and every gradient still equals the reference's. With AuxK the
+    encoder's picks are more than the decoder's: each sorts its own."""
+    from engine.sae import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    sae = make(arch, **kw)
+    x = torch.randn(48, 12) * 2
+    dead = None
+    if with_dead:
+        dead = torch.zeros(64, dtype=torch.bool)
+        dead[::3] = True
+    _, g_ref = _params_and_grads(sae, "reference", x, dead)
+    sorted_sizes, real = [], torch.argsort
+    monkeypatch.setattr(torch, "argsort", lambda t, *a, **kw: sorted_sizes.append(t.numel()) or real(t, *a, **kw))
+    fast, g_fast = _params_and_grads(sae, "fast", x, dead)
+    monkeypatch.setattr(torch, "argsort", real)
+    k = sae.cfg.k
+    picks = [n for n in sorted_sizes if n > 48 * 3]  # not the routing's (≤ 3 experts a token)
+    if with_dead:
+        k_aux = fast.codes.aux_indices.shape[1]
+        assert sorted(picks) == sorted([48 * k, 48 * k_aux, 48 * (k + k_aux)])
+    else:
+        assert picks == [48 * k]
+    for name, g in g_ref.items():
+        if g is not None:
+            assert torch.allclose(g, g_fast[name], atol=1e-5, rtol=1e-4), name
