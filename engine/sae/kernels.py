@@ -44,7 +44,8 @@ except ImportError:  # the CPU build of torch ships without triton: the engine u
 BLOCKS: dict[str, int] = {"segment_d": 128, "segment_p": 8, "segment_warps": 1,
                           "dots_k": 32, "dots_d": 32, "dots_warps": 1, "row_elems": 4096,
                           "row_warps": 4, "adam_elems": 2048, "adam_warps": 4,
-                          "sums_rows": 32, "sums_d": 128, "sums_warps": 4}
+                          "sums_rows": 32, "sums_d": 128, "sums_warps": 4,
+                          "topk_elems": 4096, "topk_warps": 4}
 """Tile sizes: the columns and rows a `segment_sum` program handles at once and its warps; the
 picks a `picked_dots` program takes (at most; fewer where a token has fewer), the columns it
 reads at once and its warps; the elements (whole rows, padded to
@@ -217,6 +218,45 @@ def _group_sums_kernel(G, W, colsum, dots, m, d, BLOCK_R: tl.constexpr, BLOCK_D:
     tl.store(colsum + (i * blocks_r + rb) * d + cols, tl.sum(g, axis=0), mask=cmask)
     tl.store(dots + (i * blocks_r + rb) * tl.num_programs(2) + cb, tl.sum(tl.sum(g * w, axis=1), axis=0))
 
+
+def _row_topk_kernel(F, vals, pos, R, n, k, stride_f, BLOCK_R: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BITS: tl.constexpr, INF: tl.constexpr):
+    """The k largest of each row of F [R, n] (unsorted) and their positions, with whole rows
+    held by the program: each value becomes an integer key in the same order (its bits, the
+    negative ones' magnitude bits flipped; NaN above every number, as torch.topk has it), a
+    bisection finds the k-th largest key t, and the keys above t and the first ties at t are
+    written out in column order (their output slots from a running count)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = rows < R
+    mask = rmask[:, None] & (cols < n)[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(F + rows64[:, None] * stride_f + cols[None, :], mask=mask, other=0.0)
+    if BITS == 16:
+        b = x.to(tl.int16, bitcast=True).to(tl.int32)
+        mag = b & 0x7FFF
+    else:
+        b = x.to(tl.int32, bitcast=True)
+        mag = b & 0x7FFFFFFF
+    key = tl.where(b >= 0, b, b ^ ((1 << (BITS - 1)) - 1)).to(tl.int64)
+    top = key * 0 + (1 << (BITS - 1))  # one above the largest key of a number (int64)
+    key = tl.where(mag > INF, top, key)  # NaN: magnitude bits above infinity's
+    key = tl.where(mask, key, -top - 1)  # padding: below every key, never counted
+    lo = tl.min(tl.where(mask, key, top), axis=1)
+    hi = tl.max(key, axis=1)
+    for _ in range(BITS + 1):  # the largest t with at least k keys ≥ t
+        mid = lo + (hi - lo + 1) // 2
+        ok = tl.sum((key >= mid[:, None]).to(tl.int32), axis=1) >= k
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    above = key > lo[:, None]
+    ties = key == lo[:, None]
+    room = k - tl.sum(above.to(tl.int32), axis=1)
+    take = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=1) <= room[:, None]))
+    at = rows64[:, None] * k + (tl.cumsum(take.to(tl.int32), axis=1) - 1)
+    tl.store(vals + at, x, mask=take)
+    tl.store(pos + at, (cols[None, :] + rows64[:, None] * 0), mask=take)
+
 @functools.cache
 def _compiled():
     """The kernels by name, through `triton.jit`: compiled for the GPU, or run by Triton's
@@ -225,7 +265,8 @@ def _compiled():
     return {fn.__name__.strip("_").removesuffix("_kernel"): triton.jit(fn)
             for fn in (_segment_sum_kernel, _picked_dots_kernel, _project_rows_kernel,
                        _unit_rows_kernel, _group_affine_kernel, _projected_sq_kernel,
-                       _adam_unit_rows_kernel, _expert_rows_kernel, _group_sums_kernel)}
+                       _adam_unit_rows_kernel, _expert_rows_kernel, _group_sums_kernel,
+                       _row_topk_kernel)}
 
 
 def available(device: torch.device) -> bool:
@@ -284,9 +325,15 @@ def _try(device: torch.device) -> bool:
         offsets = torch.tensor([0, 2, 2, 5], device=device)
         want = torch.nn.functional.embedding_bag(ix, X, offsets[:-1], mode="sum", per_sample_weights=w)
         dots = (X[:2, None, :] * X[ix.view(1, 5)]).sum(-1)
+        top, at = row_topk(X.T.contiguous(), 2)
+        sums = group_sums(X.view(1, 5, 3), X.view(1, 5, 3))
         ok = (torch.allclose(segment_sum(X, ix, w, offsets), want, atol=1e-5)
               and torch.allclose(picked_dots(X[:2], X, ix.view(1, 5).expand(2, 5)), dots, atol=1e-5)
-              and torch.allclose(unit_rows_(X.clone()).norm(dim=1), torch.ones(5, device=device), atol=1e-5))
+              and torch.allclose(unit_rows_(X.clone()).norm(dim=1), torch.ones(5, device=device), atol=1e-5)
+              and torch.equal(top.sort(1).values, X.T.topk(2).values.sort(1).values)
+              and torch.equal(X.T.gather(1, at), top)
+              and torch.allclose(sums[0].view(3), X.sum(0), atol=1e-5)
+              and torch.allclose(sums[1], X.pow(2).sum().view(1), atol=1e-5))
         if not ok:
             raise RuntimeError("they gave other numbers than PyTorch on a tiny case")
         return True
@@ -529,3 +576,31 @@ def group_sums(G: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
                  ACC=_acc(G, W), **_warps("sums_warps"))
     out = torch.promote_types(G.dtype, W.dtype)
     return colsum.sum(1, keepdim=True).to(out), dots.sum(1).to(out)
+
+
+_INF_BITS = {torch.float32: 0x7F800000, torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+"""Infinity's magnitude bits: a value whose magnitude bits are above these is a NaN."""
+
+TOPK_MAX_N = 4096
+"""`row_topk` holds whole rows in a program: rows of up to this many candidates (a routed SAE's
+e·m; dense TopK's M takes `torch.topk`)."""
+
+
+def row_topk(f: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`f.topk(k, dim=-1, sorted=False)` for f [R, n] in float32, bfloat16 or float16 with
+    n ≤ TOPK_MAX_N: the same values, and their positions (any of tied ones, as torch.topk)."""
+    fn = _kernels(f)["row_topk"]
+    R, n = f.shape
+    if not (0 < k <= n <= TOPK_MAX_N) or f.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"row_topk takes float32/bf16/fp16 rows of at most {TOPK_MAX_N} and 0 < k ≤ n")
+    if f.stride(1) != 1:
+        f = f.contiguous()
+    vals = torch.empty(R, k, dtype=f.dtype, device=f.device)
+    pos = torch.empty(R, k, dtype=torch.long, device=f.device)
+    bn = triton.next_power_of_2(n)
+    br = max(1, BLOCKS["topk_elems"] // bn)
+    if R:
+        fn[(triton.cdiv(R, br),)](f, vals, pos, R, n, k, f.stride(0), BLOCK_R=br, BLOCK_N=bn,
+                                  BITS=8 * f.element_size(), INF=_INF_BITS[f.dtype],
+                                  **_warps("topk_warps"))
+    return vals, pos

@@ -256,11 +256,16 @@ def topk_chunked(f: Tensor, k: int, chunks: int) -> tuple[Tensor, Tensor]:
 def topk_candidates(f: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """`f.topk(k, dim=-1, sorted=False)`: the numba kernel where `cpu_kernels.use` says so
     (float32 on the CPU: 2.3 vs 10.8 ms for Scale e=2's 576 candidates a token, 10.8 vs 29.5
-    ms for dense TopK's 4,608, 4,096 tokens, k 32), in two stages where `TOPK_SLICE` names the
-    device and the candidates split into at least two slices of that many, each at least k."""
+    ms for dense TopK's 4,608, 4,096 tokens, k 32); the Triton `row_topk` where `kernels.use`
+    says so and a row fits a program (a routed SAE's e·m candidates, not dense TopK's M); in
+    two stages where `TOPK_SLICE` names the device and the candidates split into at least two
+    slices of that many, each at least k."""
     n = f.shape[-1]
     if cpu_kernels.use(f) and f.dim() == 2 and 0 < k <= n:
         return cpu_kernels.topk(f, k)
+    if (kernels.use(f) and f.dim() == 2 and 0 < k <= n <= kernels.TOPK_MAX_N
+            and f.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        return kernels.row_topk(f, k)
     width = TOPK_SLICE.get(f.device.type, 0)
     if width >= k and f.dim() == 2 and n % width == 0 and n // width > 1:
         return topk_chunked(f, k, n // width)

@@ -283,3 +283,37 @@ def test_group_sums_are_the_column_sums_and_dots(device, dtype):
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     assert torch.allclose(colsum.cpu().double(), G.sum(1, keepdim=True), rtol=tol, atol=tol)
     assert torch.allclose(dots.cpu().double(), (G * W).sum((1, 2)), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(40, 7), (768, 32), (100, 100), (5, 1), (300, 288)])
+def test_row_topk_is_torch_topk(device, dtype, n, k):
+    """The same values as torch.topk (NaN of either sign above +inf, ±inf, ±0, ties, a row
+    all −inf as AuxK's masked candidates), each at its position, k distinct positions."""
+    gen = torch.Generator().manual_seed(n + k)
+    f = torch.randn(9, n, generator=gen)
+    f[1] = f[1].round()  # ties at the k-th value
+    f[2, 3], f[2, 7 % n] = float("nan"), -float("nan")
+    f[3] = float("-inf")
+    f[4, :4] = float("inf")
+    f[5] = 0.0
+    f[5, ::2] = -0.0
+    f[6] = 1e-40  # subnormal in float32
+    f = f.to(device, dtype)
+    vals, pos = kernels.row_topk(f, k)
+    want = f.topk(k, dim=-1).values
+
+    def key(v):
+        return v.float().nan_to_num(nan=float("inf")).cpu()
+
+    assert torch.equal(key(vals.sort(-1, descending=True).values), key(want))
+    assert torch.equal(key(f.gather(1, pos)), key(vals))
+    assert all(len(set(row.tolist())) == k for row in pos.cpu())
+    assert int(vals[2].isnan().sum()) == min(2, k)  # the NaNs first, as torch.topk
+
+
+def test_row_topk_refuses_what_it_cannot_hold():
+    f = torch.zeros(2, kernels.TOPK_MAX_N + 1)
+    with pytest.raises(ValueError):
+        kernels.row_topk(f, 3)

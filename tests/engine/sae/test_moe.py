@@ -433,3 +433,37 @@ def test_the_two_weight_gradients_share_one_sort_of_the_picks(arch, kw, with_dea
     for name, g in g_ref.items():
         if g is not None:
             assert torch.allclose(g, g_fast[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+@pytest.mark.parametrize("arch,kw", CASES[:3] + [("scale", {"active": 3})])
+def test_the_step_through_the_triton_kernels_equals_the_reference(arch, kw, with_dead, monkeypatch):
+    """The whole fast forward and backward with every Triton kernel the GPU runs (row TopK,
+    segmented sums, picked dots, Feature Scaling's affine and sums), here through Triton's
+    interpreter: the reference's codes and every gradient."""
+    pytest.importorskip("triton")
+    from engine.sae import cpu_kernels
+    from engine.sae import kernels as triton_kernels
+
+    if not triton_kernels.interpreted():
+        pytest.skip("CPU tensors need Triton's interpreter")
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    sae = make(arch, **kw)
+    x = torch.randn(48, 12) * 2
+    dead = None
+    if with_dead:
+        dead = torch.zeros(64, dtype=torch.bool)
+        dead[::3] = True
+    ref, g_ref = _params_and_grads(sae, "reference", x, dead)
+    monkeypatch.setattr(triton_kernels, "ENABLED", {"cpu": True})
+    calls, real = [], triton_kernels.row_topk
+    monkeypatch.setattr(triton_kernels, "row_topk", lambda *a: calls.append(1) or real(*a))
+    fast, g_fast = _params_and_grads(sae, "fast", x, dead)
+    assert len(calls) == (2 if with_dead else 1)
+    fired = {kernels: sae.dense_codes(out.codes) for kernels, out in (("ref", ref), ("fast", fast))}
+    assert torch.equal(fired["ref"] > 0, fired["fast"] > 0)
+    assert torch.allclose(fired["ref"], fired["fast"], atol=1e-6)
+    assert torch.allclose(ref.auxk_loss, fast.auxk_loss, atol=1e-6)
+    for name, g in g_ref.items():
+        if g is not None:
+            assert torch.allclose(g, g_fast[name], atol=1e-5, rtol=1e-4), name
