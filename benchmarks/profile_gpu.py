@@ -21,7 +21,9 @@ kernels: each Triton kernel alone at the size against the PyTorch it replaces (t
 tail:    an A/B of the optimiser's tail in the trainer's step (bf16, recorded as a CUDA graph on
          a GPU): the decoder's projection, Adam step and renormalisation as one Triton pass
          (engine/training/schedule.py `FUSED_DECODER_STEP`, at a few tile sizes) against the
-         four passes; interleaved, for each architecture.
+         four passes; interleaved, for each architecture; and for the routed ones the TopK
+         over their candidates as the Triton row kernel (with and without its early exit)
+         against `torch.topk`.
 compile: the model's own forward pass, eager against torch.compile (how much fusing would save).
 topk:    TopK alone over the dense and the Scale e=2 candidates, one `torch.topk` against the
          two-stage form with several chunk counts; then the dense TopK step with the fastest.
@@ -220,6 +222,18 @@ def _tail_variants(device: torch.device) -> dict:
     return variants
 
 
+def _row_topk_variants(device: torch.device) -> dict:
+    """The routed SAEs' TopK of the A/B: the Triton row kernel with its early exit, the same
+    with a full bisection, and `torch.topk` (the kernel's row limit set to 0)."""
+    from engine.sae import kernels
+
+    variants = {"torch.topk": _patched(kernels, "TOPK_MAX_N", 0)}
+    if kernels.available(device) or kernels.interpreted():
+        variants["row kernel, early exit"] = _patched(kernels, "BLOCKS", {**kernels.BLOCKS, "topk_early": 1})
+        variants["row kernel, full bisection"] = _patched(kernels, "BLOCKS", {**kernels.BLOCKS, "topk_early": 0})
+    return variants
+
+
 def profile_tail(size: dict, device: torch.device, archs: list[str], out: dict,
                  rounds: int = 3) -> None:
     """The step with each optimiser tail (module docstring), `rounds` interleaved medians."""
@@ -231,6 +245,11 @@ def profile_tail(size: dict, device: torch.device, archs: list[str], out: dict,
             row.update(_ab_steps(cfg, device, _tail_variants(device), xs, rounds))
             print(f"== tail A/B, {name}: " + ", ".join(f"{label} {v:.3f} ms" for label, v
                                                       in row["ms"].items()) + " a step", flush=True)
+            if cfg.arch != "topk":  # dense TopK's rows are longer than the row kernel takes
+                row["row_topk"] = _ab_steps(cfg, device, _row_topk_variants(device), xs, rounds)
+                print(f"== row TopK A/B, {name}: " + ", ".join(
+                    f"{label} {v:.3f} ms" for label, v in row["row_topk"]["ms"].items()) + " a step",
+                    flush=True)
         except Exception as exc:
             traceback.print_exc()
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]

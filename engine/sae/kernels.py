@@ -43,9 +43,9 @@ except ImportError:  # the CPU build of torch ships without triton: the engine u
 
 BLOCKS: dict[str, int] = {"segment_d": 128, "segment_p": 8, "segment_warps": 1,
                           "dots_k": 32, "dots_d": 32, "dots_warps": 1, "row_elems": 4096,
-                          "row_warps": 4, "adam_elems": 2048, "adam_warps": 4,
+                          "row_warps": 4, "adam_elems": 1024, "adam_warps": 2,
                           "sums_rows": 32, "sums_d": 128, "sums_warps": 4,
-                          "topk_elems": 4096, "topk_warps": 4}
+                          "topk_elems": 4096, "topk_warps": 4, "topk_early": 1}
 """Tile sizes: the columns and rows a `segment_sum` program handles at once and its warps; the
 picks a `picked_dots` program takes (at most; fewer where a token has fewer), the columns it
 reads at once and its warps; the elements (whole rows, padded to
@@ -152,8 +152,8 @@ def _projected_sq_kernel(G, W, out, R, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.con
     tl.store(out + rows, tl.sum(r * r, axis=1).to(out.dtype.element_ty), mask=rmask)
 
 
-def _adam_unit_rows_kernel(W, G, M1, M2, lr, step, scale, R, d, beta1, beta2, log_beta1,
-                           log_beta2, eps, unit_eps, BLOCK_R: tl.constexpr,
+def _adam_unit_rows_kernel(W, G, M1, M2, lr, step, scale, R, d, beta1, beta2, rest1, rest2,
+                           log_beta1, log_beta2, eps, unit_eps, BLOCK_R: tl.constexpr,
                            BLOCK_D: tl.constexpr):
     """The decoder's whole optimiser step, in place, for each row r (float32 rows):
         g = (G[r] − ⟨G[r], W[r]⟩ · W[r]) / scale      the gradient projected, then clipped
@@ -161,7 +161,8 @@ def _adam_unit_rows_kernel(W, G, M1, M2, lr, step, scale, R, d, beta1, beta2, lo
         W[r] −= lr / (1 − β1ᵗ) · M1[r] / (√M2[r] / √(1 − β2ᵗ) + eps)      (Adam, as torch's)
         W[r] /= max(‖W[r]‖, unit_eps)                                        (unit norm)
     with t the step count already incremented on the device and the bias corrections in
-    float64, as torch's fused Adam takes them."""
+    float64, as torch's fused Adam takes them; rest1, rest2 are 1 − β1 and 1 − β2 rounded
+    once from double precision (1 − β2 computed in float32 from β2 = 0.999 is 1.3e-5 off)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < R)[:, None] & (cols < d)[None, :]
@@ -174,8 +175,8 @@ def _adam_unit_rows_kernel(W, G, M1, M2, lr, step, scale, R, d, beta1, beta2, lo
     g = tl.load(G + at, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + at, mask=mask, other=0.0).to(tl.float32)
     g = (g - tl.sum(g * w, axis=1)[:, None] * w) / tl.load(scale).to(tl.float32)
-    m1 = beta1 * tl.load(M1 + at, mask=mask, other=0.0) + (1 - beta1) * g
-    m2 = beta2 * tl.load(M2 + at, mask=mask, other=0.0) + (1 - beta2) * g * g
+    m1 = beta1 * tl.load(M1 + at, mask=mask, other=0.0) + rest1 * g
+    m2 = beta2 * tl.load(M2 + at, mask=mask, other=0.0) + rest2 * g * g
     w = w - step_size * m1 / (tl.sqrt(m2) / bc2_sqrt + eps)
     norm = tl.sqrt(tl.sum(w * w, axis=1))
     norm = tl.where(norm != norm, norm, tl.maximum(norm, unit_eps))
@@ -220,12 +221,14 @@ def _group_sums_kernel(G, W, colsum, dots, m, d, BLOCK_R: tl.constexpr, BLOCK_D:
 
 
 def _row_topk_kernel(F, vals, pos, R, n, k, stride_f, BLOCK_R: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BITS: tl.constexpr, INF: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BITS: tl.constexpr, INF: tl.constexpr,
+                     EARLY: tl.constexpr):
     """The k largest of each row of F [R, n] (unsorted) and their positions, with whole rows
     held by the program: each value becomes an integer key in the same order (its bits, the
     negative ones' magnitude bits flipped; NaN above every number, as torch.topk has it), a
-    bisection finds the k-th largest key t, and the keys above t and the first ties at t are
-    written out in column order (their output slots from a running count)."""
+    bisection finds the k-th largest key t (with EARLY, it stops once every row of the program
+    has exactly k keys at or above its midpoint), and the keys above t and the first ties at t
+    are written out in column order (their output slots from a running count)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     rmask = rows < R
@@ -244,11 +247,17 @@ def _row_topk_kernel(F, vals, pos, R, n, k, stride_f, BLOCK_R: tl.constexpr,
     key = tl.where(mask, key, -top - 1)  # padding: below every key, never counted
     lo = tl.min(tl.where(mask, key, top), axis=1)
     hi = tl.max(key, axis=1)
-    for _ in range(BITS + 1):  # the largest t with at least k keys ≥ t
+    busy = tl.max(hi - lo, axis=0) > 0
+    while busy:  # t: the largest with at least k keys ≥ t, or any t with exactly k keys ≥ t
         mid = lo + (hi - lo + 1) // 2
-        ok = tl.sum((key >= mid[:, None]).to(tl.int32), axis=1) >= k
+        count = tl.sum((key >= mid[:, None]).to(tl.int32), axis=1)
+        ok = count >= k
         lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
+        if EARLY:  # exactly k keys ≥ mid: they are the k largest, whatever lies between
+            hi = tl.where(count == k, mid, tl.where(ok, hi, mid - 1))
+        else:
+            hi = tl.where(ok, hi, mid - 1)
+        busy = tl.max(hi - lo, axis=0) > 0
     above = key > lo[:, None]
     ties = key == lo[:, None]
     room = k - tl.sum(above.to(tl.int32), axis=1)
@@ -531,8 +540,8 @@ def adam_unit_rows_(W: Tensor, G: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
     br = max(1, BLOCKS["adam_elems"] // bd)
     if R:
         fn[(triton.cdiv(R, br),)](W, G, exp_avg, exp_avg_sq, lr, step, scale, R, d, beta1, beta2,
-                                  math.log(beta1), math.log(beta2), eps, unit_eps, BLOCK_R=br,
-                                  BLOCK_D=bd, **_warps("adam_warps"))
+                                  1 - beta1, 1 - beta2, math.log(beta1), math.log(beta2), eps,
+                                  unit_eps, BLOCK_R=br, BLOCK_D=bd, **_warps("adam_warps"))
     for t in (W, exp_avg, exp_avg_sq):
         torch.autograd.graph.increment_version(t)
     return W
@@ -569,8 +578,8 @@ def group_sums(G: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
     acc = torch.float64 if torch.float64 in (G.dtype, W.dtype) else torch.float32
     br, bd = BLOCKS["sums_rows"], min(BLOCKS["sums_d"], triton.next_power_of_2(max(d, 1)))
     grid = (N, triton.cdiv(m, br), triton.cdiv(d, bd))
-    colsum = torch.zeros(N, grid[1], d, dtype=acc, device=G.device)
-    dots = torch.zeros(N, grid[1] * grid[2], dtype=acc, device=G.device)
+    colsum = torch.empty(N, grid[1], d, dtype=acc, device=G.device)  # every element written
+    dots = torch.empty(N, grid[1] * grid[2], dtype=acc, device=G.device)
     if N and m and d:
         fn[grid](G.contiguous(), W.contiguous(), colsum, dots, m, d, BLOCK_R=br, BLOCK_D=bd,
                  ACC=_acc(G, W), **_warps("sums_warps"))
@@ -589,10 +598,10 @@ e·m; dense TopK's M takes `torch.topk`)."""
 def row_topk(f: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """`f.topk(k, dim=-1, sorted=False)` for f [R, n] in float32, bfloat16 or float16 with
     n ≤ TOPK_MAX_N: the same values, and their positions (any of tied ones, as torch.topk)."""
-    fn = _kernels(f)["row_topk"]
     R, n = f.shape
     if not (0 < k <= n <= TOPK_MAX_N) or f.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"row_topk takes float32/bf16/fp16 rows of at most {TOPK_MAX_N} and 0 < k ≤ n")
+    fn = _kernels(f)["row_topk"]
     if f.stride(1) != 1:
         f = f.contiguous()
     vals = torch.empty(R, k, dtype=f.dtype, device=f.device)
@@ -602,5 +611,5 @@ def row_topk(f: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if R:
         fn[(triton.cdiv(R, br),)](f, vals, pos, R, n, k, f.stride(0), BLOCK_R=br, BLOCK_N=bn,
                                   BITS=8 * f.element_size(), INF=_INF_BITS[f.dtype],
-                                  **_warps("topk_warps"))
+                                  EARLY=bool(BLOCKS["topk_early"]), **_warps("topk_warps"))
     return vals, pos

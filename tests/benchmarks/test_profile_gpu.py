@@ -86,5 +86,7 @@ def test_the_tail_ab_part_runs_and_restores_the_defaults():
     row = out["tail_ab"][0]
     assert "error" not in row and "four passes" in row["ms"]
     if kernels.interpreted():
-        assert "fused, 2048 elements, 4 warps" in row["ms"] and len(row["ms"]) == 5
+        assert "fused, 1024 elements, 2 warps" in row["ms"] and len(row["ms"]) == 4
+        assert set(row["row_topk"]["ms"]) == {"torch.topk", "row kernel, early exit",
+                                              "row kernel, full bisection"}
     assert kernels.BLOCKS == blocks and schedule.FUSED_DECODER_STEP is True
