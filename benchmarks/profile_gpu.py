@@ -20,8 +20,9 @@ kernels: each Triton kernel alone at the size against the PyTorch it replaces (t
          choice of a small sweep.
 tail:    an A/B of the optimiser's tail in the trainer's step (bf16, recorded as a CUDA graph on
          a GPU): the decoder's projection, Adam step and renormalisation as one Triton pass
-         (engine/training/schedule.py `FUSED_DECODER_STEP`, at a few tile sizes) against the
-         four passes; interleaved, for each architecture; and for the routed ones the TopK
+         and the encoder's Adam step as another (engine/training/schedule.py
+         `FUSED_WEIGHT_STEP`, at a few tile sizes), the decoder's alone, and PyTorch's passes;
+         interleaved, for each architecture; and for the routed ones the TopK
          over their candidates as the Triton row kernel (with and without its early exit)
          against `torch.topk`.
 compile: the model's own forward pass, eager against torch.compile (how much fusing would save).
@@ -205,19 +206,22 @@ def profile_decoders(size: dict, device: torch.device, archs: list[str], out: di
 
 
 def _tail_variants(device: torch.device) -> dict:
-    """The optimiser tails of the A/B (module docstring), each a `_patched_all` variant: the
-    four passes, then the fused decoder pass at its default tiles and a few others."""
+    """The optimiser tails of the A/B (module docstring), each a `_patched_all` variant:
+    PyTorch's passes; the decoder's fused pass with fused Adam for the encoder; both weights'
+    fused passes at the default tiles and a few others."""
     from engine.sae import kernels
     from engine.training import schedule
 
-    variants = {"four passes": _patched(schedule, "FUSED_DECODER_STEP", False)}
+    variants = {"pytorch passes": _patched(schedule, "FUSED_WEIGHT_STEP", False)}
     if kernels.available(device) or kernels.interpreted():
+        variants["fused decoder, Adam's encoder"] = _patched_all([
+            (schedule, "FUSED_WEIGHT_STEP", True), (schedule, "FUSED_ENCODER_ADAM", False)])
         for elems, warps in ((kernels.BLOCKS["adam_elems"], kernels.BLOCKS["adam_warps"]),
-                             (1024, 2), (2048, 8), (4096, 8)):
-            label = f"fused, {elems} elements, {warps} warps"
+                             (1024, 2), (2048, 4), (2048, 8)):
+            label = f"fused both, {elems} elements, {warps} warps"
             if label not in variants:
                 variants[label] = _patched_all([
-                    (schedule, "FUSED_DECODER_STEP", True),
+                    (schedule, "FUSED_WEIGHT_STEP", True), (schedule, "FUSED_ENCODER_ADAM", True),
                     (kernels, "BLOCKS", {**kernels.BLOCKS, "adam_elems": elems, "adam_warps": warps})])
     return variants
 

@@ -45,7 +45,7 @@ BLOCKS: dict[str, int] = {"segment_d": 128, "segment_p": 8, "segment_warps": 1,
                           "dots_k": 32, "dots_d": 32, "dots_warps": 1, "row_elems": 4096,
                           "row_warps": 4, "adam_elems": 1024, "adam_warps": 2,
                           "sums_rows": 32, "sums_d": 128, "sums_warps": 4,
-                          "topk_elems": 4096, "topk_warps": 4, "topk_early": 1}
+                          "topk_elems": 4096, "topk_warps": 4, "topk_early": 0}
 """Tile sizes: the columns and rows a `segment_sum` program handles at once and its warps; the
 picks a `picked_dots` program takes (at most; fewer where a token has fewer), the columns it
 reads at once and its warps; the elements (whole rows, padded to
@@ -152,14 +152,15 @@ def _projected_sq_kernel(G, W, out, R, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.con
     tl.store(out + rows, tl.sum(r * r, axis=1).to(out.dtype.element_ty), mask=rmask)
 
 
-def _adam_unit_rows_kernel(W, G, M1, M2, lr, step, scale, R, d, beta1, beta2, rest1, rest2,
-                           log_beta1, log_beta2, eps, unit_eps, BLOCK_R: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
-    """The decoder's whole optimiser step, in place, for each row r (float32 rows):
-        g = (G[r] − ⟨G[r], W[r]⟩ · W[r]) / scale      the gradient projected, then clipped
+def _adam_rows_kernel(W, G, M1, M2, lr, step, scale, R, d, beta1, beta2, rest1, rest2,
+                      log_beta1, log_beta2, eps, unit_eps, BLOCK_R: tl.constexpr,
+                      BLOCK_D: tl.constexpr, DECODER: tl.constexpr):
+    """A weight's whole optimiser step, in place, for each row r (float32 rows); with DECODER
+    the decoder's, its gradient projected first and its rows put back to unit norm after:
+        g = (G[r] − ⟨G[r], W[r]⟩ · W[r]) / scale      the gradient projected (DECODER), clipped
         M1[r] = β1 · M1[r] + (1 − β1) · g;  M2[r] = β2 · M2[r] + (1 − β2) · g²
         W[r] −= lr / (1 − β1ᵗ) · M1[r] / (√M2[r] / √(1 − β2ᵗ) + eps)      (Adam, as torch's)
-        W[r] /= max(‖W[r]‖, unit_eps)                                        (unit norm)
+        W[r] /= max(‖W[r]‖, unit_eps)                                   (DECODER: unit norm)
     with t the step count already incremented on the device and the bias corrections in
     float64, as torch's fused Adam takes them; rest1, rest2 are 1 − β1 and 1 − β2 rounded
     once from double precision (1 − β2 computed in float32 from β2 = 0.999 is 1.3e-5 off)."""
@@ -174,13 +175,17 @@ def _adam_unit_rows_kernel(W, G, M1, M2, lr, step, scale, R, d, beta1, beta2, re
     bc2_sqrt = bc2_sqrt.to(tl.float32)
     g = tl.load(G + at, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + at, mask=mask, other=0.0).to(tl.float32)
-    g = (g - tl.sum(g * w, axis=1)[:, None] * w) / tl.load(scale).to(tl.float32)
+    if DECODER:
+        g = g - tl.sum(g * w, axis=1)[:, None] * w
+    g = g / tl.load(scale).to(tl.float32)
     m1 = beta1 * tl.load(M1 + at, mask=mask, other=0.0) + rest1 * g
     m2 = beta2 * tl.load(M2 + at, mask=mask, other=0.0) + rest2 * g * g
     w = w - step_size * m1 / (tl.sqrt(m2) / bc2_sqrt + eps)
-    norm = tl.sqrt(tl.sum(w * w, axis=1))
-    norm = tl.where(norm != norm, norm, tl.maximum(norm, unit_eps))
-    tl.store(W + at, w / norm[:, None], mask=mask)
+    if DECODER:
+        norm = tl.sqrt(tl.sum(w * w, axis=1))
+        norm = tl.where(norm != norm, norm, tl.maximum(norm, unit_eps))
+        w = w / norm[:, None]
+    tl.store(W + at, w, mask=mask)
     tl.store(M1 + at, m1, mask=mask)
     tl.store(M2 + at, m2, mask=mask)
 
@@ -274,7 +279,7 @@ def _compiled():
     return {fn.__name__.strip("_").removesuffix("_kernel"): triton.jit(fn)
             for fn in (_segment_sum_kernel, _picked_dots_kernel, _project_rows_kernel,
                        _unit_rows_kernel, _group_affine_kernel, _projected_sq_kernel,
-                       _adam_unit_rows_kernel, _expert_rows_kernel, _group_sums_kernel,
+                       _adam_rows_kernel, _expert_rows_kernel, _group_sums_kernel,
                        _row_topk_kernel)}
 
 
@@ -354,9 +359,9 @@ def _try(device: torch.device) -> bool:
 
 
 def adam_works(device: torch.device) -> bool:
-    """Whether `adam_unit_rows_` compiles and matches PyTorch on this device (tried once per
+    """Whether `adam_rows_` compiles and matches PyTorch on this device (tried once per
     device, like `works`; it alone computes in float64, which a GPU compiler might refuse):
-    where it does not, one warning line, and the optimiser keeps its four passes."""
+    where it does not, one warning line, and the optimiser keeps PyTorch's passes."""
     if interpreted() and device.type == "cpu":
         return True
     if device not in _ADAM_WORKS:
@@ -382,14 +387,19 @@ def _try_adam(device: torch.device) -> bool:
         w1, w2 = 0.9 * m1 + 0.1 * g, 0.999 * m2 + 0.001 * g * g
         want = W - 0.1 / (1 - 0.9**2) * w1 / (w2.sqrt() / (1 - 0.999**2) ** 0.5 + 1e-8)
         want = want / want.norm(dim=1, keepdim=True)
-        got = adam_unit_rows_(W.clone(), G, m1, m2, 0.1, step, scale, (0.9, 0.999), 1e-8)
-        if not (torch.allclose(got, want, atol=1e-5) and torch.allclose(m2, w2, atol=1e-6)):
+        plain = W - 0.1 / (1 - 0.9**2) * (0.9 * m1 + 0.05 * G) / (
+            (0.999 * m2 + 0.00025 * G * G).sqrt() / (1 - 0.999**2) ** 0.5 + 1e-8)
+        got_plain = adam_rows_(W.clone(), G, m1.clone(), m2.clone(), 0.1, step, scale, (0.9, 0.999),
+                               1e-8, decoder=False)
+        got = adam_rows_(W.clone(), G, m1, m2, 0.1, step, scale, (0.9, 0.999), 1e-8, decoder=True)
+        if not (torch.allclose(got, want, atol=1e-5) and torch.allclose(m2, w2, atol=1e-6)
+                and torch.allclose(got_plain, plain, atol=1e-5)):
             raise RuntimeError("it gave other numbers than PyTorch on a tiny case")
         return True
     except Exception as exc:  # any failure to compile or run: the optimiser's separate passes
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        warnings.warn(f"The fused decoder step does not run on {device} ({why}); the optimiser "
-                      "runs its passes apart there, which is slower.", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"The fused optimiser passes do not run on {device} ({why}); the optimiser "
+                      "keeps PyTorch's passes there, which are slower.", RuntimeWarning, stacklevel=3)
         return False
 
 
@@ -508,7 +518,7 @@ def group_affine(X: Tensor, s: Tensor, c: Tensor, out_dtype: torch.dtype | None 
 def projected_sq_norms(G: Tensor, W: Tensor) -> Tensor:
     """[R] float32: ‖G[r] − ⟨G[r], W[r]⟩ · W[r]‖² for G, W contiguous [R, d] — the squared
     norms of the decoder gradient's rows once `project_rows_` has run, without writing them
-    (what the gradient clip needs ahead of `adam_unit_rows_`)."""
+    (what the gradient clip needs ahead of `adam_rows_`)."""
     fn = _kernels(G)["projected_sq"]
     R, d = G.shape
     out = torch.empty(R, dtype=torch.float32, device=G.device)
@@ -519,19 +529,19 @@ def projected_sq_norms(G: Tensor, W: Tensor) -> Tensor:
     return out
 
 
-def adam_unit_rows_(W: Tensor, G: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-                    lr: float | Tensor, step: Tensor, scale: Tensor, betas: tuple[float, float],
-                    eps: float, unit_eps: float = 1e-8) -> Tensor:
-    """The decoder's optimiser step in one pass over its rows, in place (all float32,
-    contiguous [R, d]): `project_rows_(G, W)`, the gradient divided by the clip's `scale`,
-    torch's Adam (`step` is the state's count, already incremented; `lr` a number or a device
-    tensor), then `unit_rows_(W, unit_eps)` — four passes over the decoder and its gradient in
-    PyTorch's order, here one. G itself is left as it was (unprojected)."""
-    fn = _kernels(W)["adam_unit_rows"]
+def adam_rows_(W: Tensor, G: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+               lr: float | Tensor, step: Tensor, scale: Tensor, betas: tuple[float, float],
+               eps: float, decoder: bool, unit_eps: float = 1e-8) -> Tensor:
+    """A weight's optimiser step in one pass over its rows, in place (all float32, contiguous
+    [R, d]): the gradient divided by the clip's `scale` and torch's Adam (`step` is the state's
+    count, already incremented; `lr` a number or a device tensor). With `decoder`, first
+    `project_rows_(G, W)` and after `unit_rows_(W, unit_eps)` — four passes over the decoder
+    and its gradient in PyTorch's order, here one; G itself is left as it was (unprojected)."""
+    fn = _kernels(W)["adam_rows"]
     for t in (W, G, exp_avg, exp_avg_sq):
         _rows_in_place(t)
         if t.dtype != torch.float32 or t.shape != W.shape:
-            raise ValueError("adam_unit_rows_ takes float32 [R, d] weights, gradient and moments")
+            raise ValueError("adam_rows_ takes float32 [R, d] weights, gradient and moments")
     R, d = W.shape
     if not isinstance(lr, Tensor):
         lr = torch.full((), lr, dtype=torch.float64, device=W.device)  # a fill: no host copy
@@ -541,7 +551,8 @@ def adam_unit_rows_(W: Tensor, G: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
     if R:
         fn[(triton.cdiv(R, br),)](W, G, exp_avg, exp_avg_sq, lr, step, scale, R, d, beta1, beta2,
                                   1 - beta1, 1 - beta2, math.log(beta1), math.log(beta2), eps,
-                                  unit_eps, BLOCK_R=br, BLOCK_D=bd, **_warps("adam_warps"))
+                                  unit_eps, BLOCK_R=br, BLOCK_D=bd, DECODER=decoder,
+                                  **_warps("adam_warps"))
     for t in (W, exp_avg, exp_avg_sq):
         torch.autograd.graph.increment_version(t)
     return W

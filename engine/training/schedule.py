@@ -55,58 +55,75 @@ def clipped_step(opt: torch.optim.Optimizer, params, max_norm: float) -> None:
         del opt.grad_scale
 
 
-FUSED_DECODER_STEP = True
-"""Whether `optimiser_step` runs the decoder's projection, Adam update and renormalisation as
-one Triton pass (`kernels.adam_unit_rows_`) where it can (`_fused_decoder_group`); False keeps
-the four passes (benchmarks/profile_gpu.py --parts tail measures both)."""
+FUSED_WEIGHT_STEP = True
+"""Whether `optimiser_step` steps the SAE's two [M, d] weights by Triton passes of their own
+where it can (`_fused_weights`): the decoder's projection, Adam update and renormalisation as
+one pass (`kernels.adam_rows_`), and the encoder's Adam update as another (the same bytes as
+fused Adam's multi-tensor kernel, in fewer of its own: 0.105 ms of a 1.94 ms Scale e=2 step on
+an H100 for the decoder's pass; benchmarks/profile_gpu.py --parts tail). False keeps PyTorch's
+passes and fused Adam for every parameter."""
+
+FUSED_ENCODER_ADAM = True
+"""With `FUSED_WEIGHT_STEP`, whether the encoder's Adam update is a pass of its own too (False:
+fused Adam steps it, for the A/B)."""
 
 
 def optimiser_step(sae, opt: torch.optim.Optimizer, max_norm: float) -> None:
     """What follows the backward pass in every training step (METHOD §3): the decoder gradient
     made orthogonal to its unit rows, the gradients clipped to `max_norm` in global norm, an
     Adam step, the decoder rows put back to unit norm."""
-    group = _fused_decoder_group(sae, opt)
-    if group is not None:
-        _fused_decoder_step(sae, opt, group, max_norm)
+    fused = _fused_weights(sae, opt)
+    if fused:
+        _fused_weight_step(sae, opt, fused, max_norm)
         return
     sae.remove_gradient_parallel_to_decoder()
     clipped_step(opt, sae.parameters(), max_norm)
     sae.set_decoder_norm_to_unit()
 
 
-def _fused_decoder_group(sae, opt: torch.optim.Optimizer):
-    """The decoder's parameter group where `_fused_decoder_step` applies, else None: the fast
-    kernels on a device where the Triton kernels run, float32 contiguous weights and gradient,
-    fused Adam in every group (the clip folded in, as `clipped_step`) with no weight decay,
-    AMSGrad or maximisation, and exactly the SAE's parameters with gradients to step."""
+def _fused_weights(sae, opt: torch.optim.Optimizer) -> list:
+    """[(weight, its parameter group, whether it is the decoder)] that `_fused_weight_step`
+    steps by Triton passes, or [] where it does not apply: the fast kernels on a device where
+    the Triton kernels run, float32 contiguous [M, d] weights and gradients, fused Adam in every
+    group (the clip folded in, as `clipped_step`) with no weight decay, AMSGrad or
+    maximisation, and exactly the SAE's parameters with gradients to step. The decoder must
+    qualify; the encoder joins it where it does too."""
     from engine.sae import kernels
 
-    W = getattr(sae, "W_dec", None)
-    g = W.grad if W is not None else None
-    if (not FUSED_DECODER_STEP or g is None or getattr(sae, "kernels", "reference") == "reference"
+    if (not FUSED_WEIGHT_STEP or getattr(sae, "kernels", "reference") == "reference"
             or getattr(torch.nn.utils, "get_total_norm", None) is None):
-        return None
-    if not (W.dtype == g.dtype == torch.float32 and W.is_contiguous() and g.is_contiguous()
-            and W.dim() == 2 and kernels.use(W) and kernels.adam_works(W.device)):
-        return None
+        return []
     with_grads = {id(p) for p in sae.parameters() if p.grad is not None}
     stepped = {id(p) for group in opt.param_groups for p in group["params"] if p.grad is not None}
     if with_grads != stepped or not all(group.get("fused") for group in opt.param_groups):
-        return None
-    group = next(group for group in opt.param_groups if any(p is W for p in group["params"]))
-    if group["weight_decay"] or group["amsgrad"] or group["maximize"]:
-        return None
-    return group
+        return []
+
+    def entry(W, decoder: bool):
+        g = W.grad if isinstance(W, torch.nn.Parameter) else None
+        if g is None or not (W.dtype == g.dtype == torch.float32 and W.is_contiguous()
+                             and g.is_contiguous() and W.dim() == 2 and kernels.use(W)
+                             and kernels.adam_works(W.device)):
+            return None
+        group = next(group for group in opt.param_groups if any(p is W for p in group["params"]))
+        if group["weight_decay"] or group["amsgrad"] or group["maximize"]:
+            return None
+        return (W, group, decoder)
+
+    dec = entry(getattr(sae, "W_dec", None), True)
+    if dec is None:
+        return []
+    enc = entry(getattr(sae, "W_enc", None), False) if FUSED_ENCODER_ADAM else None
+    return [dec] if enc is None else [dec, enc]
 
 
-def _fused_decoder_step(sae, opt: torch.optim.Optimizer, group: dict, max_norm: float) -> None:
-    """`optimiser_step` with the decoder stepped by `kernels.adam_unit_rows_`: the global norm
-    takes the decoder's rows as projected (`kernels.projected_sq_norms`, read without being
-    written), fused Adam steps every other parameter with the clip's scale, and one pass over
-    the decoder projects, clips, steps and renormalises it. The same update as the four
-    passes up to float32 rounding (tests/engine/training/test_schedule.py); the decoder's
-    `.grad` is left unprojected. Adam's state for the decoder is the optimiser's own (same
-    keys), so checkpoints are unchanged."""
+def _fused_weight_step(sae, opt: torch.optim.Optimizer, fused: list, max_norm: float) -> None:
+    """`optimiser_step` with the weights in `fused` stepped by `kernels.adam_rows_`: the global
+    norm takes the decoder's rows as projected (`kernels.projected_sq_norms`, read without
+    being written), fused Adam steps every other parameter with the clip's scale, and one pass
+    over each weight clips and steps it (the decoder's also projects and renormalises). The
+    same update as PyTorch's passes up to float32 rounding (tests/engine/training/
+    test_schedule.py); the decoder's `.grad` is left unprojected. Adam's state for these
+    weights is the optimiser's own (same keys), so checkpoints are unchanged."""
     from engine.sae import kernels
 
     W = sae.W_dec
@@ -117,20 +134,24 @@ def _fused_decoder_step(sae, opt: torch.optim.Optimizer, group: dict, max_norm: 
         sq = sq + torch.nn.utils.get_total_norm(others).float().square()
     coef = torch.clamp(max_norm / (sq.sqrt() + 1e-6), max=1.0)  # as clip_grad_norm_
     scale = coef.reciprocal().float()
-    state = opt.state[W]
-    if not state:  # as fused Adam's first step initialises it
-        state["step"] = torch.zeros((), dtype=torch.float32, device=W.device)
-        state["exp_avg"] = torch.zeros_like(W, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(W, memory_format=torch.preserve_format)
-    W.grad = None  # Adam skips the decoder
+    grads = [p.grad for p, _, _ in fused]
+    for p, _, _ in fused:
+        p.grad = None  # Adam skips these
     try:
-        if others:
+        if any(p.grad is not None for p in sae.parameters()):
             opt.grad_scale = scale
             opt.step()
     finally:
         if hasattr(opt, "grad_scale"):
             del opt.grad_scale
-        W.grad = g
-    state["step"].add_(1)
-    kernels.adam_unit_rows_(W, g, state["exp_avg"], state["exp_avg_sq"], group["lr"],
-                            state["step"], scale, group["betas"], group["eps"])
+        for (p, _, _), grad in zip(fused, grads, strict=True):
+            p.grad = grad
+    for p, group, decoder in fused:
+        state = opt.state[p]
+        if not state:  # as fused Adam's first step initialises it
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"].add_(1)
+        kernels.adam_rows_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], group["lr"],
+                           state["step"], scale, group["betas"], group["eps"], decoder=decoder)

@@ -84,9 +84,10 @@ def test_the_tail_ab_part_runs_and_restores_the_defaults():
     out = {"tail_ab": []}
     profile_gpu.profile_tail(SMALL, torch.device("cpu"), ["scale e=2"], out, rounds=1)
     row = out["tail_ab"][0]
-    assert "error" not in row and "four passes" in row["ms"]
+    assert "error" not in row and "pytorch passes" in row["ms"]
     if kernels.interpreted():
-        assert "fused, 1024 elements, 2 warps" in row["ms"] and len(row["ms"]) == 4
+        assert "fused both, 1024 elements, 2 warps" in row["ms"] and len(row["ms"]) == 5
         assert set(row["row_topk"]["ms"]) == {"torch.topk", "row kernel, early exit",
                                               "row kernel, full bisection"}
-    assert kernels.BLOCKS == blocks and schedule.FUSED_DECODER_STEP is True
+    assert kernels.BLOCKS == blocks and schedule.FUSED_WEIGHT_STEP is True
+    assert schedule.FUSED_ENCODER_ADAM is True

@@ -217,7 +217,7 @@ def test_projected_sq_norms_are_those_of_the_projected_rows(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_adam_unit_rows_is_project_adam_then_unit_rows(device):
+def test_adam_rows_is_project_adam_then_unit_rows(device):
     """Two steps of the fused pass against `project_rows_`, the gradient divided by the clip's
     scale, `torch.optim.Adam` (its own fused kernel where it has one) and `unit_rows_`; a zero
     row stays zero and a row with a NaN stays NaN, as in PyTorch."""
@@ -239,15 +239,15 @@ def test_adam_unit_rows_is_project_adam_then_unit_rows(device):
         with torch.no_grad():
             kernels.unit_rows_(W_ref.data)
         step.add_(1)
-        kernels.adam_unit_rows_(W, G, m1, m2, 1e-2, step, scale, (0.9, 0.999), 1e-8)
+        kernels.adam_rows_(W, G, m1, m2, 1e-2, step, scale, (0.9, 0.999), 1e-8, decoder=True)
         assert torch.allclose(W, W_ref.detach(), rtol=1e-5, atol=1e-6)
         # the second step projects onto rows that differ from the reference's by their rounding
         assert torch.allclose(m1, opt.state[W_ref]["exp_avg"], rtol=1e-5, atol=1e-6)
         assert torch.allclose(m2, opt.state[W_ref]["exp_avg_sq"], rtol=1e-5, atol=1e-8)
     W_nan = W.clone()
     W_nan[2, 3] = float("nan")
-    kernels.adam_unit_rows_(W_nan, torch.zeros_like(W), m1.clone(), m2.clone(), 1e-2, step,
-                            torch.ones((), device=device), (0.9, 0.999), 1e-8)
+    kernels.adam_rows_(W_nan, torch.zeros_like(W), m1.clone(), m2.clone(), 1e-2, step,
+                       torch.ones((), device=device), (0.9, 0.999), 1e-8, decoder=True)
     assert bool(W_nan[2].isnan().all()) and not bool(W_nan[3].isnan().any())
 
 
@@ -322,3 +322,42 @@ def test_row_topk_refuses_what_it_cannot_hold():
     f = torch.zeros(2, kernels.TOPK_MAX_N + 1)
     with pytest.raises(ValueError):
         kernels.row_topk(f, 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adam_rows_without_the_decoders_passes_is_adam(device):
+    """The encoder's pass: the clip's scale and torch's Adam, nothing else (no projection, no
+    renormalisation), over three steps."""
+    gen = torch.Generator().manual_seed(7)
+    W0 = torch.randn(13, 70, generator=gen)
+    W_ref = torch.nn.Parameter(W0.clone().to(device))
+    opt = torch.optim.Adam([W_ref], lr=1e-2, betas=(0.9, 0.999))
+    W = W0.clone().to(device)
+    m1, m2, step = torch.zeros_like(W), torch.zeros_like(W), torch.zeros((), device=device)
+    for t in range(3):
+        G = (torch.randn(13, 70, generator=gen) * 2).to(device)
+        scale = torch.full((), 1.0 + t, device=device)
+        W_ref.grad = G / scale
+        opt.step()
+        step.add_(1)
+        kernels.adam_rows_(W, G, m1, m2, 1e-2, step, scale, (0.9, 0.999), 1e-8, decoder=False)
+        assert torch.allclose(W, W_ref.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(m1, opt.state[W_ref]["exp_avg"], rtol=1e-5, atol=1e-7)
+        assert torch.allclose(m2, opt.state[W_ref]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_device_the_fused_adam_fails_on_keeps_the_passes_apart(device, monkeypatch):
+    """`adam_works` tries the fused optimiser pass once on a tiny case (both forms); where it
+    fails, one warning and no (the optimiser keeps PyTorch's passes)."""
+    dev = torch.device(device)
+    assert kernels._try_adam(dev) is True
+    real = kernels.adam_rows_
+
+    def wrong(W, *a, **kw):  # the encoder's form gives other numbers
+        out = real(W, *a, **kw)
+        return out if kw.get("decoder") else out + 1
+
+    monkeypatch.setattr(kernels, "adam_rows_", wrong)
+    with pytest.warns(RuntimeWarning, match=r"fused optimiser passes do not run on .*other numbers"):
+        assert kernels._try_adam(dev) is False

@@ -108,7 +108,7 @@ def test_float64_parameters_take_the_fold():
     assert torch.allclose(p, q, rtol=1e-6)
 
 
-# -- the decoder's fused step (kernels.adam_unit_rows_), through Triton's interpreter on the CPU
+# -- the weights' fused step (kernels.adam_rows_), through Triton's interpreter on the CPU
 def _sae_with_grads(scale: float, seed: int = 0):
     from engine.sae import SAEConfig, build_sae
 
@@ -137,26 +137,30 @@ def triton_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("scale", [1e-3, 10.0], ids=["under the clip", "clipped"])
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["lr a number", "lr a tensor"])
-def test_the_fused_decoder_step_is_the_four_passes(triton_on_cpu, monkeypatch, scale, tensor_lr):
+@pytest.mark.parametrize("encoder", [True, False], ids=["encoder too", "decoder only"])
+def test_the_fused_weight_step_is_pytorchs_passes(triton_on_cpu, monkeypatch, scale, tensor_lr,
+                                                  encoder):
     """Three steps of `optimiser_step`: one Triton pass over the decoder (projection, clip,
-    Adam, unit norm) against the projection, clip_grad_norm_, Adam and renormalisation in
-    PyTorch's own forms: every weight and both moments to float32 rounding, and the optimiser
-    state under the same keys (so a checkpoint of either loads into the other)."""
+    Adam, unit norm) and one over the encoder (clip, Adam) against the projection,
+    clip_grad_norm_, Adam and renormalisation in PyTorch's own forms: every weight and both
+    moments to float32 rounding, and the optimiser state under the same keys (so a checkpoint
+    of either loads into the other)."""
     from engine.training import schedule
 
+    monkeypatch.setattr(schedule, "FUSED_ENCODER_ADAM", encoder)
     ref, fast = _sae_with_grads(scale), _sae_with_grads(scale)
     ref.kernels = "reference"  # its projection and renormalisation in PyTorch
     lr = torch.tensor(1e-2) if tensor_lr else 1e-2
     opt_ref, opt_fast = make_adam(ref.parameters(), lr), make_adam(fast.parameters(), lr)
     seen = []
-    real = triton_on_cpu.adam_unit_rows_
-    monkeypatch.setattr(triton_on_cpu, "adam_unit_rows_", lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    real = triton_on_cpu.adam_rows_
+    monkeypatch.setattr(triton_on_cpu, "adam_rows_", lambda *a, **kw: seen.append(kw["decoder"]) or real(*a, **kw))
     for step in range(3):
         _set_grads(ref, scale, step)
         _set_grads(fast, scale, step)
         schedule.optimiser_step(ref, opt_ref, 1.0)
         schedule.optimiser_step(fast, opt_fast, 1.0)
-    assert len(seen) == 3  # the fused pass ran, and only for the fast SAE
+    assert seen == ([True, False] if encoder else [True]) * 3  # only for the fast SAE
     for (name, p), q in zip(ref.named_parameters(), fast.parameters(), strict=True):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), name
         a, b = opt_ref.state[p], opt_fast.state[q]
@@ -167,7 +171,7 @@ def test_the_fused_decoder_step_is_the_four_passes(triton_on_cpu, monkeypatch, s
     assert not hasattr(opt_fast, "grad_scale")
 
 
-def test_the_fused_decoder_step_stands_aside_where_it_cannot_run(triton_on_cpu, monkeypatch):
+def test_the_fused_weight_step_stands_aside_where_it_cannot_run(triton_on_cpu, monkeypatch):
     """The plain passes where the fused one does not apply: the reference kernels, the switch
     off, unfused Adam; and where the kernel fails its first try on a device."""
     from engine.training import schedule
@@ -175,14 +179,17 @@ def test_the_fused_decoder_step_stands_aside_where_it_cannot_run(triton_on_cpu, 
     sae = _sae_with_grads(1.0)
     _set_grads(sae, 1.0, 0)
     opt = make_adam(sae.parameters(), 1e-2)
-    assert schedule._fused_decoder_group(sae, opt) is opt.param_groups[0]
+    group = opt.param_groups[0]
+    assert schedule._fused_weights(sae, opt) == [(sae.W_dec, group, True), (sae.W_enc, group, False)]
     sae.kernels = "reference"
-    assert schedule._fused_decoder_group(sae, opt) is None
+    assert schedule._fused_weights(sae, opt) == []
     sae.kernels = "fast"
-    monkeypatch.setattr(schedule, "FUSED_DECODER_STEP", False)
-    assert schedule._fused_decoder_group(sae, opt) is None
-    monkeypatch.setattr(schedule, "FUSED_DECODER_STEP", True)
+    monkeypatch.setattr(schedule, "FUSED_WEIGHT_STEP", False)
+    assert schedule._fused_weights(sae, opt) == []
+    monkeypatch.setattr(schedule, "FUSED_WEIGHT_STEP", True)
     unfused = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    assert schedule._fused_decoder_group(sae, unfused) is None
+    assert schedule._fused_weights(sae, unfused) == []
+    sae.W_enc.grad = None  # the decoder alone
+    assert schedule._fused_weights(sae, opt) == [(sae.W_dec, group, True)]
     monkeypatch.setattr(triton_on_cpu, "adam_works", lambda device: False)
-    assert schedule._fused_decoder_group(sae, opt) is None
+    assert schedule._fused_weights(sae, opt) == []
