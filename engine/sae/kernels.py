@@ -19,6 +19,16 @@ strided (broadcasting) kernel: `project_rows_` (the decoder gradient's component
 unit row removed, METHOD §3), `unit_rows_` (the decoder rows back to unit norm) and
 `group_affine` (Feature Scaling's Ŵ_i = s_i · W_i + c_i and the same form in its backward).
 
+And five fuse what PyTorch runs as several passes (each measured in a recorded step on an
+H100 at the paper's size, benchmarks/profile_gpu.py; README table 7):
+
+| kernel | replaces |
+|---|---|
+| `adam_rows_` (+ `projected_sq_norms` for the clip) | the decoder's projection, the clip, fused Adam's update of the decoder and the renormalisation: one pass over the decoder, its gradient and moments |
+| `row_topk` | `torch.topk` over a routed SAE's e·m candidates a token (a radix select in four kernels) |
+| `expert_rows` | the grouped GEMM's epilogue: a gather, the bias added in float32, the rounding and the scatter back into pair order |
+| `group_sums` | Feature Scaling's Σ_j G_i[j] and ⟨G_i, W_i⟩ (a sum, and vecdot's products written and read back) |
+
 The kernels are plain Python functions, compiled by `triton.jit` at their first use on a CUDA
 device (`use` decides, and tries them once per device: `works`); the tests run the same
 functions through Triton's interpreter on the CPU (`interpreted()`) and compiled on CUDA,
@@ -52,7 +62,11 @@ reads at once and its warps; the elements (whole rows, padded to
 a power of two) a row kernel's program holds and its warps (benchmarks/profile_gpu.py --parts
 kernels times the choices; these were the fastest on an H100 at the paper's size: 0.088 ms
 for the decode, 0.092 ms for a segmented sum of the gradients, 0.090 ms for the values'
-gradient, against 0.38, 0.40 and 0.32 ms for `embedding_bag`)."""
+gradient, against 0.38, 0.40 and 0.32 ms for `embedding_bag`); the elements and warps of a
+program of `adam_rows_` (whole rows; --parts tail times a few); the rows and columns of a
+`group_sums` program and its warps; the elements of a `row_topk` program (whole rows), its
+warps, and whether its bisection stops early once a row has exactly k keys at or above the
+midpoint (no faster on an H100: 1.830 against 1.825 ms for the recorded Scale e=2 step)."""
 
 
 def _segment_sum_kernel(X, ix, w, offsets, out, d, stride_x, stride_out,

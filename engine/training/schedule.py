@@ -56,16 +56,18 @@ def clipped_step(opt: torch.optim.Optimizer, params, max_norm: float) -> None:
 
 
 FUSED_WEIGHT_STEP = True
-"""Whether `optimiser_step` steps the SAE's two [M, d] weights by Triton passes of their own
-where it can (`_fused_weights`): the decoder's projection, Adam update and renormalisation as
-one pass (`kernels.adam_rows_`), and the encoder's Adam update as another (the same bytes as
-fused Adam's multi-tensor kernel, in fewer of its own: 0.105 ms of a 1.94 ms Scale e=2 step on
-an H100 for the decoder's pass; benchmarks/profile_gpu.py --parts tail). False keeps PyTorch's
-passes and fused Adam for every parameter."""
+"""Whether `optimiser_step` steps the decoder by one Triton pass where it can
+(`_fused_weights`): its gradient's projection, the clip, the Adam update and the rows'
+renormalisation, which PyTorch runs as four passes (with fused Adam's own kernel for the
+update). On an H100 at the paper's size, recorded bf16 steps: Scale e=2 1.837 against 1.937 ms,
+dense TopK 3.085 against 3.182 ms (benchmarks/profile_gpu.py --parts tail). False keeps
+PyTorch's passes."""
 
-FUSED_ENCODER_ADAM = True
-"""With `FUSED_WEIGHT_STEP`, whether the encoder's Adam update is a pass of its own too (False:
-fused Adam steps it, for the A/B)."""
+FUSED_ENCODER_ADAM = False
+"""With `FUSED_WEIGHT_STEP`, whether the encoder's Adam update is a Triton pass of its own too
+(`kernels.adam_rows_` without the decoder's projection and renormalisation) instead of part of
+fused Adam's multi-tensor kernel. Measured no faster on an H100 (Scale e=2 1.834–1.842 against
+1.837 ms, dense TopK 3.067–3.075 against 3.085 ms; same A/B), so off; kept for the A/B."""
 
 
 def optimiser_step(sae, opt: torch.optim.Optimizer, max_norm: float) -> None:

@@ -90,4 +90,4 @@ def test_the_tail_ab_part_runs_and_restores_the_defaults():
         assert set(row["row_topk"]["ms"]) == {"torch.topk", "row kernel, early exit",
                                               "row kernel, full bisection"}
     assert kernels.BLOCKS == blocks and schedule.FUSED_WEIGHT_STEP is True
-    assert schedule.FUSED_ENCODER_ADAM is True
+    assert schedule.FUSED_ENCODER_ADAM is False

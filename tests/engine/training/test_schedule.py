@@ -180,6 +180,7 @@ def test_the_fused_weight_step_stands_aside_where_it_cannot_run(triton_on_cpu, m
     _set_grads(sae, 1.0, 0)
     opt = make_adam(sae.parameters(), 1e-2)
     group = opt.param_groups[0]
+    monkeypatch.setattr(schedule, "FUSED_ENCODER_ADAM", True)
     assert schedule._fused_weights(sae, opt) == [(sae.W_dec, group, True), (sae.W_enc, group, False)]
     sae.kernels = "reference"
     assert schedule._fused_weights(sae, opt) == []
