@@ -329,47 +329,8 @@ def works(device: torch.device) -> bool:
     """Whether the kernels compile and give the right answer on this CUDA device (a tensor's
     device, so its index is set): tried once per device on a tiny case against PyTorch. Where
     they do not (a GPU or driver Triton cannot compile for), one warning line says so and the
-    engine keeps PyTorch's forms. Inside a CUDA graph's recording, which cannot wait for a
-    result, a device not yet tried counts as working (the trainer's eager warm-up steps have
-    tried it by then)."""
-    if device not in _WORKS:
-        if torch.cuda.is_current_stream_capturing():
-            return True
-        _WORKS[device] = _try(device)
-    return _WORKS[device]
-
-
-_WORKS: dict[torch.device, bool] = {}
-
-
-def _try(device: torch.device) -> bool:
-    import warnings
-
-    try:
-        gen = torch.Generator().manual_seed(0)
-        X = torch.randn(5, 3, generator=gen).to(device)
-        ix = torch.tensor([0, 4, 2, 2, 1], device=device)
-        w = torch.tensor([1.0, -2.0, 0.5, 0.25, 3.0], device=device)
-        offsets = torch.tensor([0, 2, 2, 5], device=device)
-        want = torch.nn.functional.embedding_bag(ix, X, offsets[:-1], mode="sum", per_sample_weights=w)
-        dots = (X[:2, None, :] * X[ix.view(1, 5)]).sum(-1)
-        top, at = row_topk(X.T.contiguous(), 2)
-        sums = group_sums(X.view(1, 5, 3), X.view(1, 5, 3))
-        ok = (torch.allclose(segment_sum(X, ix, w, offsets), want, atol=1e-5)
-              and torch.allclose(picked_dots(X[:2], X, ix.view(1, 5).expand(2, 5)), dots, atol=1e-5)
-              and torch.allclose(unit_rows_(X.clone()).norm(dim=1), torch.ones(5, device=device), atol=1e-5)
-              and torch.equal(top.sort(1).values, X.T.topk(2).values.sort(1).values)
-              and torch.equal(X.T.gather(1, at), top)
-              and torch.allclose(sums[0].view(3), X.sum(0), atol=1e-5)
-              and torch.allclose(sums[1], X.pow(2).sum().view(1), atol=1e-5))
-        if not ok:
-            raise RuntimeError("they gave other numbers than PyTorch on a tiny case")
-        return True
-    except Exception as exc:  # any failure to compile or run: PyTorch's forms instead
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        warnings.warn(f"The Triton kernels do not run on {device} ({why}); training uses "
-                      "PyTorch's kernels there, which are slower.", RuntimeWarning, stacklevel=3)
-        return False
+    engine keeps PyTorch's forms."""
+    return _tried(_WORKS, device, _try)
 
 
 def adam_works(device: torch.device) -> bool:
@@ -378,43 +339,86 @@ def adam_works(device: torch.device) -> bool:
     where it does not, one warning line, and the optimiser keeps PyTorch's passes."""
     if interpreted() and device.type == "cpu":
         return True
-    if device not in _ADAM_WORKS:
-        if torch.cuda.is_current_stream_capturing():
-            return True
-        _ADAM_WORKS[device] = _try_adam(device)
-    return _ADAM_WORKS[device]
+    return _tried(_ADAM_WORKS, device, _try_adam)
 
 
+_WORKS: dict[torch.device, bool] = {}
 _ADAM_WORKS: dict[torch.device, bool] = {}
 
 
-def _try_adam(device: torch.device) -> bool:
+def _tried(verdicts: dict, device: torch.device, trial) -> bool:
+    """`trial(device)` once per device, its verdict kept in `verdicts`. Inside a CUDA graph's
+    recording, which cannot wait for a result, a device not yet tried counts as working (the
+    trainer's eager warm-up steps have tried it by then)."""
+    if device not in verdicts:
+        if torch.cuda.is_current_stream_capturing():
+            return True
+        verdicts[device] = trial(device)
+    return verdicts[device]
+
+
+def _verdict(device: torch.device, check, fallback: str) -> bool:
+    """True if `check(device)` runs and returns True; otherwise one warning line, "<what> do
+    not run on <device> (<why>); <fallback>", and False."""
     import warnings
 
     try:
-        gen = torch.Generator().manual_seed(0)
-        W = torch.nn.functional.normalize(torch.randn(3, 5, generator=gen), dim=1).to(device)
-        G = torch.randn(3, 5, generator=gen).to(device)
-        m1, m2 = torch.full_like(W, 0.1), torch.full_like(W, 0.2)
-        step, scale = torch.full((), 2.0, device=device), torch.full((), 2.0, device=device)
-        g = (G - (G * W).sum(1, keepdim=True) * W) / 2
-        w1, w2 = 0.9 * m1 + 0.1 * g, 0.999 * m2 + 0.001 * g * g
-        want = W - 0.1 / (1 - 0.9**2) * w1 / (w2.sqrt() / (1 - 0.999**2) ** 0.5 + 1e-8)
-        want = want / want.norm(dim=1, keepdim=True)
-        plain = W - 0.1 / (1 - 0.9**2) * (0.9 * m1 + 0.05 * G) / (
-            (0.999 * m2 + 0.00025 * G * G).sqrt() / (1 - 0.999**2) ** 0.5 + 1e-8)
-        got_plain = adam_rows_(W.clone(), G, m1.clone(), m2.clone(), 0.1, step, scale, (0.9, 0.999),
-                               1e-8, decoder=False)
-        got = adam_rows_(W.clone(), G, m1, m2, 0.1, step, scale, (0.9, 0.999), 1e-8, decoder=True)
-        if not (torch.allclose(got, want, atol=1e-5) and torch.allclose(m2, w2, atol=1e-6)
-                and torch.allclose(got_plain, plain, atol=1e-5)):
-            raise RuntimeError("it gave other numbers than PyTorch on a tiny case")
+        if not check(device):
+            raise RuntimeError("they gave other numbers than PyTorch on a tiny case")
         return True
-    except Exception as exc:  # any failure to compile or run: the optimiser's separate passes
+    except Exception as exc:  # any failure to compile or run: PyTorch's forms instead
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        warnings.warn(f"The fused optimiser passes do not run on {device} ({why}); the optimiser "
-                      "keeps PyTorch's passes there, which are slower.", RuntimeWarning, stacklevel=3)
+        warnings.warn(fallback.format(device=device, why=why), RuntimeWarning, stacklevel=4)
         return False
+
+
+def _try(device: torch.device) -> bool:
+    return _verdict(device, _check_kernels, "The Triton kernels do not run on {device} ({why}); "
+                    "training uses PyTorch's kernels there, which are slower.")
+
+
+def _try_adam(device: torch.device) -> bool:
+    return _verdict(device, _check_adam, "The fused optimiser passes do not run on {device} "
+                    "({why}); the optimiser keeps PyTorch's passes there, which are slower.")
+
+
+def _check_kernels(device: torch.device) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(5, 3, generator=gen).to(device)
+    ix = torch.tensor([0, 4, 2, 2, 1], device=device)
+    w = torch.tensor([1.0, -2.0, 0.5, 0.25, 3.0], device=device)
+    offsets = torch.tensor([0, 2, 2, 5], device=device)
+    want = torch.nn.functional.embedding_bag(ix, X, offsets[:-1], mode="sum", per_sample_weights=w)
+    dots = (X[:2, None, :] * X[ix.view(1, 5)]).sum(-1)
+    top, at = row_topk(X.T.contiguous(), 2)
+    sums = group_sums(X.view(1, 5, 3), X.view(1, 5, 3))
+    return (torch.allclose(segment_sum(X, ix, w, offsets), want, atol=1e-5)
+            and torch.allclose(picked_dots(X[:2], X, ix.view(1, 5).expand(2, 5)), dots, atol=1e-5)
+            and torch.allclose(unit_rows_(X.clone()).norm(dim=1), torch.ones(5, device=device), atol=1e-5)
+            and torch.equal(top.sort(1).values, X.T.topk(2).values.sort(1).values)
+            and torch.equal(X.T.gather(1, at), top)
+            and torch.allclose(sums[0].view(3), X.sum(0), atol=1e-5)
+            and torch.allclose(sums[1], X.pow(2).sum().view(1), atol=1e-5))
+
+
+def _check_adam(device: torch.device) -> bool:
+    """Both forms of `adam_rows_` against the formulas, one step from given moments."""
+    gen = torch.Generator().manual_seed(0)
+    W = torch.nn.functional.normalize(torch.randn(3, 5, generator=gen), dim=1).to(device)
+    G = torch.randn(3, 5, generator=gen).to(device)
+    m1, m2 = torch.full_like(W, 0.1), torch.full_like(W, 0.2)
+    step, scale = torch.full((), 2.0, device=device), torch.full((), 2.0, device=device)
+    g = (G - (G * W).sum(1, keepdim=True) * W) / 2
+    w1, w2 = 0.9 * m1 + 0.1 * g, 0.999 * m2 + 0.001 * g * g
+    want = W - 0.1 / (1 - 0.9**2) * w1 / (w2.sqrt() / (1 - 0.999**2) ** 0.5 + 1e-8)
+    want = want / want.norm(dim=1, keepdim=True)
+    plain = W - 0.1 / (1 - 0.9**2) * (0.9 * m1 + 0.05 * G) / (
+        (0.999 * m2 + 0.00025 * G * G).sqrt() / (1 - 0.999**2) ** 0.5 + 1e-8)
+    got_plain = adam_rows_(W.clone(), G, m1.clone(), m2.clone(), 0.1, step, scale, (0.9, 0.999),
+                           1e-8, decoder=False)
+    got = adam_rows_(W.clone(), G, m1, m2, 0.1, step, scale, (0.9, 0.999), 1e-8, decoder=True)
+    return (torch.allclose(got, want, atol=1e-5) and torch.allclose(m2, w2, atol=1e-6)
+            and torch.allclose(got_plain, plain, atol=1e-5))
 
 
 def interpreted() -> bool:

@@ -109,6 +109,27 @@ def _params_and_grads(sae, kernels, x, dead, encode_gmm=False, monkeypatch=None)
     return out, grads
 
 
+def _batch(with_dead: bool):
+    """48 tokens of d 12, and a dead mask over a third of the 64 features where asked."""
+    dead = None
+    if with_dead:
+        dead = torch.zeros(64, dtype=torch.bool)
+        dead[::3] = True
+    return torch.randn(48, 12) * 2, dead
+
+
+def _assert_same_codes_and_grads(sae, ref, g_ref, fast, g_fast):
+    """The same firing picks, values equal up to rounding, the same AuxK loss and gradients."""
+    fired = {kernels: sae.dense_codes(out.codes) for kernels, out in (("ref", ref), ("fast", fast))}
+    assert torch.equal(fired["ref"] > 0, fired["fast"] > 0)
+    assert torch.allclose(fired["ref"], fired["fast"], atol=1e-6)
+    assert torch.allclose(ref.auxk_loss, fast.auxk_loss, atol=1e-6)
+    for name, g in g_ref.items():
+        assert (g is None) == (g_fast[name] is None), name
+        if g is not None:
+            assert torch.allclose(g, g_fast[name], atol=1e-5, rtol=1e-4), name
+
+
 @pytest.mark.parametrize("chunks", [False, True], ids=["one topk", "two-stage topk"])
 @pytest.mark.parametrize("with_dead", [False, True])
 @pytest.mark.parametrize("arch,kw", CASES)
@@ -117,27 +138,16 @@ def test_sparse_backward_equals_the_reference(arch, kw, with_dead, chunks, monke
 
     monkeypatch.setattr(moe, "TOPK_SLICE", {"cpu": 8} if chunks else {})
     sae = make(arch, **kw)
-    x = torch.randn(48, 12) * 2
-    dead = None
-    if with_dead:
-        dead = torch.zeros(64, dtype=torch.bool)
-        dead[::3] = True
+    x, dead = _batch(with_dead)
     ref, g_ref = _params_and_grads(sae, "reference", x, dead)
     fast, g_fast = _params_and_grads(sae, "fast", x, dead)
     # the same firing picks; values equal up to rounding (the fast Feature Scaling is a fused
     # form). Where a token has fewer than k positive candidates the rest of its picks are zeros
     # either way, but not the same ones: the reference picks among ReLU's zeros, the fast path
     # takes the largest negative pre-activations (its ReLU runs after the TopK)
-    fired = {kernels: sae.dense_codes(out.codes) for kernels, out in (("ref", ref), ("fast", fast))}
-    assert torch.equal(fired["ref"] > 0, fired["fast"] > 0)
-    assert torch.allclose(fired["ref"], fired["fast"], atol=1e-6)
-    assert torch.allclose(ref.auxk_loss, fast.auxk_loss, atol=1e-6)
+    _assert_same_codes_and_grads(sae, ref, g_ref, fast, g_fast)
     if with_dead:
         assert float(fast.auxk_loss.detach()) > 0
-    for name, g in g_ref.items():
-        assert (g is None) == (g_fast[name] is None), name
-        if g is not None:
-            assert torch.allclose(g, g_fast[name], atol=1e-5, rtol=1e-4), name
 
 
 @pytest.mark.parametrize("arch", ["topk", "scale"])
@@ -413,12 +423,8 @@ def test_the_two_weight_gradients_share_one_sort_of_the_picks(arch, kw, with_dea
 
     monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     sae = make(arch, **kw)
-    x = torch.randn(48, 12) * 2
-    dead = None
-    if with_dead:
-        dead = torch.zeros(64, dtype=torch.bool)
-        dead[::3] = True
-    _, g_ref = _params_and_grads(sae, "reference", x, dead)
+    x, dead = _batch(with_dead)
+    ref, g_ref = _params_and_grads(sae, "reference", x, dead)
     sorted_sizes, real = [], torch.argsort
     monkeypatch.setattr(torch, "argsort", lambda t, *a, **kw: sorted_sizes.append(t.numel()) or real(t, *a, **kw))
     fast, g_fast = _params_and_grads(sae, "fast", x, dead)
@@ -430,9 +436,7 @@ def test_the_two_weight_gradients_share_one_sort_of_the_picks(arch, kw, with_dea
         assert sorted(picks) == sorted([48 * k, 48 * k_aux, 48 * (k + k_aux)])
     else:
         assert picks == [48 * k]
-    for name, g in g_ref.items():
-        if g is not None:
-            assert torch.allclose(g, g_fast[name], atol=1e-5, rtol=1e-4), name
+    _assert_same_codes_and_grads(sae, ref, g_ref, fast, g_fast)
 
 
 @pytest.mark.parametrize("with_dead", [False, True])
@@ -449,21 +453,11 @@ def test_the_step_through_the_triton_kernels_equals_the_reference(arch, kw, with
         pytest.skip("CPU tensors need Triton's interpreter")
     monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     sae = make(arch, **kw)
-    x = torch.randn(48, 12) * 2
-    dead = None
-    if with_dead:
-        dead = torch.zeros(64, dtype=torch.bool)
-        dead[::3] = True
+    x, dead = _batch(with_dead)
     ref, g_ref = _params_and_grads(sae, "reference", x, dead)
     monkeypatch.setattr(triton_kernels, "ENABLED", {"cpu": True})
     calls, real = [], triton_kernels.row_topk
     monkeypatch.setattr(triton_kernels, "row_topk", lambda *a: calls.append(1) or real(*a))
     fast, g_fast = _params_and_grads(sae, "fast", x, dead)
     assert len(calls) == (2 if with_dead else 1)
-    fired = {kernels: sae.dense_codes(out.codes) for kernels, out in (("ref", ref), ("fast", fast))}
-    assert torch.equal(fired["ref"] > 0, fired["fast"] > 0)
-    assert torch.allclose(fired["ref"], fired["fast"], atol=1e-6)
-    assert torch.allclose(ref.auxk_loss, fast.auxk_loss, atol=1e-6)
-    for name, g in g_ref.items():
-        if g is not None:
-            assert torch.allclose(g, g_fast[name], atol=1e-5, rtol=1e-4), name
+    _assert_same_codes_and_grads(sae, ref, g_ref, fast, g_fast)
