@@ -144,6 +144,11 @@ def _ab_steps(cfg: SAEConfig, device: torch.device, variants: dict, xs: list, ro
     return {"ms": {label: statistics.median(t) for label, t in times.items()}, "all_ms": times}
 
 
+def _ms_line(title: str, ms: dict) -> str:
+    """"== title: label 1.234 ms, …" for a dict of milliseconds by label."""
+    return f"== {title}: " + ", ".join(f"{label} {v:.3f} ms" for label, v in ms.items())
+
+
 def _patched(module, name: str, value):
     """A variant for `_ab_steps`: module.name = value until undone."""
     return _patched_all([(module, name, value)])
@@ -195,9 +200,7 @@ def profile_decoders(size: dict, device: torch.device, archs: list[str], out: di
         out["decoder_ab"].append(row)
         try:
             row.update(_ab_steps(cfg, device, variants, xs, rounds))
-            ms = row["ms"]
-            print(f"== decoder A/B, {name}: " + ", ".join(f"{label} {v:.3f} ms" for label, v in ms.items())
-                  + " a step", flush=True)
+            print(_ms_line(f"decoder A/B, {name}", row["ms"]) + " a step", flush=True)
         except Exception as exc:
             traceback.print_exc()
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -247,13 +250,10 @@ def profile_tail(size: dict, device: torch.device, archs: list[str], out: dict,
         out["tail_ab"].append(row)
         try:
             row.update(_ab_steps(cfg, device, _tail_variants(device), xs, rounds))
-            print(f"== tail A/B, {name}: " + ", ".join(f"{label} {v:.3f} ms" for label, v
-                                                      in row["ms"].items()) + " a step", flush=True)
+            print(_ms_line(f"tail A/B, {name}", row["ms"]) + " a step", flush=True)
             if cfg.arch != "topk":  # dense TopK's rows are longer than the row kernel takes
                 row["row_topk"] = _ab_steps(cfg, device, _row_topk_variants(device), xs, rounds)
-                print(f"== row TopK A/B, {name}: " + ", ".join(
-                    f"{label} {v:.3f} ms" for label, v in row["row_topk"]["ms"].items()) + " a step",
-                    flush=True)
+                print(_ms_line(f"row TopK A/B, {name}", row["row_topk"]["ms"]) + " a step", flush=True)
         except Exception as exc:
             traceback.print_exc()
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -411,8 +411,7 @@ def profile_topk(size: dict, device: torch.device, archs: list[str], out: dict,
         best = min(ms, key=ms.get)
         row = {"n": n, "batch": B, "k": k, "ms": ms, "fastest": best}
         out["topk"].append(row)
-        print(f"== topk over {B}x{n} bf16: " + ", ".join(f"{label} {v:.3f} ms" for label, v in ms.items())
-              + f"; fastest: {best}", flush=True)
+        print(_ms_line(f"topk over {B}x{n} bf16", ms) + f"; fastest: {best}", flush=True)
         staged = [label for label in ms if label != "one topk"]
         if n == size["width"] and staged and "topk" in archs:
             best = min(staged, key=ms.get)  # the step A/B: one topk against the best two-stage

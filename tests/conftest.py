@@ -31,3 +31,17 @@ def tiny_acts(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("acts") / "tiny"
     cfg = set_flat(HarvestConfig(), {**TINY_ACTS_CONFIG, "out": str(out)})
     return harvest(cfg, progress=False, model=tiny_model)
+
+
+@pytest.fixture
+def triton_interpreter():
+    """engine.sae.kernels where its Triton kernels run on CPU tensors (through the interpreter,
+    which the lines above turn on wherever there is no CUDA); the test is skipped where they
+    cannot: no triton, or a CUDA machine (there tests/engine/sae/test_kernels.py runs the
+    kernels compiled)."""
+    pytest.importorskip("triton")
+    from engine.sae import kernels
+
+    if not kernels.interpreted():
+        pytest.skip("CPU tensors need Triton's interpreter (on machines without CUDA)")
+    return kernels

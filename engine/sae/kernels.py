@@ -150,7 +150,6 @@ def _group_affine_kernel(X, s, c, out, R, m, d, BLOCK_R: tl.constexpr, BLOCK_D: 
     tl.store(out + at, (sg[:, None] * x + cg).to(out.dtype.element_ty), mask=mask)
 
 
-
 def _projected_sq_kernel(G, W, out, R, d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                          ACC: tl.constexpr):
     """out[r] = ‖G[r] − ⟨G[r], W[r]⟩ · W[r]‖² for each row r: the squared norm of the row's
@@ -284,6 +283,7 @@ def _row_topk_kernel(F, vals, pos, R, n, k, stride_f, BLOCK_R: tl.constexpr,
     at = rows64[:, None] * k + (tl.cumsum(take.to(tl.int32), axis=1) - 1)
     tl.store(vals + at, x, mask=take)
     tl.store(pos + at, (cols[None, :] + rows64[:, None] * 0), mask=take)
+
 
 @functools.cache
 def _compiled():
@@ -478,10 +478,11 @@ def picked_dots(G: Tensor, W: Tensor, idx: Tensor, out_dtype: torch.dtype = torc
     return out
 
 
-def _row_tiles(d: int) -> tuple[int, int, dict]:
-    """Whole rows a program: (rows a program, columns padded to a power of two, launch options)."""
+def _row_tiles(d: int, elems: str = "row_elems", warps: str = "row_warps") -> tuple[int, int, dict]:
+    """Whole rows a program: (rows a program, columns padded to a power of two, launch options)
+    from the `BLOCKS` entries named `elems` (elements a program holds) and `warps`."""
     bd = triton.next_power_of_2(max(d, 1))
-    return max(1, BLOCKS["row_elems"] // bd), bd, _warps("row_warps")
+    return max(1, BLOCKS[elems] // bd), bd, _warps(warps)
 
 
 def _rows_in_place(t: Tensor) -> None:
@@ -564,13 +565,11 @@ def adam_rows_(W: Tensor, G: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
     if not isinstance(lr, Tensor):
         lr = torch.full((), lr, dtype=torch.float64, device=W.device)  # a fill: no host copy
     beta1, beta2 = betas
-    bd = triton.next_power_of_2(max(d, 1))
-    br = max(1, BLOCKS["adam_elems"] // bd)
+    br, bd, extra = _row_tiles(d, "adam_elems", "adam_warps")
     if R:
         fn[(triton.cdiv(R, br),)](W, G, exp_avg, exp_avg_sq, lr, step, scale, R, d, beta1, beta2,
                                   1 - beta1, 1 - beta2, math.log(beta1), math.log(beta2), eps,
-                                  unit_eps, BLOCK_R=br, BLOCK_D=bd, DECODER=decoder,
-                                  **_warps("adam_warps"))
+                                  unit_eps, BLOCK_R=br, BLOCK_D=bd, DECODER=decoder, **extra)
     for t in (W, exp_avg, exp_avg_sq):
         torch.autograd.graph.increment_version(t)
     return W
@@ -587,12 +586,11 @@ def expert_rows(Y: Tensor, dest: Tensor, order: Tensor, expert: Tensor, b: Tenso
     out = torch.empty(P, m, dtype=out_dtype, device=Y.device)
     if Y.stride(1) != 1:
         Y = Y.contiguous()
-    bm = triton.next_power_of_2(max(m, 1))
-    br = max(1, BLOCKS["row_elems"] // bm)
+    br, bm, extra = _row_tiles(m)
     if P and m:
         fn[(triton.cdiv(P, br),)](Y, dest.contiguous(), order.contiguous(), expert.contiguous(),
                                   b.contiguous(), out, P, m, Y.stride(0), BLOCK_R=br, BLOCK_M=bm,
-                                  **_warps("row_warps"))
+                                  **extra)
     return out
 
 
@@ -624,21 +622,26 @@ TOPK_MAX_N = 4096
 e·m; dense TopK's M takes `torch.topk`)."""
 
 
+def row_topk_takes(f: Tensor, k: int) -> bool:
+    """Whether `row_topk` takes f and k: [R, n] rows of float32, bfloat16 or float16, n at most
+    TOPK_MAX_N, 0 < k ≤ n."""
+    return f.dim() == 2 and f.dtype in _INF_BITS and 0 < k <= f.shape[1] <= TOPK_MAX_N
+
+
 def row_topk(f: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """`f.topk(k, dim=-1, sorted=False)` for f [R, n] in float32, bfloat16 or float16 with
     n ≤ TOPK_MAX_N: the same values, and their positions (any of tied ones, as torch.topk)."""
-    R, n = f.shape
-    if not (0 < k <= n <= TOPK_MAX_N) or f.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if not row_topk_takes(f, k):
         raise ValueError(f"row_topk takes float32/bf16/fp16 rows of at most {TOPK_MAX_N} and 0 < k ≤ n")
     fn = _kernels(f)["row_topk"]
+    R, n = f.shape
     if f.stride(1) != 1:
         f = f.contiguous()
     vals = torch.empty(R, k, dtype=f.dtype, device=f.device)
     pos = torch.empty(R, k, dtype=torch.long, device=f.device)
-    bn = triton.next_power_of_2(n)
-    br = max(1, BLOCKS["topk_elems"] // bn)
+    br, bn, extra = _row_tiles(n, "topk_elems", "topk_warps")
     if R:
         fn[(triton.cdiv(R, br),)](f, vals, pos, R, n, k, f.stride(0), BLOCK_R=br, BLOCK_N=bn,
                                   BITS=8 * f.element_size(), INF=_INF_BITS[f.dtype],
-                                  EARLY=bool(BLOCKS["topk_early"]), **_warps("topk_warps"))
+                                  EARLY=bool(BLOCKS["topk_early"]), **extra)
     return vals, pos

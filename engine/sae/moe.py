@@ -141,7 +141,7 @@ def _expert_groups(token_idx: Tensor, expert_idx: Tensor, N: int):
     (order, the pairs sorted stably by expert; [(expert i, its first sorted pair, its pairs'
     tokens)] for each expert with pairs). The group sizes are read on the host — the loop's
     host synchronisation."""
-    order = torch.argsort(expert_idx, stable=True)
+    order = torch.argsort(_narrow_keys(expert_idx, N), stable=True)
     counts = torch.bincount(expert_idx, minlength=N).tolist()
     sorted_tokens = token_idx[order]
     groups, start = [], 0
@@ -274,8 +274,7 @@ def topk_candidates(f: Tensor, k: int) -> tuple[Tensor, Tensor]:
     n = f.shape[-1]
     if cpu_kernels.use(f) and f.dim() == 2 and 0 < k <= n:
         return cpu_kernels.topk(f, k)
-    if (kernels.use(f) and f.dim() == 2 and 0 < k <= n <= kernels.TOPK_MAX_N
-            and f.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+    if kernels.use(f) and kernels.row_topk_takes(f, k):
         return kernels.row_topk(f, k)
     width = TOPK_SLICE.get(f.device.type, 0)
     if width >= k and f.dim() == 2 and n % width == 0 and n // width > 1:

@@ -39,16 +39,32 @@ def clipped_step(opt: torch.optim.Optimizer, params, max_norm: float) -> None:
     (a checkpoint written by unfused Adam loads its groups as such) and `params` to be exactly
     the parameters the optimiser steps; otherwise it clips as usual."""
     params = [p for p in params if p.grad is not None]
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch ≥ 2.6
-    stepped = {id(p) for group in opt.param_groups for p in group["params"] if p.grad is not None}
-    if (get_total_norm is None or not params or {id(p) for p in params} != stepped
-            or not all(group.get("fused") for group in opt.param_groups)):
+    if not _folds(opt, params):
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         opt.step()
         return
-    total = get_total_norm([p.grad for p in params])
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as clip_grad_norm_
-    opt.grad_scale = coef.reciprocal().float()  # fused Adam takes a float32 scale
+    _scaled_step(opt, _clip_scale(torch.nn.utils.get_total_norm([p.grad for p in params]), max_norm))
+
+
+def _folds(opt: torch.optim.Optimizer, params: list) -> bool:
+    """Whether the clip can go into fused Adam's `grad_scale`: torch ≥ 2.6 (`get_total_norm`),
+    every group fused, and `params` (those with gradients) exactly what the optimiser steps."""
+    stepped = {id(p) for group in opt.param_groups for p in group["params"] if p.grad is not None}
+    return (getattr(torch.nn.utils, "get_total_norm", None) is not None and bool(params)
+            and {id(p) for p in params} == stepped
+            and all(group.get("fused") for group in opt.param_groups))
+
+
+def _clip_scale(total: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What the gradients are divided by for a global norm `total`: 1 / clip_grad_norm_'s
+    coefficient, in float32 (what fused Adam takes)."""
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0).reciprocal().float()
+
+
+def _scaled_step(opt: torch.optim.Optimizer, scale: torch.Tensor) -> None:
+    """`opt.step()` with each gradient divided by `scale` as fused Adam reads it; nothing of the
+    scale is left on the optimiser after (nor in a checkpoint)."""
+    opt.grad_scale = scale
     try:
         opt.step()
     finally:
@@ -93,11 +109,7 @@ def _fused_weights(sae, opt: torch.optim.Optimizer) -> list:
     from engine.sae import kernels
 
     if (not FUSED_WEIGHT_STEP or getattr(sae, "kernels", "reference") == "reference"
-            or getattr(torch.nn.utils, "get_total_norm", None) is None):
-        return []
-    with_grads = {id(p) for p in sae.parameters() if p.grad is not None}
-    stepped = {id(p) for group in opt.param_groups for p in group["params"] if p.grad is not None}
-    if with_grads != stepped or not all(group.get("fused") for group in opt.param_groups):
+            or not _folds(opt, [p for p in sae.parameters() if p.grad is not None])):
         return []
 
     def entry(W, decoder: bool):
@@ -134,18 +146,14 @@ def _fused_weight_step(sae, opt: torch.optim.Optimizer, fused: list, max_norm: f
     sq = kernels.projected_sq_norms(g, W).sum()
     if others:
         sq = sq + torch.nn.utils.get_total_norm(others).float().square()
-    coef = torch.clamp(max_norm / (sq.sqrt() + 1e-6), max=1.0)  # as clip_grad_norm_
-    scale = coef.reciprocal().float()
+    scale = _clip_scale(sq.sqrt(), max_norm)
     grads = [p.grad for p, _, _ in fused]
     for p, _, _ in fused:
         p.grad = None  # Adam skips these
     try:
         if any(p.grad is not None for p in sae.parameters()):
-            opt.grad_scale = scale
-            opt.step()
+            _scaled_step(opt, scale)
     finally:
-        if hasattr(opt, "grad_scale"):
-            del opt.grad_scale
         for (p, _, _), grad in zip(fused, grads, strict=True):
             p.grad = grad
     for p, group, decoder in fused:

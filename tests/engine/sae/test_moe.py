@@ -385,15 +385,11 @@ def test_the_grouped_gemm_in_bf16_is_as_exact_as_the_loop(device):
         assert err(fa, e) <= 1.5 * err(lo, e) + 1e-3, (name, err(fa, e), err(lo, e))
 
 
-def test_the_grouped_gemms_epilogue_in_triton_is_the_composed_one(monkeypatch):
+def test_the_grouped_gemms_epilogue_in_triton_is_the_composed_one(triton_interpreter, monkeypatch):
     """Without autograd (the sparse TopK's forward) the grouped GEMM's epilogue is one Triton
     pass (`kernels.expert_rows`, here through the interpreter): the same numbers; with
     autograd the composed form, which autograd can differentiate."""
-    pytest.importorskip("triton")
-    from engine.sae import kernels
-
-    if not kernels.interpreted():
-        pytest.skip("CPU tensors need Triton's interpreter")
+    kernels = triton_interpreter
     g = torch.Generator().manual_seed(0)
     N, m, d, B = 5, 8, 12, 40
     x, W, b = torch.randn(B, d, generator=g), torch.randn(N, m, d, generator=g), torch.randn(N, m, generator=g)
@@ -441,16 +437,14 @@ def test_the_two_weight_gradients_share_one_sort_of_the_picks(arch, kw, with_dea
 
 @pytest.mark.parametrize("with_dead", [False, True])
 @pytest.mark.parametrize("arch,kw", CASES[:3] + [("scale", {"active": 3})])
-def test_the_step_through_the_triton_kernels_equals_the_reference(arch, kw, with_dead, monkeypatch):
+def test_the_step_through_the_triton_kernels_equals_the_reference(arch, kw, with_dead, monkeypatch,
+                                                                  triton_interpreter):
     """The whole fast forward and backward with every Triton kernel the GPU runs (row TopK,
     segmented sums, picked dots, Feature Scaling's affine and sums), here through Triton's
     interpreter: the reference's codes and every gradient."""
-    pytest.importorskip("triton")
     from engine.sae import cpu_kernels
-    from engine.sae import kernels as triton_kernels
 
-    if not triton_kernels.interpreted():
-        pytest.skip("CPU tensors need Triton's interpreter")
+    triton_kernels = triton_interpreter
     monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     sae = make(arch, **kw)
     x, dead = _batch(with_dead)

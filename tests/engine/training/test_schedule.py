@@ -125,14 +125,9 @@ def _set_grads(sae, scale: float, step: int) -> None:
 
 
 @pytest.fixture
-def triton_on_cpu(monkeypatch):
-    pytest.importorskip("triton")
-    from engine.sae import kernels
-
-    if not kernels.interpreted():
-        pytest.skip("CPU tensors need Triton's interpreter")
-    monkeypatch.setattr(kernels, "ENABLED", {"cpu": True})
-    return kernels
+def triton_on_cpu(triton_interpreter, monkeypatch):
+    monkeypatch.setattr(triton_interpreter, "ENABLED", {"cpu": True})
+    return triton_interpreter
 
 
 @pytest.mark.parametrize("scale", [1e-3, 10.0], ids=["under the clip", "clipped"])
