@@ -9,7 +9,9 @@ B 4,096, d 576, M 4,608, N 16, k 32, two threads):
 | TopK_k of each token's candidates f [B, n]   | `torch.topk`: a partial sort of (value, index) pairs per row | `topk` |
 | a routed SAE's candidates concat_i w_i · (W_i x + b_i) and their TopK | the experts' blocks concatenated, put back in token order, weighted, then `torch.topk` | `topk_expert_rows` |
 | ∂z[b, j] = ⟨∂x̂[b], W_dec[idx[b, j]]⟩        | `embedding_bag`'s per-sample-weights backward | `picked_dots` |
-| the picks grouped by feature for ∂W_enc, ∂W_dec | a stable `argsort`, counts and two gathers | `group_by_row` (a counting sort) |
+| the picks grouped by feature for ∂W_enc, ∂W_dec | a stable `argsort` and the counts | `sort_picks` (a counting sort) |
+| ∂z and ∂W_dec together                        | the two above, two passes over the picks | `decoder_grads`, one |
+| the decoder's step (METHOD §3): ∂W_dec projected, clipped, Adam, rows to unit norm | four passes (`vecdot` + `addcmul_`, the clip's norm, fused Adam, `norm` + `div_`) | `projected_sq_norms` + `adam_rows_`, two |
 
 `topk` finds each row's k largest without sorting anything: by bisection on order-preserving
 integer keys of the floats (an int32 whose order is the float's), counting the keys at or
@@ -34,9 +36,11 @@ rows (`_split_rows`). `use` decides where they run: float32 CPU tensors, numba i
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,11 +66,12 @@ def _jit():
     return _cpu_jit
 
 
-def use(t: Tensor) -> bool:
-    """Whether the numba kernels run for tensor `t`: float32 on the CPU, numba installed, and
-    the kernels working (`works`)."""
-    return (ENABLED and AVAILABLE and t.device.type == "cpu" and t.dtype == torch.float32
-            and works())
+def use(t: Tensor, values: bool = True) -> bool:
+    """Whether the numba kernels run for tensor `t`: on the CPU, float32 (unless it is not
+    `values`, as the picks `sort_picks` sorts), numba installed, and the kernels working
+    (`works`)."""
+    return (ENABLED and AVAILABLE and t.device.type == "cpu"
+            and (t.dtype == torch.float32 or not values) and works())
 
 
 _WORKS: list[bool] = []
@@ -94,11 +99,24 @@ def _try() -> bool:
         rows = torch.tensor([[0, 1], [2, 3], [4, 5]])
         ev, epos, _ = topk_expert_rows(W, torch.zeros(3, 5), rows, torch.ones(3, 2),
                                        torch.tensor([[0, 1], [2, 0], [1, 2]]), 3)
-        starts, tokens, w = group_by_row(idx, g[:, :2], 6)
+        starts, order = sort_picks(idx, 6)
+        dots, gW = decoder_grads(g, W, g[:, :2], starts, order)
+        # Adam's first step from zero moments moves each weight by lr · G / (|G| + eps')
+        P, m1, m2 = W.clone(), torch.zeros_like(W), torch.zeros_like(W)
+        adam_rows_(P, W, m1, m2, 0.5, torch.ones(()), torch.full((), 2.0), (0.9, 0.999), 0.0,
+                   decoder=False)
         ok = (torch.equal(vals.sort(-1).values, f.topk(4).values.sort(-1).values)
+              and torch.allclose(P, W - 0.5 * W.sign(), atol=1e-5)
+              and torch.allclose(projected_sq_norms(g, W[:3]),
+                                 (g - (g * W[:3]).sum(1, keepdim=True) * W[:3]).square().sum(1),
+                                 rtol=1e-4, atol=1e-5)
               and torch.equal(ev.sort(-1).values, W.view(3, 10).topk(3).values.sort(-1).values)
               and torch.allclose(picked_dots(g, W, idx), (g[:, None] * W[idx]).sum(-1), atol=1e-5)
-              and starts.tolist() == [0, 1, 2, 4, 4, 5, 6] and tokens.tolist() == [0, 2, 1, 1, 2, 0])
+              and starts.tolist() == [0, 1, 2, 4, 4, 5, 6] and order.tolist() == [0, 4, 2, 3, 5, 1]
+              and torch.allclose(dots, picked_dots(g, W, idx), atol=1e-5)
+              and torch.allclose(gW, torch.zeros_like(W).index_add_(
+                  0, idx.reshape(-1), g[:, :2].reshape(-1, 1) * g.repeat_interleave(2, 0)),
+                  atol=1e-5))
         if not ok:
             raise RuntimeError("they gave other numbers than PyTorch on a tiny case")
         return True
@@ -212,20 +230,31 @@ def topk_expert_rows(pre: Tensor, bias: Tensor, rows: Tensor, w: Tensor, experts
     return vals, pos, z
 
 
-def group_by_row(idx: Tensor, g: Tensor, n_rows: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The picks idx [B, k] sorted by the row they name (stable: by token within a row), as a
-    counting sort: (starts [n_rows + 1], where each row's picks begin; tokens [B·k], each
-    pick's token; w [B·k], its value of g [B, k]) — what `torch.argsort` of the rows, the
-    counts and two gathers give, in two passes over the picks."""
-    B, k = idx.shape
-    n = B * k
+def sort_picks(idx: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """The picks idx [B, k] sorted by the row they name, stable (by token within a row), as a
+    counting sort in two passes over the picks: (starts [n_rows + 1], where each row's picks
+    begin; order [B·k], each sorted pick's position in idx.reshape(-1)) — what a stable
+    `torch.argsort` and the counts' cumulative sum give."""
     starts = torch.empty(n_rows + 1, dtype=torch.long)
-    tokens = torch.empty(n, dtype=torch.long)
-    w = torch.empty(n, dtype=g.dtype)
-    _jit()._group_by_row(idx.reshape(-1).contiguous().numpy(), k,
-                         g.reshape(-1).contiguous().numpy(), n_rows, starts.numpy(),
-                         tokens.numpy(), w.numpy())
-    return starts, tokens, w
+    order = torch.empty(idx.numel(), dtype=torch.long)
+    _jit()._sort_picks(idx.reshape(-1).contiguous().numpy(), n_rows, starts.numpy(), order.numpy())
+    return starts, order
+
+
+def decoder_grads(g: Tensor, W: Tensor, acts: Tensor, starts: Tensor,
+                  order: Tensor) -> tuple[Tensor, Tensor]:
+    """Both gradients of the decode x̂[b] = Σ_j acts[b, j] · W[idx[b, j]] for float32 g [B, d],
+    W [M, d], acts [B, k] on the CPU, from the picks sorted by row (`sort_picks`): (∂acts
+    [B, k] = ⟨g[b], W[idx[b, j]]⟩, ∂W [M, d] = Σ over row f's picks of acts · g[b]) in one
+    pass over the rows, where `picked_dots` and a segmented sum make two."""
+    B, k = acts.shape
+    dots = torch.empty(B, k, dtype=torch.float32)
+    gW = torch.empty(W.shape, dtype=torch.float32)
+    if W.shape[0]:
+        _split_rows(_jit()._decoder_grads_rows, W.shape[0], starts.numpy(), order.numpy(), k,
+                    acts.detach().contiguous().view(-1).numpy(), g.contiguous().numpy(),
+                    W.detach().contiguous().numpy(), dots.view(-1).numpy(), gW.numpy())
+    return dots, gW
 
 
 def picked_dots(g: Tensor, W: Tensor, idx: Tensor) -> Tensor:
@@ -237,3 +266,41 @@ def picked_dots(g: Tensor, W: Tensor, idx: Tensor) -> Tensor:
         _split_rows(_jit()._picked_dots_rows, B, g.contiguous().numpy(), W.contiguous().numpy(),
                     idx.contiguous().numpy(), out.numpy())
     return out
+
+
+def projected_sq_norms(G: Tensor, W: Tensor) -> Tensor:
+    """[R] float32: ‖G[r] − ⟨G[r], W[r]⟩ · W[r]‖² for float32 G, W [R, d] on the CPU — the
+    squared norms of the decoder gradient's rows as projected, without writing them (what the
+    gradient clip needs ahead of `adam_rows_`; `kernels.projected_sq_norms` on a GPU)."""
+    R = G.shape[0]
+    out = torch.empty(R, dtype=torch.float32)
+    if R:
+        _split_rows(_jit()._projected_sq_rows, R, G.detach().contiguous().numpy(),
+                    W.detach().contiguous().numpy(), out.numpy())
+    return out
+
+
+def adam_rows_(W: Tensor, G: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+               lr: float | Tensor, step: Tensor, scale: Tensor, betas: tuple[float, float],
+               eps: float, decoder: bool, unit_eps: float = 1e-8) -> Tensor:
+    """`kernels.adam_rows_` on the CPU: a weight's optimiser step in one pass over its rows,
+    in place (float32, contiguous [R, d]): the gradient divided by the clip's `scale` and
+    torch's Adam update (`step`, the state's count, already incremented), with `decoder` the
+    gradient projected first and the rows put back to unit norm after; G is left as it was.
+    As torch's fused Adam, the bias corrections in double precision, 1 − β rounded once."""
+    tensors = (W, G, exp_avg, exp_avg_sq)
+    if any(t.dtype != torch.float32 or t.shape != W.shape or t.dim() != 2
+           or not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
+        raise ValueError("adam_rows_ takes float32 contiguous [R, d] CPU weights, gradient and moments")
+    t = float(step)
+    beta1, beta2 = betas
+    f32 = np.float32
+    step_size = f32(float(lr) / (1.0 - beta1 ** t))
+    bc2_sqrt = f32(math.sqrt(1.0 - beta2 ** t))
+    if W.shape[0]:
+        _split_rows(_jit()._adam_rows, W.shape[0], *(x.detach().numpy() for x in tensors),
+                    step_size, bc2_sqrt, f32(float(scale)), f32(beta1), f32(beta2),
+                    f32(1.0 - beta1), f32(1.0 - beta2), f32(eps), f32(unit_eps), bool(decoder))
+    for x in (W, exp_avg, exp_avg_sq):
+        torch.autograd.graph.increment_version(x)
+    return W

@@ -457,10 +457,11 @@ def _expert_picks_cpu(x_c: Tensor, W: Tensor, b: Tensor, experts: Tensor, weight
 class FeatureGroups:
     """A step's TopK picks grouped by feature, shared by the two backward passes that need it:
     the decoder's weight gradient and the encoder's both sum over the same picks sorted by
-    feature (`_scatter_rows`), so whichever runs first sorts them (a radix sort of B·k keys,
-    its counts and offsets) and the other reuses that. `_SparseTopK` attaches one to the TopK
-    indices it returns; `_SparseDecode` finds it there. Only where AuxK adds no picks to the
-    encoder's are the two sets of picks the same."""
+    feature (`_scatter_rows`, `cpu_kernels.decoder_grads`), so whichever runs first sorts them
+    (a radix sort of B·k keys, its counts and offsets; on the CPU a counting sort) and the
+    other reuses that. `_SparseTopK` attaches one to the TopK indices it returns;
+    `_SparseDecode` finds it there. Only where AuxK adds no picks to the encoder's are the two
+    sets of picks the same."""
 
     __slots__ = ("shape", "groups")
 
@@ -476,10 +477,13 @@ def _feature_groups(idx: Tensor, M: int, shared: FeatureGroups | None):
         return shared.groups
     B, k = idx.shape
     flat = idx.reshape(-1)
-    order = torch.argsort(_narrow_keys(flat, M), stable=True)
-    ends = torch.cumsum(expert_counts(flat, M), 0)  # one past each feature's last sorted pick
-    groups = (torch.div(order, k, rounding_mode="floor"), order,
-              torch.cat([ends.new_zeros(1), ends]))
+    if cpu_kernels.use(idx, values=False):  # the same groups by a counting sort
+        offsets, order = cpu_kernels.sort_picks(idx, M)
+    else:
+        order = torch.argsort(_narrow_keys(flat, M), stable=True)
+        ends = torch.cumsum(expert_counts(flat, M), 0)  # one past each feature's last sorted pick
+        offsets = torch.cat([ends.new_zeros(1), ends])
+    groups = (torch.div(order, k, rounding_mode="floor"), order, offsets)
     if shared is not None:
         shared.shape, shared.groups = idx.shape, groups
     return groups
@@ -494,9 +498,6 @@ def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int,
     Measured against the index_add (atomic adds) and sparse CSR × dense forms it replaced:
     2–4× faster than CSR on the CPU (bench in the README), and index_add was the largest
     kernel of a GPU step (benchmarks/profile_gpu.py)."""
-    if cpu_kernels.use(g):  # a counting sort in numba
-        starts, tokens, w = cpu_kernels.group_by_row(idx, g, M)
-        return F.embedding_bag(tokens, x, starts[:-1], mode="sum", per_sample_weights=w)
     tokens, order, offsets = _feature_groups(idx, M, shared)
     w = g.reshape(-1)[order]
     if kernels.use(x):
@@ -529,7 +530,11 @@ class _SparseDecode(torch.autograd.Function):
     feature; `_picked_dots`), and ∂W by `_scatter_rows`, the encoder's segmented sum where the
     bag's own backward adds each pick's row into a dense gradient. On the CPU, at the
     benchmark's size (B 4,096, k 32, M 4,608, d 576), these two took ~25 ms where the bag's own
-    backward took 60–90 ms (benchmarks/bench_train.py measures the whole step)."""
+    backward took 60–90 ms (benchmarks/bench_train.py measures the whole step); with the numba
+    kernels, both come from one pass over the picks sorted by feature
+    (`cpu_kernels.decoder_grads`, each gathered row of g read once for both: the backward phase of
+    a step 20.8 against 23.5 ms for Scale e=2, 16.3 against 19.1 ms for dense TopK, medians of
+    40 interleaved steps)."""
 
     @staticmethod
     def forward(ctx, acts, indices, W):
@@ -541,6 +546,11 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, g):
         acts, indices, W = ctx.saved_tensors
         grad_acts = grad_W = None
+        if (all(ctx.needs_input_grad[i] for i in (0, 2)) and cpu_kernels.use(W)
+                and g.dtype == acts.dtype == torch.float32):  # both in one pass over the picks
+            _, order, offsets = _feature_groups(indices, W.shape[0], ctx.shared)
+            grad_acts, grad_W = cpu_kernels.decoder_grads(g, W, acts, offsets, order)
+            return grad_acts, None, grad_W
         if ctx.needs_input_grad[0]:
             grad_acts = _picked_dots(indices, g.to(W.dtype), W).to(acts.dtype)
         if ctx.needs_input_grad[2]:

@@ -72,18 +72,22 @@ def _scaled_step(opt: torch.optim.Optimizer, scale: torch.Tensor) -> None:
 
 
 FUSED_WEIGHT_STEP = True
-"""Whether `optimiser_step` steps the decoder by one Triton pass where it can
-(`_fused_weights`): its gradient's projection, the clip, the Adam update and the rows'
-renormalisation, which PyTorch runs as four passes (with fused Adam's own kernel for the
-update). On an H100 at the paper's size, recorded bf16 steps: Scale e=2 1.837 against 1.937 ms,
-dense TopK 3.085 against 3.182 ms (benchmarks/profile_gpu.py --parts tail). False keeps
-PyTorch's passes."""
+"""Whether `optimiser_step` steps the decoder by one pass where it can (`_fused_weights`): its
+gradient's projection, the clip, the Adam update and the rows' renormalisation, which PyTorch
+runs as four passes (with fused Adam's own kernel for the update) — a Triton kernel on a GPU,
+a numba one on the CPU (`_row_kernels`). On an H100 at the paper's size, recorded bf16 steps:
+Scale e=2 1.837 against 1.937 ms, dense TopK 3.085 against 3.182 ms (benchmarks/profile_gpu.py
+--parts tail); on the development CPU (2 threads) at bench_train.py's size, the optimiser's
+phase of a step 6.2 against 7.2 ms for Scale e=2, 6.6 against 7.1 ms for dense TopK (medians of
+40 interleaved steps; the encoder's own numba pass was slower there too, 6.9 and 7.1 ms).
+False keeps PyTorch's passes."""
 
 FUSED_ENCODER_ADAM = False
 """With `FUSED_WEIGHT_STEP`, whether the encoder's Adam update is a Triton pass of its own too
 (`kernels.adam_rows_` without the decoder's projection and renormalisation) instead of part of
 fused Adam's multi-tensor kernel. Measured no faster on an H100 (Scale e=2 1.834–1.842 against
-1.837 ms, dense TopK 3.067–3.075 against 3.085 ms; same A/B), so off; kept for the A/B."""
+1.837 ms, dense TopK 3.067–3.075 against 3.085 ms; same A/B), nor with the numba pass on the
+CPU (above), so off; kept for the A/B."""
 
 
 def optimiser_step(sae, opt: torch.optim.Optimizer, max_norm: float) -> None:
@@ -106,8 +110,6 @@ def _fused_weights(sae, opt: torch.optim.Optimizer) -> list:
     group (the clip folded in, as `clipped_step`) with no weight decay, AMSGrad or
     maximisation, and exactly the SAE's parameters with gradients to step. The decoder must
     qualify; the encoder joins it where it does too."""
-    from engine.sae import kernels
-
     if (not FUSED_WEIGHT_STEP or getattr(sae, "kernels", "reference") == "reference"
             or not _folds(opt, [p for p in sae.parameters() if p.grad is not None])):
         return []
@@ -115,8 +117,8 @@ def _fused_weights(sae, opt: torch.optim.Optimizer) -> list:
     def entry(W, decoder: bool):
         g = W.grad if isinstance(W, torch.nn.Parameter) else None
         if g is None or not (W.dtype == g.dtype == torch.float32 and W.is_contiguous()
-                             and g.is_contiguous() and W.dim() == 2 and kernels.use(W)
-                             and kernels.adam_works(W.device)):
+                             and g.is_contiguous() and W.dim() == 2
+                             and _row_kernels(W) is not None):
             return None
         group = next(group for group in opt.param_groups if any(p is W for p in group["params"]))
         if group["weight_decay"] or group["amsgrad"] or group["maximize"]:
@@ -130,20 +132,30 @@ def _fused_weights(sae, opt: torch.optim.Optimizer) -> list:
     return [dec] if enc is None else [dec, enc]
 
 
+def _row_kernels(W: torch.Tensor):
+    """The module whose fused optimiser passes (`projected_sq_norms`, `adam_rows_`) run for
+    weight W, or None: the Triton kernels where they run and passed their first try on W's
+    device, else the numba kernels for a CPU tensor where they run."""
+    from engine.sae import cpu_kernels, kernels
+
+    if kernels.use(W) and kernels.adam_works(W.device):
+        return kernels
+    return cpu_kernels if cpu_kernels.use(W) else None
+
+
 def _fused_weight_step(sae, opt: torch.optim.Optimizer, fused: list, max_norm: float) -> None:
-    """`optimiser_step` with the weights in `fused` stepped by `kernels.adam_rows_`: the global
-    norm takes the decoder's rows as projected (`kernels.projected_sq_norms`, read without
+    """`optimiser_step` with the weights in `fused` stepped by `adam_rows_` (`_row_kernels`):
+    the global norm takes the decoder's rows as projected (`projected_sq_norms`, read without
     being written), fused Adam steps every other parameter with the clip's scale, and one pass
     over each weight clips and steps it (the decoder's also projects and renormalises). The
     same update as PyTorch's passes up to float32 rounding (tests/engine/training/
     test_schedule.py); the decoder's `.grad` is left unprojected. Adam's state for these
     weights is the optimiser's own (same keys), so checkpoints are unchanged."""
-    from engine.sae import kernels
-
     W = sae.W_dec
     g = W.grad
+    ops = _row_kernels(W)
     others = [p.grad for p in sae.parameters() if p.grad is not None and p is not W]
-    sq = kernels.projected_sq_norms(g, W).sum()
+    sq = ops.projected_sq_norms(g, W).sum()
     if others:
         sq = sq + torch.nn.utils.get_total_norm(others).float().square()
     scale = _clip_scale(sq.sqrt(), max_norm)
@@ -163,5 +175,5 @@ def _fused_weight_step(sae, opt: torch.optim.Optimizer, fused: list, max_norm: f
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"].add_(1)
-        kernels.adam_rows_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], group["lr"],
+        ops.adam_rows_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], group["lr"],
                            state["step"], scale, group["betas"], group["eps"], decoder=decoder)

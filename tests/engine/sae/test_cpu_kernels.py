@@ -95,15 +95,32 @@ def test_picked_dots_is_the_bag_kernel(torch_kernels):
     assert torch.allclose(got.double(), exact, atol=1e-4) and torch.allclose(got, ref, atol=1e-4)
 
 
-def test_group_by_row_is_a_stable_argsort():
+def test_sort_picks_is_a_stable_argsort():
     gen = torch.Generator().manual_seed(3)
     idx = torch.randint(0, 20, (50, 6), generator=gen)
-    g = torch.randn(50, 6, generator=gen)
-    starts, tokens, w = cpu_kernels.group_by_row(idx, g, 25)  # rows 20..24 never named
-    order = torch.argsort(idx.reshape(-1), stable=True)
+    starts, order = cpu_kernels.sort_picks(idx, 25)  # rows 20..24 never named
     counts = torch.bincount(idx.reshape(-1), minlength=25)
     assert torch.equal(starts, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
-    assert torch.equal(tokens, order // 6) and torch.equal(w, g.reshape(-1)[order])
+    assert torch.equal(order, torch.argsort(idx.reshape(-1), stable=True))
+
+
+@pytest.mark.parametrize("k", [1, 3, 8], ids=lambda k: f"k{k}")
+def test_decoder_grads_are_the_dots_and_the_segmented_sum(k):
+    """Both decoder gradients from one pass: rows with no picks (zeros), with fewer than four,
+    with a multiple of four and with more; a token naming a row twice. Against the bag's
+    backward written out densely, in float64."""
+    gen = torch.Generator().manual_seed(k)
+    B, M, d = 60, 30, 37
+    idx = torch.randint(0, M - 4, (B, k), generator=gen)  # rows 26..29 never named
+    idx[0, :] = 5  # a row named k times by one token
+    acts, g, W = torch.rand(B, k, generator=gen), torch.randn(B, d, generator=gen), torch.randn(M, d, generator=gen)
+    starts, order = cpu_kernels.sort_picks(idx, M)
+    dots, gW = cpu_kernels.decoder_grads(g, W, acts, starts, order)
+    want_dots = (g.double()[:, None] * W.double()[idx]).sum(-1)
+    want_gW = torch.zeros(M, d, dtype=torch.float64).index_add_(
+        0, idx.reshape(-1), acts.double().reshape(-1, 1) * g.double().repeat_interleave(k, 0))
+    assert torch.allclose(dots.double(), want_dots, atol=1e-4)
+    assert torch.allclose(gW.double(), want_gW, atol=1e-4) and bool((gW[26:] == 0).all())
 
 
 def test_scatter_rows_gives_the_same_bits(torch_kernels):
@@ -146,6 +163,27 @@ def test_a_training_step_is_the_same_with_either_kernels(arch, active, torch_ker
     for name in g0:
         assert torch.allclose(g0[name], g1[name], atol=1e-5, rtol=1e-4), name
 
+
+@pytest.mark.parametrize("auxk", [False, True], ids=["no AuxK", "AuxK"])
+def test_a_step_sorts_its_picks_once_for_both_weight_gradients(auxk, monkeypatch):
+    """The decoder's backward sorts the TopK picks by feature (one counting sort) and takes
+    both its gradients from one pass; the encoder's weight gradient reuses that sort, unless
+    AuxK adds picks of its own to the encoder's."""
+    assert cpu_kernels.works()  # its one try made before counting
+    calls = {"sort_picks": 0, "decoder_grads": 0}
+    for name in calls:
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _real=real, _name=name, **kw:
+                            calls.__setitem__(_name, calls[_name] + 1) or _real(*a, **kw))
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(arch="scale", d_in=24, width=192, experts=4, active=2, k=8))
+    x = torch.randn(300, 24)
+    dead = torch.ones(192, dtype=torch.bool) if auxk else None
+    out = sae(x, dead_mask=dead, auxk_k=12 if auxk else None)
+    (out.mse + (out.auxk_loss if auxk else 0)).backward()
+    # with AuxK also the aux picks' own decode (a sort and a pass of their own) and the
+    # encoder's sort of its TopK and AuxK picks together
+    assert calls == {"sort_picks": 3 if auxk else 1, "decoder_grads": 2 if auxk else 1}
 
 
 def test_rows_split_across_threads_give_the_same_picks():

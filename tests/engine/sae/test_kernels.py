@@ -1,4 +1,5 @@
-"""The Triton kernels of engine/sae/kernels.py against the `embedding_bag` forms they replace:
+"""The Triton kernels of engine/sae/kernels.py against the `embedding_bag` forms they replace
+(and, for the optimiser's passes, the CPU's numba kernels with the same signatures beside them):
 compiled on CUDA, through Triton's interpreter on the CPU (tests/conftest.py sets
 TRITON_INTERPRET=1 there)."""
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from engine.sae import kernels  # noqa: E402
+from engine.sae import cpu_kernels, kernels  # noqa: E402
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(
     not kernels.interpreted(), reason="CPU tensors need Triton's interpreter (set on machines without CUDA)")),
@@ -207,20 +208,38 @@ def test_moesae_triton_0_turns_them_off():
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_projected_sq_norms_are_those_of_the_projected_rows(device):
+ROW_STEPS = [*DEVICES, pytest.param("numba", marks=pytest.mark.skipif(
+    not cpu_kernels.AVAILABLE, reason="needs numba"))]
+"""Where the optimiser's fused passes run: the Triton kernels (on the CPU through the
+interpreter, compiled on CUDA) and the CPU's numba kernels, which have the same signatures."""
+
+
+def _row_step(where: str):
+    """(the module, the torch device) for a ROW_STEPS case."""
+    return (cpu_kernels, "cpu") if where == "numba" else (kernels, where)
+
+
+def _projected(G, W):
+    """PyTorch's form: each row of G less its component along the unit row of W."""
+    return G - torch.linalg.vecdot(G, W)[:, None] * W
+
+
+@pytest.mark.parametrize("where", ROW_STEPS)
+def test_projected_sq_norms_are_those_of_the_projected_rows(where):
+    ops, device = _row_step(where)
     gen = torch.Generator().manual_seed(3)
     W = F.normalize(torch.randn(37, 70, generator=gen), dim=1).to(device)
     G = torch.randn(37, 70, generator=gen).to(device)
-    want = kernels.project_rows_(G.clone(), W).pow(2).sum(1)
-    assert torch.allclose(kernels.projected_sq_norms(G, W), want, rtol=1e-5, atol=1e-6)
+    want = _projected(G, W).pow(2).sum(1)
+    assert torch.allclose(ops.projected_sq_norms(G, W), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_adam_rows_is_project_adam_then_unit_rows(device):
-    """Two steps of the fused pass against `project_rows_`, the gradient divided by the clip's
-    scale, `torch.optim.Adam` (its own fused kernel where it has one) and `unit_rows_`; a zero
-    row stays zero and a row with a NaN stays NaN, as in PyTorch."""
+@pytest.mark.parametrize("where", ROW_STEPS)
+def test_adam_rows_is_project_adam_then_unit_rows(where):
+    """Two steps of the fused pass against the projection, the gradient divided by the clip's
+    scale, `torch.optim.Adam` (its own fused kernel where it has one) and the rows divided by
+    their norms; a zero row stays zero and a row with a NaN stays NaN, as in PyTorch."""
+    ops, device = _row_step(where)
     gen = torch.Generator().manual_seed(4)
     R, d = 21, 70
     W0 = F.normalize(torch.randn(R, d, generator=gen), dim=1)
@@ -234,20 +253,20 @@ def test_adam_rows_is_project_adam_then_unit_rows(device):
     for t, G in enumerate(grads):
         G = G.to(device)
         scale = torch.full((), 1.5 + t, device=device)
-        W_ref.grad = kernels.project_rows_(G.clone(), W_ref.detach()) / scale
+        W_ref.grad = _projected(G, W_ref.detach()) / scale
         opt.step()
         with torch.no_grad():
-            kernels.unit_rows_(W_ref.data)
+            W_ref.div_(W_ref.norm(dim=1, keepdim=True).clamp_min(1e-8))
         step.add_(1)
-        kernels.adam_rows_(W, G, m1, m2, 1e-2, step, scale, (0.9, 0.999), 1e-8, decoder=True)
+        ops.adam_rows_(W, G, m1, m2, 1e-2, step, scale, (0.9, 0.999), 1e-8, decoder=True)
         assert torch.allclose(W, W_ref.detach(), rtol=1e-5, atol=1e-6)
         # the second step projects onto rows that differ from the reference's by their rounding
         assert torch.allclose(m1, opt.state[W_ref]["exp_avg"], rtol=1e-5, atol=1e-6)
         assert torch.allclose(m2, opt.state[W_ref]["exp_avg_sq"], rtol=1e-5, atol=1e-8)
     W_nan = W.clone()
     W_nan[2, 3] = float("nan")
-    kernels.adam_rows_(W_nan, torch.zeros_like(W), m1.clone(), m2.clone(), 1e-2, step,
-                       torch.ones((), device=device), (0.9, 0.999), 1e-8, decoder=True)
+    ops.adam_rows_(W_nan, torch.zeros_like(W), m1.clone(), m2.clone(), 1e-2, step,
+                   torch.ones((), device=device), (0.9, 0.999), 1e-8, decoder=True)
     assert bool(W_nan[2].isnan().all()) and not bool(W_nan[3].isnan().any())
 
 
@@ -324,10 +343,11 @@ def test_row_topk_refuses_what_it_cannot_hold():
         kernels.row_topk(f, 3)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_adam_rows_without_the_decoders_passes_is_adam(device):
+@pytest.mark.parametrize("where", ROW_STEPS)
+def test_adam_rows_without_the_decoders_passes_is_adam(where):
     """The encoder's pass: the clip's scale and torch's Adam, nothing else (no projection, no
     renormalisation), over three steps."""
+    ops, device = _row_step(where)
     gen = torch.Generator().manual_seed(7)
     W0 = torch.randn(13, 70, generator=gen)
     W_ref = torch.nn.Parameter(W0.clone().to(device))
@@ -340,7 +360,7 @@ def test_adam_rows_without_the_decoders_passes_is_adam(device):
         W_ref.grad = G / scale
         opt.step()
         step.add_(1)
-        kernels.adam_rows_(W, G, m1, m2, 1e-2, step, scale, (0.9, 0.999), 1e-8, decoder=False)
+        ops.adam_rows_(W, G, m1, m2, 1e-2, step, scale, (0.9, 0.999), 1e-8, decoder=False)
         assert torch.allclose(W, W_ref.detach(), rtol=1e-5, atol=1e-6)
         assert torch.allclose(m1, opt.state[W_ref]["exp_avg"], rtol=1e-5, atol=1e-7)
         assert torch.allclose(m2, opt.state[W_ref]["exp_avg_sq"], rtol=1e-5, atol=1e-9)

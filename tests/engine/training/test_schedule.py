@@ -130,16 +130,30 @@ def triton_on_cpu(triton_interpreter, monkeypatch):
     return triton_interpreter
 
 
+@pytest.fixture(params=["triton", "numba"])
+def row_kernels(request):
+    """The module whose fused passes step the weights: the Triton kernels (through the
+    interpreter) or the CPU's numba kernels, which `_row_kernels` picks for a CPU tensor where
+    Triton's do not run."""
+    if request.param == "triton":
+        return request.getfixturevalue("triton_on_cpu")
+    from engine.sae import cpu_kernels
+
+    if not cpu_kernels.AVAILABLE:
+        pytest.skip("needs numba")
+    return cpu_kernels
+
+
 @pytest.mark.parametrize("scale", [1e-3, 10.0], ids=["under the clip", "clipped"])
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["lr a number", "lr a tensor"])
 @pytest.mark.parametrize("encoder", [True, False], ids=["encoder too", "decoder only"])
-def test_the_fused_weight_step_is_pytorchs_passes(triton_on_cpu, monkeypatch, scale, tensor_lr,
+def test_the_fused_weight_step_is_pytorchs_passes(row_kernels, monkeypatch, scale, tensor_lr,
                                                   encoder):
-    """Three steps of `optimiser_step`: one Triton pass over the decoder (projection, clip,
-    Adam, unit norm) and one over the encoder (clip, Adam) against the projection,
-    clip_grad_norm_, Adam and renormalisation in PyTorch's own forms: every weight and both
-    moments to float32 rounding, and the optimiser state under the same keys (so a checkpoint
-    of either loads into the other)."""
+    """Three steps of `optimiser_step`: one pass over the decoder (projection, clip, Adam, unit
+    norm) and one over the encoder (clip, Adam) against the projection, clip_grad_norm_, Adam
+    and renormalisation in PyTorch's own forms: every weight and both moments to float32
+    rounding, and the optimiser state under the same keys (so a checkpoint of either loads
+    into the other)."""
     from engine.training import schedule
 
     monkeypatch.setattr(schedule, "FUSED_ENCODER_ADAM", encoder)
@@ -147,9 +161,10 @@ def test_the_fused_weight_step_is_pytorchs_passes(triton_on_cpu, monkeypatch, sc
     ref.kernels = "reference"  # its projection and renormalisation in PyTorch
     lr = torch.tensor(1e-2) if tensor_lr else 1e-2
     opt_ref, opt_fast = make_adam(ref.parameters(), lr), make_adam(fast.parameters(), lr)
+    assert schedule._row_kernels(fast.W_dec) is row_kernels  # its one try made before counting
     seen = []
-    real = triton_on_cpu.adam_rows_
-    monkeypatch.setattr(triton_on_cpu, "adam_rows_", lambda *a, **kw: seen.append(kw["decoder"]) or real(*a, **kw))
+    real = row_kernels.adam_rows_
+    monkeypatch.setattr(row_kernels, "adam_rows_", lambda *a, **kw: seen.append(kw["decoder"]) or real(*a, **kw))
     for step in range(3):
         _set_grads(ref, scale, step)
         _set_grads(fast, scale, step)
@@ -166,9 +181,9 @@ def test_the_fused_weight_step_is_pytorchs_passes(triton_on_cpu, monkeypatch, sc
     assert not hasattr(opt_fast, "grad_scale")
 
 
-def test_the_fused_weight_step_stands_aside_where_it_cannot_run(triton_on_cpu, monkeypatch):
+def test_the_fused_weight_step_stands_aside_where_it_cannot_run(row_kernels, monkeypatch):
     """The plain passes where the fused one does not apply: the reference kernels, the switch
-    off, unfused Adam; and where the kernel fails its first try on a device."""
+    off, unfused Adam; and where the kernels fail their first try."""
     from engine.training import schedule
 
     sae = _sae_with_grads(1.0)
@@ -187,5 +202,10 @@ def test_the_fused_weight_step_stands_aside_where_it_cannot_run(triton_on_cpu, m
     assert schedule._fused_weights(sae, unfused) == []
     sae.W_enc.grad = None  # the decoder alone
     assert schedule._fused_weights(sae, opt) == [(sae.W_dec, group, True)]
-    monkeypatch.setattr(triton_on_cpu, "adam_works", lambda device: False)
+    from engine.sae import cpu_kernels
+
+    if row_kernels is not cpu_kernels:  # Triton's failing its try leaves the CPU's numba ones
+        monkeypatch.setattr(row_kernels, "adam_works", lambda device: False)
+        assert schedule._row_kernels(sae.W_dec) is (cpu_kernels if cpu_kernels.use(sae.W_dec) else None)
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)  # and where those do not run either
     assert schedule._fused_weights(sae, opt) == []
