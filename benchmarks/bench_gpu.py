@@ -18,8 +18,9 @@ smaller defaults): three measurements, one JSON file and one plot.
 Writes benchmarks/results/gpu-<device>.json and .png.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 - engine.openmp first, out of order:
 
+import engine.openmp  # noqa: F401 - sets OpenMP's spinning as `moesae` has it, before torch loads
 import argparse
 import json
 import platform

@@ -16,8 +16,9 @@ decode, loss, backward, the optimiser's part) over `--phase-steps` steps, the va
 turns step by step; in the JSON and as a stacked bar plot beside it (train_phases.png).
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 - engine.openmp first, out of order:
 
+import engine.openmp  # noqa: F401 - sets OpenMP's spinning as `moesae` has it, before torch loads
 import argparse
 import json
 import platform
