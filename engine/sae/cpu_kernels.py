@@ -134,11 +134,13 @@ def _split_rows(kernel, B: int, *args, min_rows: int = MIN_ROWS) -> None:
     """kernel(lo, hi, *args) over rows [0, B), on as many threads as PyTorch has (each with at
     least `min_rows` rows): the calling thread and a pool of threads take chunks of rows from
     one shared queue until it is empty, so a thread that starts late (its core still busy
-    with PyTorch's spinning OpenMP workers) takes fewer. The kernels release the GIL, so the
-    chunks run at once. A pool rather than numba's own threads: OpenMP's workers spin after
-    each parallel region, and on a 2-core machine that spinning took the cores from PyTorch's
-    next kernels and from the other process of a data-parallel run (3× slower steps there);
-    these threads sleep. The pool is made again in a forked child, whose copy has no threads."""
+    with PyTorch's spinning OpenMP workers, which engine/openmp.py keeps brief) takes fewer.
+    The kernels release the GIL, so the chunks run at once. A pool rather than numba's own
+    threads: numba's OpenMP layer loads a libgomp of its own beside PyTorch's, whose workers
+    spin after each parallel region, and on a 2-core machine that spinning took the cores from
+    PyTorch's next kernels and from the other process of a data-parallel run (3× slower steps
+    there); these threads sleep. The pool is made again in a forked child, whose copy has no
+    threads."""
     parts = max(1, min(torch.get_num_threads(), B // min_rows))
     if parts == 1:
         kernel(0, B, *args)
