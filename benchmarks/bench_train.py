@@ -14,6 +14,8 @@ With --torch-kernels-too, dense TopK and Scale e=2 also run with the numba CPU k
 kernels). Then, for each of our variants, where a step's time goes: the median of each phase (encode,
 decode, loss, backward, the optimiser's part) over `--phase-steps` steps, the variants taking
 turns step by step; in the JSON and as a stacked bar plot beside it (train_phases.png).
+As the `moesae` command, it keeps freed memory (unless --system-malloc) and sets OpenMP's
+spinning before torch loads (engine/openmp.py; the JSON records GOMP_SPINCOUNT).
 """
 
 from __future__ import annotations  # noqa: I001 - engine.openmp first, out of order:
@@ -21,6 +23,7 @@ from __future__ import annotations  # noqa: I001 - engine.openmp first, out of o
 import engine.openmp  # noqa: F401 - sets OpenMP's spinning as `moesae` has it, before torch loads
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -254,6 +257,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads, "
                    f"torch {torch.__version__}",
         "allocator": allocator_label(kept),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "config": vars(args) | {"d": d},
         "rows": rows,
     }
