@@ -315,3 +315,22 @@ def _decoder_grads_rows(lo, hi, starts, order, k, acts, g, W, dots, gW):
             dots[p] = s
             q += 1
         gW[f, :] = acc
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def _group_sums_rows(lo, hi, G, W, colsum, dots):
+    """For experts i in [lo, hi) of G, W [N, m, d]: colsum[i] = Σ_j G[i, j] and
+    dots[i] = Σ_j ⟨G[i, j], W[i, j]⟩, from one read of each."""
+    m = G.shape[1]
+    d = G.shape[2]
+    for i in range(lo, hi):
+        acc = colsum[i]
+        acc[:] = 0.0
+        s = np.float32(0.0)
+        for j in range(m):
+            g = G[i, j]
+            w = W[i, j]
+            for c in range(d):
+                acc[c] += g[c]
+                s += g[c] * w[c]
+        dots[i] = s

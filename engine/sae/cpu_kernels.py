@@ -11,6 +11,7 @@ B 4,096, d 576, M 4,608, N 16, k 32, two threads):
 | ∂z[b, j] = ⟨∂x̂[b], W_dec[idx[b, j]]⟩        | `embedding_bag`'s per-sample-weights backward | `picked_dots` |
 | the picks grouped by feature for ∂W_enc, ∂W_dec | a stable `argsort` and the counts | `sort_picks` (a counting sort) |
 | ∂z and ∂W_dec together                        | the two above, two passes over the picks | `decoder_grads`, one |
+| Feature Scaling's Σ_j G_i and ⟨G_i, W_i⟩ (METHOD §3) | `sum` and `vecdot` (which writes the products and reads them back) | `group_sums`, one read |
 | the decoder's step (METHOD §3): ∂W_dec projected, clipped, Adam, rows to unit norm | four passes (`vecdot` + `addcmul_`, the clip's norm, fused Adam, `norm` + `div_`) | `projected_sq_norms` + `adam_rows_`, two |
 
 `topk` finds each row's k largest without sorting anything: by bisection on order-preserving
@@ -105,7 +106,11 @@ def _try() -> bool:
         P, m1, m2 = W.clone(), torch.zeros_like(W), torch.zeros_like(W)
         adam_rows_(P, W, m1, m2, 0.5, torch.ones(()), torch.full((), 2.0), (0.9, 0.999), 0.0,
                    decoder=False)
+        G3, W3 = W.view(2, 3, 5), g.repeat(2, 1).view(2, 3, 5)
+        col, dot = group_sums(G3, W3)
         ok = (torch.equal(vals.sort(-1).values, f.topk(4).values.sort(-1).values)
+              and torch.allclose(col, G3.sum(1, keepdim=True), atol=1e-5)
+              and torch.allclose(dot, (G3 * W3).sum((1, 2)), atol=1e-4)
               and torch.allclose(P, W - 0.5 * W.sign(), atol=1e-5)
               and torch.allclose(projected_sq_norms(g, W[:3]),
                                  (g - (g * W[:3]).sum(1, keepdim=True) * W[:3]).square().sum(1),
@@ -306,3 +311,17 @@ def adam_rows_(W: Tensor, G: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
     for x in (W, exp_avg, exp_avg_sq):
         torch.autograd.graph.increment_version(x)
     return W
+
+
+def group_sums(G: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """`kernels.group_sums` on the CPU: (Σ_j G[i, j, :] as [N, 1, d], Σ_j ⟨G[i, j, :],
+    W[i, j, :]⟩ as [N]) for float32 G, W [N, m, d] — Feature Scaling's two reductions of its
+    backward from one read of G and W, the experts split across the threads; float32 sums,
+    reassociated."""
+    N, _, d = G.shape
+    colsum = torch.empty(N, d, dtype=torch.float32)
+    dots = torch.empty(N, dtype=torch.float32)
+    if N:
+        _split_rows(_jit()._group_sums_rows, N, G.contiguous().numpy(),
+                    W.detach().contiguous().numpy(), colsum.numpy(), dots.numpy(), min_rows=1)
+    return colsum.unsqueeze(1), dots

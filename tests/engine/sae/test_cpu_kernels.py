@@ -95,6 +95,18 @@ def test_picked_dots_is_the_bag_kernel(torch_kernels):
     assert torch.allclose(got.double(), exact, atol=1e-4) and torch.allclose(got, ref, atol=1e-4)
 
 
+def test_group_sums_are_feature_scalings_two_reductions():
+    """Against `sum` over the rows and `vecdot` per expert, in float64; with more experts than
+    threads, one expert, and rows not a multiple of the vector width."""
+    gen = torch.Generator().manual_seed(9)
+    for N, m, d in [(5, 7, 37), (1, 3, 16), (16, 40, 24)]:
+        G, W = torch.randn(N, m, d, generator=gen), torch.randn(N, m, d, generator=gen)
+        col, dot = cpu_kernels.group_sums(G, W)
+        assert col.shape == (N, 1, d) and dot.shape == (N,)
+        assert torch.allclose(col.double(), G.double().sum(1, keepdim=True), atol=1e-4)
+        assert torch.allclose(dot.double(), (G.double() * W.double()).sum((1, 2)), atol=1e-3)
+
+
 def test_sort_picks_is_a_stable_argsort():
     gen = torch.Generator().manual_seed(3)
     idx = torch.randint(0, 20, (50, 6), generator=gen)

@@ -75,6 +75,33 @@ def test_fused_feature_scaling_equals_the_plain_expression(form, monkeypatch):
                                     (W, T, omega))
 
 
+@pytest.mark.parametrize("form", ["t_mean", "plain_mean"])
+def test_fused_feature_scaling_through_the_cpu_kernels(form, monkeypatch):
+    """In float32 on the CPU the fused form's backward takes its two reductions from numba's
+    `group_sums`: Ŵ and the gradients of W_enc, T and ω as the plain expression's, to float32
+    rounding."""
+    from engine.sae import cpu_kernels
+
+    if not cpu_kernels.use(torch.zeros(1)):
+        pytest.skip("needs numba")
+    calls = []
+    real = cpu_kernels.group_sums
+    monkeypatch.setattr(cpu_kernels, "group_sums", lambda *a: calls.append(1) or real(*a))
+    sae = make("scale", scaling_form=form)
+    with torch.no_grad():
+        sae.omega.uniform_(-0.5, 0.5)
+        sae.T.add_(0.1 * torch.randn_like(sae.T))
+    go = torch.randn(4, 16, 12)
+    out = {}
+    for kernels in ("reference", "fast"):
+        sae.kernels = kernels
+        W_hat = sae.scaled_encoder()
+        out[kernels] = (W_hat, *torch.autograd.grad(W_hat, (sae.W_enc, sae.T, sae.omega), go))
+    assert calls == [1]  # the fast form's backward only
+    for a, b in zip(out["reference"], out["fast"], strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_expert_counts_on_the_device_equal_bincount():
     idx = torch.randint(0, 7, (300,))
     assert expert_counts(idx, 9).tolist() == torch.bincount(idx, minlength=9).tolist()
