@@ -72,6 +72,7 @@ def test_engine_parts_form_no_cycle():
     assert graph.get("store", set()) <= {"errors"}
     assert graph.get("metrics", set()) <= {"errors", "runtime"}
     assert graph.get("runtime", set()) <= {"errors"}
+    assert not graph.get("openmp")  # imported before torch: nothing of the engine's
 
 
 def test_engine_never_imports_streamlit():
