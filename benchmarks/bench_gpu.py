@@ -18,7 +18,7 @@ smaller defaults): three measurements, one JSON file and one plot.
 Writes benchmarks/results/gpu-<device>.json and .png.
 """
 
-from __future__ import annotations  # noqa: I001 - engine.openmp first, out of order:
+from __future__ import annotations  # noqa: I001 - the block puts engine.openmp first, on purpose
 
 import engine.openmp  # noqa: F401 - sets OpenMP's spinning as `moesae` has it, before torch loads
 import argparse

@@ -18,7 +18,7 @@ As the `moesae` command, it keeps freed memory (unless --system-malloc) and sets
 spinning before torch loads (engine/openmp.py; the JSON records GOMP_SPINCOUNT).
 """
 
-from __future__ import annotations  # noqa: I001 - engine.openmp first, out of order:
+from __future__ import annotations  # noqa: I001 - the block puts engine.openmp first, on purpose
 
 import engine.openmp  # noqa: F401 - sets OpenMP's spinning as `moesae` has it, before torch loads
 import argparse
