@@ -35,6 +35,7 @@ import torch
 
 from engine.runtime import allocator_label, keep_freed_memory
 from engine.sae import SAEConfig, build_sae, cpu_kernels
+from engine.sae.base import centred_sq_sum
 from engine.training.schedule import lr_for_width, make_adam, optimiser_step
 
 
@@ -74,7 +75,7 @@ def ours_step_fn(cfg: SAEConfig, lr: float):
         x_hat = sae.decode(codes.top_acts, codes.top_indices)
         mark("decode")
         sse = torch.nn.functional.mse_loss(x_hat, x, reduction="sum")
-        _fvu = sse.detach() / torch.linalg.vector_norm(x - x.mean(0)).square()  # forward() logs it
+        _fvu = sse.detach() / centred_sq_sum(x, None)  # forward() logs it
         loss = sse / x.shape[0] + lb_weight * sae.load_balance_loss(codes)
         mark("loss")
         opt.zero_grad(set_to_none=True)

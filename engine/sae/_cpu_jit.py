@@ -178,25 +178,39 @@ def _sort_picks(flat, n_rows, starts, order):
 
 
 @njit(nogil=True, cache=True)
-def _topk_expert_rows(lo, hi, pre, bias, rows, w, experts, dead, use_dead, k, L, out_v,
-                      out_i, out_z):
+def _topk_expert_rows(lo, hi, pre, bias, rows, w, experts, dead, use_dead, scale, offset,
+                      scaled, k, L, out_v, out_i, out_z, out_u):
     """For tokens b in [lo, hi): the token's candidates f = concat_s w[b, s] · (pre[rows[b, s]]
     + bias[expert]) (each of its e experts' m pre-activations, in slot order; −inf where
     `use_dead` and the feature is not dead), their k largest (out_v, positions s·m + j in
-    out_i) and the pre-activations at those positions before weighting (out_z)."""
+    out_i), the pre-activations at those positions before weighting (out_z) and the products
+    they were made from (out_u: pre at the pick). Where `scaled`, each pair's products are
+    first scaled by its expert's scale and shifted by the pair's offset:
+    scale[expert] · pre + offset[b, s]."""
     e = rows.shape[1]
     m = pre.shape[1]
     n = e * m
     row = np.empty(n, np.float32)
     bits = row.view(np.int32)
+    sc = np.ones(e, np.float32)
+    off = np.zeros(e, np.float32)
     bm, bk, bp, ck, ci = _scratch(n, L)
     for b in range(lo, hi):
         for s in range(e):
             r = rows[b, s]
             ws = w[b, s]
-            base = experts[b, s] * m
-            for j in range(m):
-                row[s * m + j] = ws * (pre[r, j] + bias[base + j])
+            ex = experts[b, s]
+            base = ex * m
+            if scaled:
+                sc_s = scale[ex]
+                off_s = offset[b, s]
+                sc[s] = sc_s
+                off[s] = off_s
+                for j in range(m):
+                    row[s * m + j] = ws * ((sc_s * pre[r, j] + off_s) + bias[base + j])
+            else:
+                for j in range(m):
+                    row[s * m + j] = ws * (pre[r, j] + bias[base + j])
             if use_dead:
                 for j in range(m):
                     if not dead[base + j]:
@@ -205,7 +219,9 @@ def _topk_expert_rows(lo, hi, pre, bias, rows, w, experts, dead, use_dead, k, L,
         for t in range(k):
             p = out_i[b, t]
             s = p // m
-            out_z[b, t] = pre[rows[b, s], p % m] + bias[experts[b, s] * m + p % m]
+            u = pre[rows[b, s], p % m]
+            out_u[b, t] = u
+            out_z[b, t] = (sc[s] * u + off[s]) + bias[experts[b, s] * m + p % m]
 
 
 @njit(fastmath=True, nogil=True, cache=True)
@@ -334,3 +350,88 @@ def _group_sums_rows(lo, hi, G, W, colsum, dots):
                 acc[c] += g[c]
                 s += g[c] * w[c]
         dots[i] = s
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def _moment_rows(lo, hi, x, block, colsum, sqsum):
+    """For blocks of `block` rows i in [lo, hi) of x [B, d]: colsum[i] = Σ of the block's rows
+    and sqsum[i] = Σ of their squared entries, both in float64, from one read of x."""
+    B = x.shape[0]
+    d = x.shape[1]
+    for i in range(lo, hi):
+        acc = colsum[i]
+        acc[:] = 0.0
+        s = 0.0
+        for r in range(i * block, min(B, (i + 1) * block)):
+            row = x[r]
+            for c in range(d):
+                v = np.float64(row[c])
+                acc[c] += v
+                s += v * v
+        sqsum[i] = s
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def _expert_sum_rows(lo, hi, x, experts, r, block, acc):
+    """For blocks of `block` rows i in [lo, hi) of x [B, d]: acc[i, n] = Σ over the block's
+    rows b and slots s with experts[b, s] = n of r[b, s] · x[b]."""
+    B = x.shape[0]
+    e = experts.shape[1]
+    for i in range(lo, hi):
+        a = acc[i]
+        a[:] = 0.0
+        for b in range(i * block, min(B, (i + 1) * block)):
+            row = x[b]
+            for s in range(e):
+                an = a[experts[b, s]]
+                rs = r[b, s]
+                for c in range(row.shape[0]):
+                    an[c] += rs * row[c]
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def _centre_rows(lo, hi, x, centre, experts, shift, out, offset):
+    """For rows b in [lo, hi): out[b] = x[b] − centre and offset[b, s] = ⟨shift[experts[b, s]],
+    out[b]⟩ for each slot s: the first two slots' in the pass that writes the row (one pass
+    per slot from cache after it measured 0.3 ms slower at 4,096 × 576, e = 2), any others
+    from the row in cache."""
+    d = x.shape[1]
+    e = experts.shape[1]
+    for b in range(lo, hi):
+        s0 = shift[experts[b, 0]]
+        s1 = shift[experts[b, 1 if e > 1 else 0]]
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        for c in range(d):
+            v = x[b, c] - centre[c]
+            out[b, c] = v
+            a0 += v * s0[c]
+            a1 += v * s1[c]
+        offset[b, 0] = a0
+        if e > 1:
+            offset[b, 1] = a1
+        for s in range(2, e):
+            sh = shift[experts[b, s]]
+            a = np.float32(0.0)
+            for c in range(d):
+                a += out[b, c] * sh[c]
+            offset[b, s] = a
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def _pick_scale_rows(lo, hi, g, slot, experts, u, scale, g_rows, r, r_u):
+    """For tokens b in [lo, hi), over their picks j (from slot s = slot[b, j] of expert
+    experts[b, s]): g_rows[b, j] = g[b, j] · scale[expert]; r[b, s] = Σ_j g[b, j] and
+    r_u[b, s] = Σ_j g[b, j] · u[b, j] over the slot's picks."""
+    k = g.shape[1]
+    e = r.shape[1]
+    for b in range(lo, hi):
+        for s in range(e):
+            r[b, s] = 0.0
+            r_u[b, s] = 0.0
+        for j in range(k):
+            s = slot[b, j]
+            gj = g[b, j]
+            g_rows[b, j] = gj * scale[experts[b, s]]
+            r[b, s] += gj
+            r_u[b, s] += gj * u[b, j]

@@ -13,6 +13,8 @@ B 4,096, d 576, M 4,608, N 16, k 32, two threads):
 | ∂z and ∂W_dec together                        | the two above, two passes over the picks | `decoder_grads`, one |
 | Feature Scaling's Σ_j G_i and ⟨G_i, W_i⟩ (METHOD §3) | `sum` and `vecdot` (which writes the products and reads them back) | `group_sums`, one read |
 | the decoder's step (METHOD §3): ∂W_dec projected, clipped, Adam, rows to unit norm | four passes (`vecdot` + `addcmul_`, the clip's norm, fused Adam, `norm` + `div_`) | `projected_sq_norms` + `adam_rows_`, two |
+| Feature Scaling folded into the encode: Ŵ_i x = s_i · (W_i x) + ⟨c_i, x⟩ (METHOD §3) | Ŵ written out each step (a pass over the M·d weights), and its gradient's two more | `centre_rows` (x − b_dec and the ⟨c_i, x⟩ in one read), `topk_expert_rows` with a `Scaling`, and for the backward `pick_scale_sums` and `expert_sums` |
+| the FVU's denominator Σ‖x − mean x‖² | `x − x.mean(0)` and its norm: three reads and a write | `centred_sq_sum`, one read, float64 sums |
 
 `topk` finds each row's k largest without sorting anything: by bisection on order-preserving
 integer keys of the floats (an int32 whose order is the float's), counting the keys at or
@@ -40,6 +42,7 @@ import importlib.util
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -57,6 +60,11 @@ MIN_ROWS = 256
 
 CHUNKS_PER_THREAD = 8
 """Chunks of rows per thread in `_split_rows`'s queue."""
+
+SUM_BLOCK = 256
+"""Rows per partial sum in the kernels that sum over tokens (`centred_sq_sum`,
+`expert_sums`): each block's sums are written apart and added up after, so no two threads
+write one sum."""
 
 
 def _jit():
@@ -98,8 +106,12 @@ def _try() -> bool:
         W, g = torch.randn(6, 5, generator=gen), torch.randn(3, 5, generator=gen)
         idx = torch.tensor([[0, 5], [2, 2], [1, 4]])
         rows = torch.tensor([[0, 1], [2, 3], [4, 5]])
-        ev, epos, _ = topk_expert_rows(W, torch.zeros(3, 5), rows, torch.ones(3, 2),
-                                       torch.tensor([[0, 1], [2, 0], [1, 2]]), 3)
+        experts = torch.tensor([[0, 1], [2, 0], [1, 2]])
+        ev, epos, _, _ = topk_expert_rows(W, torch.zeros(3, 5), rows, torch.ones(3, 2), experts, 3)
+        sv, _, _, _ = topk_expert_rows(W, torch.zeros(3, 5), rows, torch.ones(3, 2), experts, 3,
+                                       scaling=Scaling(torch.full((3,), 2.0), torch.ones(3, 2)))
+        x_c, offset = centre_rows(g, g[0], experts, W[:3])
+        g_rows, r, r_u = pick_scale_sums(g[:, :2], idx % 2, experts, g[:, 2:4], torch.ones(3))
         starts, order = sort_picks(idx, 6)
         dots, gW = decoder_grads(g, W, g[:, :2], starts, order)
         # Adam's first step from zero moments moves each weight by lr · G / (|G| + eps')
@@ -116,6 +128,15 @@ def _try() -> bool:
                                  (g - (g * W[:3]).sum(1, keepdim=True) * W[:3]).square().sum(1),
                                  rtol=1e-4, atol=1e-5)
               and torch.equal(ev.sort(-1).values, W.view(3, 10).topk(3).values.sort(-1).values)
+              and torch.allclose(sv.sort(-1).values, 2 * ev.sort(-1).values + 1)
+              and torch.equal(x_c, g - g[0])
+              and torch.allclose(offset, (x_c[:, None] * W[:3][experts]).sum(-1), atol=1e-5)
+              and torch.equal(g_rows, g[:, :2])
+              and torch.allclose(r, torch.zeros(3, 2).scatter_add_(1, idx % 2, g[:, :2]))
+              and torch.allclose(r_u, torch.zeros(3, 2).scatter_add_(1, idx % 2, g[:, :2] * g[:, 2:4]))
+              and torch.allclose(expert_sums(g, experts, r, 3), torch.zeros(3, 5).index_add_(
+                  0, experts.reshape(-1), (r[:, :, None] * g[:, None]).reshape(-1, 5)), atol=1e-5)
+              and torch.allclose(centred_sq_sum(g), (g - g.mean(0)).square().sum(), atol=1e-4)
               and torch.allclose(picked_dots(g, W, idx), (g[:, None] * W[idx]).sum(-1), atol=1e-5)
               and starts.tolist() == [0, 1, 2, 4, 4, 5, 6] and order.tolist() == [0, 4, 2, 3, 5, 1]
               and torch.allclose(dots, picked_dots(g, W, idx), atol=1e-5)
@@ -206,8 +227,19 @@ def topk(f: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals, pos
 
 
+class Scaling(NamedTuple):
+    """Feature Scaling folded into a routed SAE's expert encode (METHOD §3): expert i's encoder
+    rows taken as Ŵ_i = scale_i · W_i + shift_i, so that a pair's products are
+    Ŵ_i x = scale_i · (W_i x) + ⟨shift_i, x⟩ without Ŵ written out. scale [N]; offset [B, e]
+    the pairs' ⟨shift_i, x⟩ (`centre_rows`)."""
+
+    scale: Tensor
+    offset: Tensor
+
+
 def topk_expert_rows(pre: Tensor, bias: Tensor, rows: Tensor, w: Tensor, experts: Tensor,
-                     k: int, dead: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                     k: int, dead: Tensor | None = None, scaling: Scaling | None = None,
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The TopK of each token over its experts' weighted candidates, read where the expert
     encode left them: pre [P, m] float32 holds one row of m products W_i x per (token, expert)
     pair, bias [N, m] the experts' biases, rows [B, e] names each token's rows (in slot order),
@@ -215,10 +247,11 @@ def topk_expert_rows(pre: Tensor, bias: Tensor, rows: Tensor, w: Tensor, experts
     concat_s w[b, s] · (pre[rows[b, s]] + bias[experts[b, s]]) — what `moe._weighted` of the
     pairs put back in token order gives, without that copy, the weighted one, or the bias
     written into each expert's block before its matmul. With `dead` [M] (AuxK) a feature that
-    is not dead counts as −inf.
+    is not dead counts as −inf. With `scaling`, each product p of token b's slot s (expert i)
+    first becomes scale_i · p + offset[b, s] (`Scaling`).
 
     Returns (values [B, k], positions s·m + j [B, k], pre-activations at the picks before
-    weighting [B, k])."""
+    weighting [B, k], the products `pre` at the picks [B, k])."""
     B, e = rows.shape
     m = pre.shape[1]
     if not 0 < k <= e * m:
@@ -226,15 +259,71 @@ def topk_expert_rows(pre: Tensor, bias: Tensor, rows: Tensor, w: Tensor, experts
     vals = torch.empty(B, k, dtype=torch.float32)
     pos = torch.empty(B, k, dtype=torch.long)
     z = torch.empty(B, k, dtype=torch.float32)
+    u = torch.empty(B, k, dtype=torch.float32)
     use_dead = dead is not None
     dead_np = (dead if use_dead else torch.zeros(1, dtype=torch.bool)).contiguous().numpy()
+    if scaling is None:
+        scale, offset = np.ones(1, np.float32), np.zeros((1, 1), np.float32)
+    else:
+        scale, offset = (t.detach().to(torch.float32).contiguous().numpy() for t in scaling)
     if B:
         _split_rows(_jit()._topk_expert_rows, B, pre.contiguous().numpy(),
                     bias.to(torch.float32).contiguous().view(-1).numpy(), rows.contiguous().numpy(),
                     w.to(torch.float32).contiguous().numpy(), experts.contiguous().numpy(),
-                    dead_np, use_dead, k, block_length(e * m, k), vals.numpy(), pos.numpy(),
-                    z.numpy())
-    return vals, pos, z
+                    dead_np, use_dead, scale, offset, scaling is not None, k,
+                    block_length(e * m, k), vals.numpy(), pos.numpy(), z.numpy(), u.numpy())
+    return vals, pos, z, u
+
+
+def centre_rows(x: Tensor, centre: Tensor, experts: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """(x − centre [B, d], ⟨shift[experts[b, s]], x[b] − centre⟩ [B, e]) for float32 x [B, d],
+    centre [d], experts [B, e], shift [N, d] on the CPU, from one read of x: the centred tokens
+    and, with Feature Scaling folded in, the pairs' offsets (`Scaling`), each formed while its
+    row is in cache rather than by a second pass over the [B, d] tokens."""
+    B, d = x.shape
+    out = torch.empty(B, d, dtype=torch.float32)
+    offset = torch.empty(experts.shape, dtype=torch.float32)
+    if B:
+        _split_rows(_jit()._centre_rows, B, x.detach().contiguous().numpy(),
+                    centre.detach().to(torch.float32).contiguous().numpy(),
+                    experts.contiguous().numpy(),
+                    shift.detach().to(torch.float32).contiguous().numpy(), out.numpy(),
+                    offset.numpy())
+    return out, offset
+
+
+def pick_scale_sums(g: Tensor, slot: Tensor, experts: Tensor, u: Tensor,
+                    scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For float32 g, u [B, k] over each token's picks (from slots slot [B, k] of experts
+    experts [B, e]) and scale [N] on the CPU: (g · scale of each pick's expert [B, k], Σ of g
+    over each slot's picks [B, e], Σ of g · u over them [B, e]) in one pass over the picks —
+    with Feature Scaling folded in, what the backward needs of the picks' gradients g."""
+    B, k = g.shape
+    g_rows = torch.empty(B, k, dtype=torch.float32)
+    r = torch.empty(experts.shape, dtype=torch.float32)
+    r_u = torch.empty(experts.shape, dtype=torch.float32)
+    if B:
+        _split_rows(_jit()._pick_scale_rows, B, g.contiguous().numpy(), slot.contiguous().numpy(),
+                    experts.contiguous().numpy(), u.contiguous().numpy(),
+                    scale.detach().to(torch.float32).contiguous().numpy(), g_rows.numpy(),
+                    r.numpy(), r_u.numpy())
+    return g_rows, r, r_u
+
+
+def expert_sums(x: Tensor, experts: Tensor, r: Tensor, n_experts: int) -> Tensor:
+    """[N, d] float32: Σ_b Σ_s r[b, s] · x[b] into row experts[b, s], for float32 x [B, d],
+    r [B, e] and experts [B, e] on the CPU — with Feature Scaling folded in, the gradient of
+    each expert's shift (Σ over its picks of ∂pre · x). Partial sums over blocks of
+    `SUM_BLOCK` rows."""
+    B, d = x.shape
+    n = -(-B // SUM_BLOCK)
+    acc = np.empty((max(n, 1), n_experts, d), np.float32)
+    if B == 0:
+        return torch.zeros(n_experts, d, dtype=torch.float32)
+    _split_rows(_jit()._expert_sum_rows, n, x.detach().contiguous().numpy(),
+                experts.contiguous().numpy(), r.detach().to(torch.float32).contiguous().numpy(),
+                SUM_BLOCK, acc, min_rows=max(1, n // 8))
+    return torch.from_numpy(acc).sum(0)
 
 
 def sort_picks(idx: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
@@ -325,3 +414,20 @@ def group_sums(G: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
         _split_rows(_jit()._group_sums_rows, N, G.contiguous().numpy(),
                     W.detach().contiguous().numpy(), colsum.numpy(), dots.numpy(), min_rows=1)
     return colsum.unsqueeze(1), dots
+
+
+def centred_sq_sum(x: Tensor) -> Tensor:
+    """Σ_b ‖x[b] − mean_b x‖² for float32 x [B, d] on the CPU, as Σ‖x[b]‖² − ‖Σ_b x[b]‖² / B
+    from one read of x, both sums in float64 (where `x − x.mean(0)` and its norm read x three
+    times and write it once): the FVU's denominator. A float32 0-dim tensor."""
+    B, d = x.shape
+    if B == 0:
+        return torch.zeros((), dtype=torch.float32)
+    n = -(-B // SUM_BLOCK)
+    colsum = np.empty((n, d), np.float64)
+    sqsum = np.empty(n, np.float64)
+    _split_rows(_jit()._moment_rows, n, x.detach().contiguous().numpy(), SUM_BLOCK, colsum,
+                sqsum, min_rows=max(1, n // 8))
+    total = colsum.sum(0)
+    return torch.tensor(max(0.0, float(sqsum.sum()) - float(total @ total) / B), dtype=torch.float32)
+

@@ -15,6 +15,9 @@ Each step exists twice, under the same name, and the tests hold the fast one to 
 
 Feature Scaling has its pair in engine/sae/scale.py (`ScaleSAE.scaled_encoder`: METHOD §3
 written out with autograd, or `_FeatureScaling`, one fused multiply-add with its own backward).
+On the CPU's path (`folds_scaling`) the fast encode takes it folded in instead: Ŵ_i x =
+s_i · (W_i x) + ⟨c_i, x⟩ per candidate, Ŵ never written out (`topk_encode_sparse`'s
+`scaling`).
 
 `expert_encoder(device, dtype)` picks the expert encode: the grouped GEMM where it runs
 without a host synchronisation (CUDA, bf16, compute capability 9 or 10), else the loop, which
@@ -209,6 +212,12 @@ def grouped_expert_encode_gmm(
 ExpertEncode = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
+def products_dtype(x: Tensor) -> torch.dtype:
+    """The dtype x's products run in: autocast's where it is on for x's device, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def expert_encoder(device: torch.device, dtype: torch.dtype) -> ExpertEncode:
     """The expert encode for computing in `dtype` on `device` (see the module docstring)."""
     if (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
@@ -346,17 +355,28 @@ class _SparseTopK(torch.autograd.Function):
     its gradient only when it asks for one (training batches never do)."""
 
     @staticmethod
-    def forward(ctx, x, centre, W, b, weights, experts, dead, k, k_aux, encode, compute_dtype):
+    def forward(ctx, x, centre, W, b, weights, experts, dead, k, k_aux, encode, compute_dtype,
+                scale, shift):
         N, m, d = W.shape
+        u_all = scaling = None
         with torch.no_grad():
-            x_c = x if centre is None else x - centre
+            if scale is not None:  # folded Feature Scaling (`folds_scaling`: float32 on the CPU)
+                # x − centre and each pair's ⟨shift_i, x − centre⟩ from one read of x
+                x_c, offset = cpu_kernels.centre_rows(
+                    x, centre if centre is not None else x.new_zeros(d), experts, shift)
+                scaling = cpu_kernels.Scaling(scale.float(), offset)
+            else:
+                x_c = x if centre is None else x - centre
             xc, Wc, bc = x_c.to(compute_dtype), W.to(compute_dtype), b.to(compute_dtype)
             wc = weights.to(compute_dtype) if weights is not None else None
             # ReLU commutes with the TopK (it is monotone, and w_i > 0 gives w_i · ReLU(p) =
             # ReLU(w_i · p)), so it runs on the k picks, not on all the candidates: the same
             # values, and where fewer than k candidates are positive, zero picks either way
-            if experts is not None and encode is grouped_expert_encode and cpu_kernels.use(xc):
-                outs, picks, z_all = _expert_picks_cpu(xc, Wc, bc, experts, wc, k, dead, k_aux)
+            if _picks_on_cpu(xc, experts, encode):
+                outs, picks, z_all, u_all = _expert_picks_cpu(xc, Wc, bc, experts, wc, k, dead,
+                                                              k_aux, scaling)
+            elif scaling is not None:
+                raise ValueError("Feature Scaling is folded into the encode only on the CPU's path")
             else:
                 pre = _preactivations(xc, Wc, bc, experts, encode)
                 f_pre = _weighted(pre, wc)
@@ -379,8 +399,8 @@ class _SparseTopK(torch.autograd.Function):
             if len(picks) > 1:
                 z_all[:, k:] = torch.where(outs[1] > 0, z_all[:, k:], torch.zeros_like(outs[1]))
             slot = pos_all // m if experts is not None else None
-        ctx.save_for_backward(x_c, W, idx_all, z_all.float(), slot,
-                              weights if weights is not None else None)
+        ctx.save_for_backward(x_c, W, idx_all, z_all.float(), slot, weights, experts, scale,
+                              shift, u_all if scale is not None else None)
         ctx.k = k
         ctx.mark_non_differentiable(idx_all)
         top_idx = idx_all[:, :k]
@@ -391,47 +411,87 @@ class _SparseTopK(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_top, _g_idx, g_aux, _g_aux_idx):
-        x_c, W, idx, z, slot, weights = ctx.saved_tensors
+        x_c, W, idx, z, slot, weights, experts, scale, shift, u = ctx.saved_tensors
         N, m, d = W.shape
         g = g_top if g_aux is None else torch.cat([g_top, g_aux], 1)
         g = g.float()
         live = z > 0  # ReLU'(pre) = 1[pre > 0]
         w_pick = weights.float().gather(1, slot) if weights is not None else torch.ones_like(g)
         g_pre = torch.where(live, g * w_pick, torch.zeros_like(g))  # ∂loss/∂pre of each pick
-        grad_x = grad_centre = grad_W = grad_b = grad_w = None
+        # pre = W[f] · x_c + b[f], or with Feature Scaling folded in scale_i · (W[f] · x_c) +
+        # ⟨shift_i, x_c⟩ + b[f] for f in expert i: ∂loss/∂(W[f] · x_c) of each pick
+        fold = scale is not None
+        g_rows = g_pre
+        if fold:  # g_pre · scale_i, and Σ of g_pre and of g_pre · u over each slot's picks
+            g_rows, r, r_u = cpu_kernels.pick_scale_sums(g_pre, slot, experts, u, scale)
+        W_rows = W.reshape(N * m, d).float()
+        grad_x = grad_centre = grad_W = grad_b = grad_w = grad_scale = grad_shift = None
         want_x, want_centre, want_W, want_b, want_w = ctx.needs_input_grad[:5]
+        want_scale, want_shift = ctx.needs_input_grad[11:13]
         if want_x:
             # Σ_picks g_pre · W[pick]: a weighted sum of k (+ k_aux) rows per token
-            grad_x = F.embedding_bag(idx, W.reshape(N * m, d).float(),
-                                     per_sample_weights=g_pre, mode="sum").to(x_c.dtype)
+            grad_x = F.embedding_bag(idx, W_rows, per_sample_weights=g_rows, mode="sum")
+            if fold:  # and through ⟨shift_i, x_c⟩ of each slot
+                grad_x = grad_x + (r[:, :, None] * shift.float()[experts]).sum(1)
+            grad_x = grad_x.to(x_c.dtype)
         if want_W:
-            grad_W = _scatter_rows(idx, g_pre, x_c.float(), N * m, ctx.shared).view(N, m, d).to(W.dtype)
+            # resized, not viewed, to [N, m, d]: a tensor of its own, into which autograd then
+            # adds W's other gradients in place (Feature Scaling's, through the experts' means)
+            grad_W = _scatter_rows(idx, g_rows, x_c.float(), N * m, ctx.shared).resize_(N, m, d).to(W.dtype)
         if want_b or want_centre:
             g_b = torch.zeros(N * m, dtype=torch.float32, device=W.device).index_add_(
                 0, idx.reshape(-1), g_pre.reshape(-1))  # ∂b: Σ of g_pre over each feature's picks
             if want_b:
                 grad_b = g_b.view(N, m).to(W.dtype)
             if want_centre:  # x_c = x − centre: −Σ_tokens ∂x_c = −∂b · W (see the docstring)
-                grad_centre = -(g_b @ W.reshape(N * m, d).float()).to(x_c.dtype)
+                if fold:  # Ŵ[f] = scale_i · W[f] + shift_i
+                    per_expert = g_b.view(N, m)
+                    grad_centre = -((per_expert * scale.float()[:, None]).reshape(-1) @ W_rows
+                                    + per_expert.sum(1) @ shift.float())
+                else:
+                    grad_centre = -(g_b @ W_rows)
+                grad_centre = grad_centre.to(x_c.dtype)
         if weights is not None and want_w:
             # ∂f/∂w_i = z_i for each pick from expert slot i
             grad_w = torch.zeros(weights.shape, dtype=torch.float32, device=W.device).scatter_add_(
                 1, slot, g * z).to(weights.dtype)
-        return grad_x, grad_centre, grad_W, grad_b, grad_w, None, None, None, None, None, None
+        if fold and want_scale:  # Σ over expert i's picks of g_pre · (W[f] · x_c)
+            grad_scale = g_pre.new_zeros(N).index_add_(0, experts.reshape(-1), r_u.reshape(-1))
+            grad_scale = grad_scale.to(scale.dtype)
+        if fold and want_shift:  # Σ over expert i's picks of g_pre · x_c
+            grad_shift = cpu_kernels.expert_sums(x_c, experts, r, N).to(shift.dtype)
+        return (grad_x, grad_centre, grad_W, grad_b, grad_w, None, None, None, None, None, None,
+                grad_scale, grad_shift)
+
+
+def _picks_on_cpu(x_c: Tensor, experts: Tensor | None, encode: ExpertEncode) -> bool:
+    """Whether `_SparseTopK` runs a routed SAE's encode and TopK as `_expert_picks_cpu` (float32
+    on the CPU, the numba kernels working), where Feature Scaling can be folded in."""
+    return experts is not None and encode is grouped_expert_encode and cpu_kernels.use(x_c)
+
+
+def folds_scaling(x: Tensor, compute_dtype: torch.dtype) -> bool:
+    """Whether `topk_encode_sparse` takes Feature Scaling folded into a routed SAE's encode for
+    x computed in `compute_dtype` (`scaling`): where it runs as `_expert_picks_cpu`."""
+    return (x.dtype == compute_dtype and cpu_kernels.use(x)
+            and expert_encoder(x.device, compute_dtype) is grouped_expert_encode)
 
 
 def _expert_picks_cpu(x_c: Tensor, W: Tensor, b: Tensor, experts: Tensor, weights: Tensor | None,
-                      k: int, dead: Tensor | None, k_aux: int):
+                      k: int, dead: Tensor | None, k_aux: int,
+                      scaling: cpu_kernels.Scaling | None = None):
     """The CPU's form of `_preactivations` + `_weighted` + `topk_candidates` (+ AuxK) for a
     routed SAE, float32: each expert's matmul writes its pairs' W_i x straight into one buffer
     in expert order (no concatenation, no bias copied in first), and
     `cpu_kernels.topk_expert_rows` reads each token's candidates from there with the bias and
     its weights applied (no copy back into token order, no weighted copy: ~6 ms of a ~30 ms
     encode at the benchmark's size, torch profiler). Up to the rounding of the bias's addition,
-    `grouped_expert_encode`'s values and picks.
+    `grouped_expert_encode`'s values and picks. With `scaling`, W is taken as Feature Scaling's
+    Ŵ_i = scale_i · W_i + shift_i without Ŵ written out (`cpu_kernels.Scaling`).
 
-    Returns (outs, picks, z): the picks' weighted values (ReLU applied) and positions
-    [TopK, then AuxK where asked], and their pre-activations before weighting, ReLU applied."""
+    Returns (outs, picks, z, u): the picks' weighted values (ReLU applied) and positions
+    [TopK, then AuxK where asked], their pre-activations before weighting, ReLU applied, and
+    the products W_i x at the picks."""
     N, m, _ = W.shape
     B, e = experts.shape
     tokens = torch.arange(B).repeat_interleave(e)  # pair p is token p // e's, as in _preactivations
@@ -442,16 +502,18 @@ def _expert_picks_cpu(x_c: Tensor, W: Tensor, b: Tensor, experts: Tensor, weight
                  out=pre[start:start + group_tokens.numel()])
     rows = _inverse(order).view(B, e)  # each token's rows of `pre`, in slot order
     w = weights if weights is not None else x_c.new_ones(B, e)
-    top_f, pos, z = cpu_kernels.topk_expert_rows(pre, b, rows, w, experts, k)
-    outs, picks, zs = [top_f.relu_()], [pos], [z]
+    top_f, pos, z, u = cpu_kernels.topk_expert_rows(pre, b, rows, w, experts, k, scaling=scaling)
+    outs, picks, zs, us = [top_f.relu_()], [pos], [z], [u]
     if dead is not None and k_aux > 0:
         most_dead = int(dead.view(N, m).sum(1)[experts].sum(1).max())
         k_aux = max(1, min(k_aux, most_dead))  # as the generic path on the CPU
-        aux_f, apos, az = cpu_kernels.topk_expert_rows(pre, b, rows, w, experts, k_aux, dead)
+        aux_f, apos, az, au = cpu_kernels.topk_expert_rows(pre, b, rows, w, experts, k_aux, dead,
+                                                           scaling=scaling)
         outs.append(aux_f.relu_())
         picks.append(apos)
         zs.append(az)
-    return outs, picks, torch.cat(zs, 1).relu_()
+        us.append(au)
+    return outs, picks, torch.cat(zs, 1).relu_(), torch.cat(us, 1)
 
 
 class FeatureGroups:
@@ -606,19 +668,30 @@ def topk_encode_sparse(
     x: Tensor, centre: Tensor | None, W: Tensor, b: Tensor, k: int,
     experts: Tensor | None = None, weights: Tensor | None = None, dead: Tensor | None = None,
     k_aux: int = 0, encode: ExpertEncode = grouped_expert_encode,
-    compute_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None, scaling: tuple[Tensor, Tensor] | None = None,
 ) -> TopKCodes:
     """`topk_encode` with a backward over the selected latents only; the candidates are
     computed in `compute_dtype` (bf16 under autocast), gradients in float32. On a GPU AuxK
     takes exactly k_aux picks (zeros where fewer features are dead: they add nothing), so
     nothing is read on the host; on the CPU, where reading costs nothing, no more picks than
-    the most dead candidates any token has (each zero pick costs a row in the backward)."""
+    the most dead candidates any token has (each zero pick costs a row in the backward).
+
+    With `scaling` (scale [N], shift [N, d]) each expert's encoder rows are Feature Scaling's
+    Ŵ_i = scale_i · W_i + shift_i (METHOD §3). Where `folds_scaling` says so, Ŵ is never
+    written out: Ŵ_i x_c = scale_i · (W_i x_c) + ⟨shift_i, x_c⟩ is formed per candidate, and
+    the backward gives W, scale and shift their gradients from the picks; elsewhere Ŵ is
+    formed with autograd first."""
     if compute_dtype is None:
-        dev = x.device.type
-        compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        compute_dtype = products_dtype(x)
+    scale = shift = None
+    if scaling is not None:
+        if folds_scaling(x, compute_dtype):
+            scale, shift = scaling
+        else:
+            W = scaling[0][:, None, None] * W + scaling[1][:, None, :]
     with torch.autocast(x.device.type, enabled=False):
         top, idx, aux, aux_idx = _SparseTopK.apply(
             x, centre, W, b, weights, experts, dead if k_aux > 0 else None, k, k_aux, encode,
-            compute_dtype,
+            compute_dtype, scale, shift,
         )
     return TopKCodes(top, idx, aux, aux_idx)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from . import cpu_kernels, kernels
 from .base import EncoderOutput, SparseAutoencoder
 from .initialisation import geometric_median
-from .moe import route_topk
+from .moe import folds_scaling, products_dtype, route_topk
 from .registry import Architecture, register
 
 
@@ -62,31 +62,36 @@ class ScaleSAE(SparseAutoencoder):
         S, w = route_topk(g, e, self.cfg.expert_weighting)  # [B, e], [B, e]
         # z_i = ReLU( Ŵ_i (x − b_dec) + b_enc,i ) for i ∈ S only (tokens grouped by expert);
         # f = concat_i ( w_i · z_i ), zero outside S;  z = TopK_k( f ), one TopK across the e
-        codes = self.select_topk(x, self.scaled_encoder(), self.b_enc.view(N, m),
-                                 S, w, dead_mask, k_aux)
+        b = self.b_enc.view(N, m)
+        if (self.cfg.feature_scaling and self.kernels != "reference"
+                and folds_scaling(x, products_dtype(x))):
+            # Ŵ_i = s_i · W_i + c_i, folded into the encode: Ŵ_i x = s_i · (W_i x) + ⟨c_i, x⟩
+            W = self.W_enc.view(N, m, -1)
+            t_mean = self.cfg.scaling_form == "t_mean"
+            _, s, c = _scaling_terms(_RowMean.apply(W), self.T, self.omega, t_mean)
+            codes = self.select_topk(x, W, b, S, w, dead_mask, k_aux, scaling=(s, c.view(N, -1)))
+        else:
+            codes = self.select_topk(x, self.scaled_encoder(), b, S, w, dead_mask, k_aux)
         return EncoderOutput(codes.top_acts, codes.top_indices, S, w, g,
                              codes.aux_acts, codes.aux_indices)
 
 
 class _FeatureScaling(torch.autograd.Function):
-    """Ŵ_i = Ā_i + (1 + ω_i)·H_i (METHOD §3) written as s_i·W_i + c_i, one fused multiply-add
-    over the M·d weights, with s_i = 1 + ω_i and
-        t_mean:      H_i = W_i − Ā_i     →  c_i = −ω_i · Ā_i
-        plain_mean:  H_i = W_i − mean_i  →  c_i = Ā_i − s_i · mean_i
-    where mean_i = mean_j W_i[j,:] and Ā_i = T · mean_i. Autograd through the plain expression
+    """Ŵ_i = Ā_i + (1 + ω_i)·H_i (METHOD §3) written as s_i·W_i + c_i (`_scaling_terms`), one
+    fused multiply-add over the M·d weights. Autograd through the plain expression
     makes ~10 passes over [N, m, d] tensors; this backward makes three (Σ_j G, ⟨G, W⟩ per expert,
     and ∂W as one multiply-add). `ScaleSAE.scaled_encoder` with the reference kernels is the
-    oracle (tests/engine/sae/test_moe.py)."""
+    oracle (tests/engine/sae/test_moe.py). Where the encode takes Feature Scaling folded in
+    (`moe.folds_scaling`: float32 on the CPU) none of this runs: `ScaleSAE.encode` hands it
+    s_i and c_i, and the gradient of the experts' means reaches W through `_RowMean`."""
 
     @staticmethod
     def forward(ctx, W, T, omega, t_mean: bool):
-        mean = W.mean(dim=1, keepdim=True)  # [N, 1, d]
-        A = mean @ T.T  # Ā_i = T · mean_i                     [N, 1, d]
-        s = (1 + omega)[:, None, None]
-        c = -omega[:, None, None] * A if t_mean else A - s * mean
+        mean = W.mean(dim=1, keepdim=True)  # mean_i = mean_j W_i[j,:]    [N, 1, d]
+        A, s, c = _scaling_terms(mean, T, omega, t_mean)
         ctx.save_for_backward(W, T, omega, mean, A)
         ctx.t_mean = t_mean
-        return _affine(W, s, c)  # c_i + s_i · W_i
+        return _affine(W, s[:, None, None], c)  # c_i + s_i · W_i
 
     @staticmethod
     def backward(ctx, G):
@@ -116,6 +121,33 @@ class _FeatureScaling(torch.autograd.Function):
         grad_W = _affine(G, s, G_mean / m)  # s_i · G_i + ∂mean_i/∂W_i (each row 1/m)
         grad_T = G_A.reshape(N, d).T @ mean.reshape(N, d).to(G.dtype) if ctx.needs_input_grad[1] else None
         return grad_W.to(W.dtype), grad_T, G_omega.to(omega.dtype), None
+
+
+def _scaling_terms(mean: Tensor, T: Tensor, omega: Tensor, t_mean: bool):
+    """Feature Scaling's Ŵ_i = Ā_i + (1 + ω_i) · H_i (METHOD §3) as s_i · W_i + c_i, from the
+    experts' mean rows mean_i = mean_j W_i[j,:] [N, 1, d]: (Ā_i = T · mean_i [N, 1, d],
+    s_i = 1 + ω_i [N], c_i [N, 1, d]) with
+        t_mean:      H_i = W_i − Ā_i     →  c_i = −ω_i · Ā_i
+        plain_mean:  H_i = W_i − mean_i  →  c_i = Ā_i − s_i · mean_i"""
+    A = mean @ T.T  # Ā_i = T · mean_i
+    s = 1 + omega
+    c = -omega[:, None, None] * A if t_mean else A - s[:, None, None] * mean
+    return A, s, c
+
+
+class _RowMean(torch.autograd.Function):
+    """mean_j W[i, j, :] [N, 1, d] of W [N, m, d], whose backward hands W its gradient as a
+    broadcast view of the [N, 1, d] one, 1/m each; autograd's own writes it out as an [N, m, d]
+    tensor (and then adds it to W's other gradient in a second, out-of-place pass)."""
+
+    @staticmethod
+    def forward(ctx, W):
+        ctx.shape = W.shape
+        return W.mean(dim=1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g / ctx.shape[1]).expand(ctx.shape)
 
 
 def _affine(X: Tensor, s: Tensor, c: Tensor) -> Tensor:

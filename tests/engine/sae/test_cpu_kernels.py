@@ -261,15 +261,91 @@ def test_topk_expert_rows_reads_the_pairs_where_the_encode_left_them():
     rows = torch.randperm(B * e, generator=gen).view(B, e)  # any layout of the pairs
     f = torch.stack([torch.cat([w[b, s] * (pre[rows[b, s]] + bias[experts[b, s]])
                                 for s in range(e)]) for b in range(B)])
-    vals, pos, z = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, k)
+    vals, pos, z, u = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, k)
     assert torch.equal(vals.sort(-1).values, f.topk(k).values.sort(-1).values)
     assert torch.equal(f.gather(1, pos), vals)
     assert torch.allclose(z * w.gather(1, pos // m), vals)  # z: before weighting
+    slot = pos // m
+    assert torch.equal(u, pre[rows.gather(1, slot), pos % m])  # u: the products at the picks
     dead = torch.rand(N * m, generator=gen) < 0.3
     is_dead = dead.view(N, m)[experts].reshape(B, e * m)
     masked = f.masked_fill(~is_dead, float("-inf"))
-    vals, pos, _ = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, 2, dead)
+    vals, pos, _, _ = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, 2, dead)
     assert torch.equal(vals.sort(-1).values, masked.topk(2).values.sort(-1).values)
+
+
+def test_topk_expert_rows_scales_and_shifts_each_pair_s_products():
+    """With `Scaling`, a pair's products p become scale_i · p + offset[b, s] before the bias and
+    the weight: the same TopK as the candidates written out, in float64; u stays p."""
+    gen = torch.Generator().manual_seed(8)
+    B, e, N, m, k = 30, 2, 4, 9, 5
+    experts = torch.stack([torch.randperm(N, generator=gen)[:e] for _ in range(B)])
+    w = torch.rand(B, e, generator=gen) + 0.1
+    pre = torch.randn(B * e, m, generator=gen)
+    bias = torch.randn(N, m, generator=gen)
+    rows = torch.randperm(B * e, generator=gen).view(B, e)
+    scale = torch.rand(N, generator=gen) + 0.5
+    offset = torch.randn(B, e, generator=gen)
+    z_all = torch.stack([torch.cat([scale[experts[b, s]] * pre[rows[b, s]].double() + offset[b, s]
+                                    + bias[experts[b, s]] for s in range(e)]) for b in range(B)])
+    f = z_all * w.double().repeat_interleave(m, 1)
+    vals, pos, z, u = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, k,
+                                                   scaling=cpu_kernels.Scaling(scale, offset))
+    assert torch.allclose(vals.double().sort(-1).values, f.topk(k).values.sort(-1).values, atol=1e-5)
+    assert torch.allclose(f.gather(1, pos), vals.double(), atol=1e-5)
+    assert torch.allclose(z.double(), z_all.gather(1, pos), atol=1e-5)
+    assert torch.equal(u, pre[rows.gather(1, pos // m), pos % m])
+
+
+@pytest.mark.parametrize("e", [1, 2, 3])
+def test_centre_rows_is_the_subtraction_and_each_pair_s_offset(e):
+    gen = torch.Generator().manual_seed(e)
+    B, d, N = 300, 37, 5
+    x, c, shift = (torch.randn(*s, generator=gen) for s in ((B, d), (d,), (N, d)))
+    experts = torch.stack([torch.randperm(N, generator=gen)[:e] for _ in range(B)])
+    x_c, offset = cpu_kernels.centre_rows(x, c, experts, shift)
+    assert torch.equal(x_c, x - c)
+    expected = (x_c.double()[:, None, :] * shift.double()[experts]).sum(-1)
+    assert torch.allclose(offset.double(), expected, atol=1e-4)
+
+
+def test_pick_scale_sums_against_scatter_add():
+    gen = torch.Generator().manual_seed(4)
+    B, k, e, N = 70, 9, 3, 6
+    experts = torch.stack([torch.randperm(N, generator=gen)[:e] for _ in range(B)])
+    slot = torch.randint(0, e, (B, k), generator=gen)
+    g, u = torch.randn(B, k, generator=gen), torch.randn(B, k, generator=gen)
+    scale = torch.rand(N, generator=gen) + 0.5
+    g_rows, r, r_u = cpu_kernels.pick_scale_sums(g, slot, experts, u, scale)
+    assert torch.allclose(g_rows, g * scale[experts.gather(1, slot)])
+    assert torch.allclose(r, torch.zeros(B, e).scatter_add_(1, slot, g), atol=1e-6)
+    assert torch.allclose(r_u, torch.zeros(B, e).scatter_add_(1, slot, g * u), atol=1e-6)
+
+
+@pytest.mark.parametrize("B", [1, 255, 1000])
+def test_expert_sums_against_index_add(B):
+    """Blocks of `SUM_BLOCK` rows summed apart (one row, a part block, several blocks)."""
+    gen = torch.Generator().manual_seed(B)
+    d, e, N = 19, 2, 7
+    x, r = torch.randn(B, d, generator=gen), torch.randn(B, e, generator=gen)
+    experts = torch.stack([torch.randperm(N, generator=gen)[:e] for _ in range(B)])
+    got = cpu_kernels.expert_sums(x, experts, r, N)
+    expected = torch.zeros(N, d, dtype=torch.float64).index_add_(
+        0, experts.reshape(-1), (r.double()[:, :, None] * x.double()[:, None, :]).reshape(-1, d))
+    assert got.shape == (N, d) and torch.allclose(got.double(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("B", [0, 1, 257, 2000])
+def test_centred_sq_sum_is_the_fvu_s_denominator(B):
+    """Σ‖x − mean x‖² from one pass of float64 sums, against float64 torch — with an offset 100×
+    the spread, where float32 sums of x² would lose the centred part."""
+    gen = torch.Generator().manual_seed(B)
+    x = torch.randn(B, 33, generator=gen) * 0.01 + torch.randn(33, generator=gen)
+    got = cpu_kernels.centred_sq_sum(x)
+    x64 = x.double()
+    expected = (x64 - x64.mean(0)).square().sum() if B else torch.zeros((), dtype=torch.float64)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-9)
 
 
 def test_kernels_that_do_not_run_leave_pytorch_s_with_one_warning(monkeypatch):

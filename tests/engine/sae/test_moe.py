@@ -177,6 +177,68 @@ def test_sparse_backward_equals_the_reference(arch, kw, with_dead, chunks, monke
         assert float(fast.auxk_loss.detach()) > 0
 
 
+@pytest.mark.parametrize("with_dead", [False, True])
+@pytest.mark.parametrize("form", ["t_mean", "plain_mean"])
+def test_feature_scaling_folded_into_the_encode(form, with_dead, monkeypatch):
+    """On the CPU in float32 the fast path never writes Ŵ out: Ŵ_i x = s_i · (W_i x) + ⟨c_i, x⟩
+    per candidate (`moe.folds_scaling`). The same codes and gradients of every parameter as the
+    reference and as the fast path with Ŵ formed first (`_FeatureScaling`), and the input's
+    gradient too."""
+    from engine.sae import cpu_kernels, moe, scale
+
+    if not cpu_kernels.use(torch.zeros(1)):
+        pytest.skip("needs numba")
+    sae = make("scale", scaling_form=form)
+    x, dead = _batch(with_dead)
+    ref, g_ref = _params_and_grads(sae, "reference", x, dead)
+    formed = []
+    real = scale._FeatureScaling.apply
+    monkeypatch.setattr(scale._FeatureScaling, "apply", lambda *a: formed.append(1) or real(*a))
+    fold, g_fold = _params_and_grads(sae, "fast", x, dead)
+    assert formed == []  # Ŵ never formed
+    _assert_same_codes_and_grads(sae, ref, g_ref, fold, g_fold)
+    monkeypatch.setattr(scale, "folds_scaling", lambda *a: False)
+    unfolded, g_unfolded = _params_and_grads(sae, "fast", x, dead)
+    assert formed == [1]
+    _assert_same_codes_and_grads(sae, unfolded, g_unfolded, fold, g_fold)
+    grads_x = []
+    for folds in (moe.folds_scaling, lambda *a: False):
+        monkeypatch.setattr(scale, "folds_scaling", folds)
+        x_in = x.clone().requires_grad_()
+        codes = sae.encode(x_in, dead, 5)
+        loss = codes.top_acts.square().sum() + (codes.aux_acts.sum() if with_dead else 0)
+        grads_x.append(torch.autograd.grad(loss, x_in)[0])
+    assert torch.allclose(*grads_x, atol=1e-5, rtol=1e-4)
+
+
+def test_scaling_where_it_cannot_fold_is_formed_first(monkeypatch):
+    """`topk_encode_sparse` with `scaling` where `folds_scaling` says no (here the numba kernels
+    off) forms Ŵ with autograd first: the same codes and gradients as the fold."""
+    from engine.sae import cpu_kernels
+
+    if not cpu_kernels.use(torch.zeros(1)):
+        pytest.skip("needs numba")
+    g = torch.Generator().manual_seed(3)
+    N, m, d, B, e = 4, 8, 12, 30, 2
+    x = torch.randn(B, d, generator=g)
+    centre, W, b = (torch.randn(*s, generator=g).requires_grad_() for s in ((d,), (N, m, d), (N, m)))
+    scale = (torch.rand(N, generator=g) + 0.5).requires_grad_()
+    shift = (0.3 * torch.randn(N, d, generator=g)).requires_grad_()
+    experts = torch.stack([torch.randperm(N, generator=g)[:e] for _ in range(B)])
+    weights = torch.softmax(torch.randn(B, e, generator=g), -1)
+    out = []
+    for enabled in (True, False):
+        monkeypatch.setattr(cpu_kernels, "ENABLED", enabled)
+        codes = topk_encode_sparse(x, centre, W, b, 5, experts, weights, scaling=(scale, shift))
+        loss = (codes.top_acts * (codes.top_indices % 7 + 1)).sum()  # any order of the picks
+        out.append((codes, torch.autograd.grad(loss, (centre, W, b, scale, shift))))
+    (a, ga), (c, gc) = out
+    dense = [torch.zeros(B, N * m).scatter_(1, t.top_indices, t.top_acts) for t in (a, c)]
+    assert torch.allclose(*dense, atol=1e-5)
+    for p, q in zip(ga, gc, strict=True):
+        assert torch.allclose(p, q, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ["topk", "scale"])
 def test_tokens_with_fewer_positive_candidates_than_k(arch):
     """The fast path's ReLU runs on its picks, after the TopK: where a token has fewer than k
