@@ -494,8 +494,12 @@ def _expert_picks_cpu(x_c: Tensor, W: Tensor, b: Tensor, experts: Tensor, weight
     the products W_i x at the picks."""
     N, m, _ = W.shape
     B, e = experts.shape
-    tokens = torch.arange(B).repeat_interleave(e)  # pair p is token p // e's, as in _preactivations
-    order, groups = _expert_groups(tokens, experts.reshape(-1), N)
+    # the pairs (pair p is token p // e's, as in _preactivations) sorted by expert, stably, by
+    # numba's counting sort: `_expert_groups`' order without its argsort and bincount
+    starts, order = cpu_kernels.sort_picks(experts, N)
+    bounds, sorted_tokens = starts.tolist(), torch.div(order, e, rounding_mode="floor")
+    groups = [(i, bounds[i], sorted_tokens[bounds[i]:bounds[i + 1]])
+              for i in range(N) if bounds[i + 1] > bounds[i]]
     pre = x_c.new_empty(B * e, m)
     for i, start, group_tokens in groups:
         torch.mm(x_c.index_select(0, group_tokens), W[i].T,

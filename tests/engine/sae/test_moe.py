@@ -211,6 +211,33 @@ def test_feature_scaling_folded_into_the_encode(form, with_dead, monkeypatch):
     assert torch.allclose(*grads_x, atol=1e-5, rtol=1e-4)
 
 
+def test_the_cpu_encode_groups_pairs_by_expert_as_the_loop_does():
+    """The CPU's fused encode sorts the (token, expert) pairs by a counting sort: with an expert
+    no token chose and one every token chose, the same codes and gradients as the plain
+    reference (`topk_encode`, `_expert_groups`' argsort)."""
+    from engine.sae import cpu_kernels
+
+    if not cpu_kernels.use(torch.zeros(1)):
+        pytest.skip("needs numba")
+    g = torch.Generator().manual_seed(5)
+    N, m, d, B, e, k = 5, 8, 12, 40, 2, 6
+    x = torch.randn(B, d, generator=g)
+    W, b = (torch.randn(*s, generator=g).requires_grad_() for s in ((N, m, d), (N, m)))
+    experts = torch.stack([torch.tensor([0, 1 + int(torch.randint(0, 3, (1,), generator=g))])
+                           for _ in range(B)])  # expert 0 always, expert 4 never
+    weights = torch.softmax(torch.randn(B, e, generator=g), -1)
+    out = []
+    for encode in (topk_encode, topk_encode_sparse):
+        codes = encode(x, None, W, b, k, experts, weights)
+        loss = (codes.top_acts * (codes.top_indices % 7 + 1)).sum()
+        dense = torch.zeros(B, N * m).scatter_(1, codes.top_indices, codes.top_acts)
+        out.append((dense, torch.autograd.grad(loss, (W, b))))
+    (a, ga), (c, gc) = out
+    assert torch.equal(a > 0, c > 0) and torch.allclose(a, c, atol=1e-5)
+    for p, q in zip(ga, gc, strict=True):
+        assert torch.allclose(p, q, atol=1e-5, rtol=1e-4)
+
+
 def test_scaling_where_it_cannot_fold_is_formed_first(monkeypatch):
     """`topk_encode_sparse` with `scaling` where `folds_scaling` says no (here the numba kernels
     off) forms Ŵ with autograd first: the same codes and gradients as the fold."""
