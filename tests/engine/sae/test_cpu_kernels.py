@@ -250,16 +250,23 @@ def test_a_forked_child_makes_its_own_pool():
     assert child.exitcode == 0 and queue.get(timeout=5)
 
 
-def test_topk_expert_rows_reads_the_pairs_where_the_encode_left_them():
-    """Each token's candidates are its experts' rows of the pairs' buffer, plus the expert's
-    bias, times its weight, in slot order; with a dead mask, only dead features compete."""
-    gen = torch.Generator().manual_seed(7)
-    B, e, N, m, k = 40, 3, 5, 11, 6
+def _expert_rows_case(seed, B, e, N, m):
+    """A routed TopK's inputs: each token's e distinct experts, their weights, the pairs' buffer
+    of products in any layout (`rows` names each token's), the experts' biases."""
+    gen = torch.Generator().manual_seed(seed)
     experts = torch.stack([torch.randperm(N, generator=gen)[:e] for _ in range(B)])
     w = torch.rand(B, e, generator=gen) + 0.1
     pre = torch.randn(B * e, m, generator=gen)
     bias = torch.randn(N, m, generator=gen)
-    rows = torch.randperm(B * e, generator=gen).view(B, e)  # any layout of the pairs
+    rows = torch.randperm(B * e, generator=gen).view(B, e)
+    return gen, experts, w, pre, bias, rows
+
+
+def test_topk_expert_rows_reads_the_pairs_where_the_encode_left_them():
+    """Each token's candidates are its experts' rows of the pairs' buffer, plus the expert's
+    bias, times its weight, in slot order; with a dead mask, only dead features compete."""
+    B, e, N, m, k = 40, 3, 5, 11, 6
+    gen, experts, w, pre, bias, rows = _expert_rows_case(7, B, e, N, m)
     f = torch.stack([torch.cat([w[b, s] * (pre[rows[b, s]] + bias[experts[b, s]])
                                 for s in range(e)]) for b in range(B)])
     vals, pos, z, u = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, k)
@@ -278,13 +285,8 @@ def test_topk_expert_rows_reads_the_pairs_where_the_encode_left_them():
 def test_topk_expert_rows_scales_and_shifts_each_pair_s_products():
     """With `Scaling`, a pair's products p become scale_i · p + offset[b, s] before the bias and
     the weight: the same TopK as the candidates written out, in float64; u stays p."""
-    gen = torch.Generator().manual_seed(8)
     B, e, N, m, k = 30, 2, 4, 9, 5
-    experts = torch.stack([torch.randperm(N, generator=gen)[:e] for _ in range(B)])
-    w = torch.rand(B, e, generator=gen) + 0.1
-    pre = torch.randn(B * e, m, generator=gen)
-    bias = torch.randn(N, m, generator=gen)
-    rows = torch.randperm(B * e, generator=gen).view(B, e)
+    gen, experts, w, pre, bias, rows = _expert_rows_case(8, B, e, N, m)
     scale = torch.rand(N, generator=gen) + 0.5
     offset = torch.randn(B, e, generator=gen)
     z_all = torch.stack([torch.cat([scale[experts[b, s]] * pre[rows[b, s]].double() + offset[b, s]
