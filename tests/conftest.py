@@ -45,3 +45,15 @@ def triton_interpreter():
     if not kernels.interpreted():
         pytest.skip("CPU tensors need Triton's interpreter (on machines without CUDA)")
     return kernels
+
+
+@pytest.fixture
+def numba_kernels():
+    """engine.sae.cpu_kernels where its numba kernels run (numba installed, as in CI, and
+    working); the test is skipped where they do not."""
+    from engine.sae import cpu_kernels
+
+    if not cpu_kernels.use(torch.zeros(1)):
+        pytest.skip("needs numba")
+    return cpu_kernels
+

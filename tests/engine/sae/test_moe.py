@@ -76,14 +76,11 @@ def test_fused_feature_scaling_equals_the_plain_expression(form, monkeypatch):
 
 
 @pytest.mark.parametrize("form", ["t_mean", "plain_mean"])
-def test_fused_feature_scaling_through_the_cpu_kernels(form, monkeypatch):
+def test_fused_feature_scaling_through_the_cpu_kernels(form, monkeypatch, numba_kernels):
     """In float32 on the CPU the fused form's backward takes its two reductions from numba's
     `group_sums`: Ŵ and the gradients of W_enc, T and ω as the plain expression's, to float32
     rounding."""
-    from engine.sae import cpu_kernels
-
-    if not cpu_kernels.use(torch.zeros(1)):
-        pytest.skip("needs numba")
+    cpu_kernels = numba_kernels
     calls = []
     real = cpu_kernels.group_sums
     monkeypatch.setattr(cpu_kernels, "group_sums", lambda *a: calls.append(1) or real(*a))
@@ -179,15 +176,13 @@ def test_sparse_backward_equals_the_reference(arch, kw, with_dead, chunks, monke
 
 @pytest.mark.parametrize("with_dead", [False, True])
 @pytest.mark.parametrize("form", ["t_mean", "plain_mean"])
-def test_feature_scaling_folded_into_the_encode(form, with_dead, monkeypatch):
+def test_feature_scaling_folded_into_the_encode(form, with_dead, monkeypatch, numba_kernels):
     """On the CPU in float32 the fast path never writes Ŵ out: Ŵ_i x = s_i · (W_i x) + ⟨c_i, x⟩
     per candidate (`moe.folds_scaling`). The same codes and gradients of every parameter as the
     reference and as the fast path with Ŵ formed first (`_FeatureScaling`), and the input's
     gradient too."""
-    from engine.sae import cpu_kernels, moe, scale
+    from engine.sae import moe, scale
 
-    if not cpu_kernels.use(torch.zeros(1)):
-        pytest.skip("needs numba")
     sae = make("scale", scaling_form=form)
     x, dead = _batch(with_dead)
     ref, g_ref = _params_and_grads(sae, "reference", x, dead)
@@ -211,14 +206,10 @@ def test_feature_scaling_folded_into_the_encode(form, with_dead, monkeypatch):
     assert torch.allclose(*grads_x, atol=1e-5, rtol=1e-4)
 
 
-def test_the_cpu_encode_groups_pairs_by_expert_as_the_loop_does():
+def test_the_cpu_encode_groups_pairs_by_expert_as_the_loop_does(numba_kernels):
     """The CPU's fused encode sorts the (token, expert) pairs by a counting sort: with an expert
     no token chose and one every token chose, the same codes and gradients as the plain
     reference (`topk_encode`, `_expert_groups`' argsort)."""
-    from engine.sae import cpu_kernels
-
-    if not cpu_kernels.use(torch.zeros(1)):
-        pytest.skip("needs numba")
     g = torch.Generator().manual_seed(5)
     N, m, d, B, e, k = 5, 8, 12, 40, 2, 6
     x = torch.randn(B, d, generator=g)
@@ -238,13 +229,10 @@ def test_the_cpu_encode_groups_pairs_by_expert_as_the_loop_does():
         assert torch.allclose(p, q, atol=1e-5, rtol=1e-4)
 
 
-def test_scaling_where_it_cannot_fold_is_formed_first(monkeypatch):
+def test_scaling_where_it_cannot_fold_is_formed_first(monkeypatch, numba_kernels):
     """`topk_encode_sparse` with `scaling` where `folds_scaling` says no (here the numba kernels
     off) forms Ŵ with autograd first: the same codes and gradients as the fold."""
-    from engine.sae import cpu_kernels
-
-    if not cpu_kernels.use(torch.zeros(1)):
-        pytest.skip("needs numba")
+    cpu_kernels = numba_kernels
     g = torch.Generator().manual_seed(3)
     N, m, d, B, e = 4, 8, 12, 30, 2
     x = torch.randn(B, d, generator=g)
