@@ -52,6 +52,30 @@ def centred_sq_sum(v: Tensor, reduce: Reduce | None) -> Tensor:
     return reduce(v.pow(2).sum()) - s1.pow(2).sum() / n
 
 
+def squared_error(x_hat: Tensor, x: Tensor) -> Tensor:
+    """Σ ‖x̂ − x‖² over the tokens (x̂, x [B, d]), differentiable in x̂: `F.mse_loss` with
+    reduction "sum", or on the CPU in float32 the numba pair of `_SquaredError`."""
+    if (cpu_kernels.use(x_hat) and x.dtype == torch.float32 and x_hat.dim() == 2
+            and x.shape == x_hat.shape and not x.requires_grad):
+        return _SquaredError.apply(x_hat, x)
+    return F.mse_loss(x_hat, x, reduction="sum")
+
+
+class _SquaredError(torch.autograd.Function):
+    """Σ (x̂ − x)² from one read of each (float64 partial sums; `F.mse_loss` writes the
+    squared differences out and sums them again), and its gradient 2·g·(x̂ − x) in one pass."""
+
+    @staticmethod
+    def forward(ctx, x_hat, x):
+        ctx.save_for_backward(x_hat, x)
+        return cpu_kernels.squared_error(x_hat, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        x_hat, x = ctx.saved_tensors
+        return cpu_kernels.scaled_diff(x_hat, x, 2.0 * float(g)), None
+
+
 class EncoderOutput(NamedTuple):
     top_acts: Tensor
     """[B, k] values of the selected features (≥ 0)."""
@@ -175,13 +199,13 @@ class SparseAutoencoder(nn.Module, ABC):
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """x̂ = W_decᵀ z + b_dec, touching only the k selected rows per token."""
-        return self.decode_rows(top_acts, top_indices) + self.b_dec
+        return self.decode_rows(top_acts, top_indices, self.b_dec)
 
-    def decode_rows(self, acts: Tensor, indices: Tensor) -> Tensor:
-        """Σ_j acts[b, j] · W_dec[indices[b, j]], by the kernels this SAE is set to."""
+    def decode_rows(self, acts: Tensor, indices: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Σ_j acts[b, j] · W_dec[indices[b, j]] (+ bias), by the kernels this SAE is set to."""
         W = self.W_dec
         decode = decode_picks if self.kernels == "reference" else picks_decoder(W.device, W.dtype)
-        return decode(acts.to(W.dtype), indices, W)
+        return decode(acts.to(W.dtype), indices, W, bias)
 
     def dense_codes(self, codes: EncoderOutput) -> Tensor:
         """[B, M] dense code vector z (for analysis and tests; training never builds it)."""
@@ -198,7 +222,8 @@ class SparseAutoencoder(nn.Module, ABC):
         codes = self.encode(x, dead_mask, k_aux)
         x_hat = self.decode(codes.top_acts, codes.top_indices)
         # mse = mean over tokens of ‖x − x̂‖², as one fused kernel forward and backward
-        sse = F.mse_loss(x_hat, x, reduction="sum")
+        sse = (F.mse_loss(x_hat, x, reduction="sum") if self.kernels == "reference"
+               else squared_error(x_hat, x))
         mse = sse / x.shape[0]
         sse = sse.detach()
         fvu = (reduce(sse) if reduce else sse) / centred_sq_sum(x, reduce).clamp_min(1e-12)

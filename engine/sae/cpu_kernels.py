@@ -15,6 +15,9 @@ B 4,096, d 576, M 4,608, N 16, k 32, two threads):
 | the decoder's step (METHOD §3): ∂W_dec projected, clipped, Adam, rows to unit norm | four passes (`vecdot` + `addcmul_`, the clip's norm, fused Adam, `norm` + `div_`) | `projected_sq_norms` + `adam_rows_`, two |
 | Feature Scaling folded into the encode: Ŵ_i x = s_i · (W_i x) + ⟨c_i, x⟩ (METHOD §3) | Ŵ written out each step (a pass over the M·d weights), and its gradient's two more | `centre_rows` (x − b_dec and the ⟨c_i, x⟩ in one read), `topk_expert_rows` with a `Scaling`, and for the backward `pick_scale_sums` and `expert_sums` |
 | the FVU's denominator Σ‖x − mean x‖² | `x − x.mean(0)` and its norm: three reads and a write | `centred_sq_sum`, one read, float64 sums |
+| ∂W_enc [M, d] = Σ over feature f's picks of ∂pre · x_c[b] | `embedding_bag` over the picks sorted by feature | `segment_sums` |
+| the decode x̂[b] = b_dec + Σ_j z[b, j] · W_dec[idx[b, j]] | `embedding_bag`, then the bias added in a pass of its own | `decode_rows`, each row started from the bias |
+| the squared error Σ‖x̂ − x‖² and its gradient 2(x̂ − x) | `F.mse_loss` (the squared differences written out, then summed) and its backward | `squared_error` (one read of each, float64 sums), `scaled_diff` |
 
 `topk` finds each row's k largest without sorting anything: by bisection on order-preserving
 integer keys of the floats (an int32 whose order is the float's), counting the keys at or
@@ -120,6 +123,8 @@ def _try() -> bool:
                    decoder=False)
         G3, W3 = W.view(2, 3, 5), g.repeat(2, 1).view(2, 3, 5)
         col, dot = group_sums(G3, W3)
+        bag = torch.nn.functional.embedding_bag(idx, W, per_sample_weights=g[:, :2], mode="sum")
+        seg = segment_sums(g, order // 2, g[:, 2:4].reshape(-1)[order], starts)
         ok = (torch.equal(vals.sort(-1).values, f.topk(4).values.sort(-1).values)
               and torch.allclose(col, G3.sum(1, keepdim=True), atol=1e-5)
               and torch.allclose(dot, (G3 * W3).sum((1, 2)), atol=1e-4)
@@ -140,6 +145,12 @@ def _try() -> bool:
               and torch.allclose(picked_dots(g, W, idx), (g[:, None] * W[idx]).sum(-1), atol=1e-5)
               and starts.tolist() == [0, 1, 2, 4, 4, 5, 6] and order.tolist() == [0, 4, 2, 3, 5, 1]
               and torch.allclose(dots, picked_dots(g, W, idx), atol=1e-5)
+              and torch.allclose(decode_rows(g[:, :2], idx, W, g[0]), bag + g[0], atol=1e-5)
+              and torch.allclose(seg, torch.zeros_like(W).index_add_(
+                  0, idx.reshape(-1), g[:, 2:4].reshape(-1, 1) * g.repeat_interleave(2, 0)),
+                  atol=1e-5)
+              and torch.allclose(squared_error(g, W[:3]), (g - W[:3]).square().sum(), atol=1e-4)
+              and torch.allclose(scaled_diff(g, W[:3], 2.0), 2 * (g - W[:3]), atol=1e-6)
               and torch.allclose(gW, torch.zeros_like(W).index_add_(
                   0, idx.reshape(-1), g[:, :2].reshape(-1, 1) * g.repeat_interleave(2, 0)),
                   atol=1e-5))
@@ -353,6 +364,34 @@ def decoder_grads(g: Tensor, W: Tensor, acts: Tensor, starts: Tensor,
     return dots, gW
 
 
+def segment_sums(x: Tensor, tokens: Tensor, w: Tensor, starts: Tensor) -> Tensor:
+    """[R, d] float32: row f = Σ over q in [starts[f], starts[f + 1]) of w[q] · x[tokens[q]],
+    for float32 x [B, d] and w [P] on the CPU — what `embedding_bag(tokens, x, starts[:-1],
+    mode="sum", per_sample_weights=w)` computes (R = len(starts) − 1): an encoder's weight
+    gradient from its picks sorted by feature (`sort_picks`)."""
+    out = torch.empty(starts.numel() - 1, x.shape[1], dtype=torch.float32)
+    if out.shape[0]:
+        _split_rows(_jit()._segment_sum_rows, out.shape[0], starts.numpy(), tokens.numpy(),
+                    w.detach().to(torch.float32).contiguous().numpy(),
+                    x.detach().contiguous().numpy(), out.numpy())
+    return out
+
+
+def decode_rows(acts: Tensor, idx: Tensor, W: Tensor, bias: Tensor | None = None) -> Tensor:
+    """[B, d] float32: bias + Σ_j acts[b, j] · W[idx[b, j]] for float32 acts [B, k], W [M, d]
+    and bias [d] (zeros when None) on the CPU — the decode, each token's row started from the
+    bias and its picked rows added four at a time (where `embedding_bag` and a second pass for
+    the bias took ~20 % longer at B 4,096, k 32, M 4,608, d 576)."""
+    B, k = idx.shape
+    out = torch.empty(B, W.shape[1], dtype=torch.float32)
+    b = bias.detach() if bias is not None else torch.zeros(W.shape[1], dtype=torch.float32)
+    if B:
+        _split_rows(_jit()._decode_rows, B, idx.contiguous().numpy(),
+                    acts.detach().contiguous().numpy(), W.detach().contiguous().numpy(),
+                    b.contiguous().numpy(), out.numpy())
+    return out
+
+
 def picked_dots(g: Tensor, W: Tensor, idx: Tensor) -> Tensor:
     """[B, k]: ⟨g[b], W[idx[b, j]]⟩ for float32 g [B, d] and W [M, d] on the CPU; the dot
     products vectorised over d (float32 sums, reassociated)."""
@@ -431,3 +470,27 @@ def centred_sq_sum(x: Tensor) -> Tensor:
     total = colsum.sum(0)
     return torch.tensor(max(0.0, float(sqsum.sum()) - float(total @ total) / B), dtype=torch.float32)
 
+
+
+def squared_error(a: Tensor, b: Tensor) -> Tensor:
+    """Σ (a − b)² over float32 a, b [B, d] on the CPU, from one read of each, in float64
+    partial sums over blocks of `SUM_BLOCK` rows (where `F.mse_loss(reduction="sum")` writes
+    the squared differences out and sums them again in float32). A float32 0-dim tensor."""
+    B = a.shape[0]
+    if B == 0:
+        return torch.zeros((), dtype=torch.float32)
+    n = -(-B // SUM_BLOCK)
+    out = np.empty(n, np.float64)
+    _split_rows(_jit()._sq_err_rows, n, a.detach().contiguous().numpy(),
+                b.detach().contiguous().numpy(), SUM_BLOCK, out, min_rows=max(1, n // 8))
+    return torch.tensor(float(out.sum()), dtype=torch.float32)
+
+
+def scaled_diff(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """scale · (a − b) for float32 a, b [B, d] on the CPU, in one pass: the squared error's
+    gradient."""
+    out = torch.empty(a.shape, dtype=torch.float32)
+    if a.shape[0]:
+        _split_rows(_jit()._scaled_diff_rows, a.shape[0], a.detach().contiguous().numpy(),
+                    b.detach().contiguous().numpy(), np.float32(scale), out.numpy())
+    return out

@@ -568,26 +568,34 @@ def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int,
     w = g.reshape(-1)[order]
     if kernels.use(x):
         return kernels.segment_sum(x, tokens, w, offsets, out_dtype=x.dtype)
+    if cpu_kernels.use(x):
+        return cpu_kernels.segment_sums(x, tokens, w, offsets)
     return F.embedding_bag(tokens, x, offsets[:-1], mode="sum", per_sample_weights=w)
 
 
-def _bag_rows(acts: Tensor, indices: Tensor, W: Tensor) -> Tensor:
-    """[B, d] = Σ_j acts[b, j] · W[indices[b, j]]: the fast decode's forward (the Triton
-    `segment_sum` where `kernels.use` says so, else `embedding_bag`)."""
+def _bag_rows(acts: Tensor, indices: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
+    """[B, d] = bias + Σ_j acts[b, j] · W[indices[b, j]]: the fast decode's forward (the
+    Triton `segment_sum` where `kernels.use` says so; the numba `cpu_kernels.decode_rows`,
+    which starts each row from the bias, where `cpu_kernels.use` does; else `embedding_bag`)."""
+    if cpu_kernels.use(W) and acts.dtype == W.dtype and (bias is None or bias.dtype == W.dtype):
+        return cpu_kernels.decode_rows(acts, indices, W, bias)
     if kernels.use(W):
         B, k = indices.shape
         offsets = torch.arange(0, B * k + 1, k, device=W.device)
-        return kernels.segment_sum(W, indices.reshape(-1), acts.reshape(-1), offsets,
-                                   out_dtype=torch.promote_types(W.dtype, acts.dtype))
-    return F.embedding_bag(indices, W, per_sample_weights=acts, mode="sum")
+        out = kernels.segment_sum(W, indices.reshape(-1), acts.reshape(-1), offsets,
+                                  out_dtype=torch.promote_types(W.dtype, acts.dtype))
+    else:
+        out = F.embedding_bag(indices, W, per_sample_weights=acts, mode="sum")
+    return out if bias is None else out + bias
 
 
-# -- decode: x̂ = Σ_j z_j · W_dec[idx_j] over each token's picks -------------------------------
-def decode_picks(acts: Tensor, indices: Tensor, W: Tensor) -> Tensor:
-    """The plain reference: [B, d] = Σ_j acts[b, j] · W[indices[b, j]], an `embedding_bag` with
-    its own autograd (the gradient of W through the bag's dense backward, that of `acts` as one
-    dot product per pick)."""
-    return F.embedding_bag(indices, W, per_sample_weights=acts, mode="sum")
+# -- decode: x̂ = Σ_j z_j · W_dec[idx_j] (+ b_dec) over each token's picks ----------------------
+def decode_picks(acts: Tensor, indices: Tensor, W: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The plain reference: [B, d] = Σ_j acts[b, j] · W[indices[b, j]] (+ bias), an
+    `embedding_bag` with its own autograd (the gradient of W through the bag's dense backward,
+    that of `acts` as one dot product per pick)."""
+    out = F.embedding_bag(indices, W, per_sample_weights=acts, mode="sum")
+    return out if bias is None else out + bias
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -603,25 +611,28 @@ class _SparseDecode(torch.autograd.Function):
     40 interleaved steps)."""
 
     @staticmethod
-    def forward(ctx, acts, indices, W):
+    def forward(ctx, acts, indices, W, bias):
         ctx.save_for_backward(acts, indices, W)
         ctx.shared = getattr(indices, "_feature_groups", None)  # the encoder's (FeatureGroups)
-        return _bag_rows(acts, indices, W)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return _bag_rows(acts, indices, W, bias)
 
     @staticmethod
     def backward(ctx, g):
         acts, indices, W = ctx.saved_tensors
-        grad_acts = grad_W = None
+        grad_acts = grad_W = grad_bias = None
+        if ctx.needs_input_grad[3]:  # the bias is added to every token's row
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
         if (all(ctx.needs_input_grad[i] for i in (0, 2)) and cpu_kernels.use(W)
                 and g.dtype == acts.dtype == torch.float32):  # both in one pass over the picks
             _, order, offsets = _feature_groups(indices, W.shape[0], ctx.shared)
             grad_acts, grad_W = cpu_kernels.decoder_grads(g, W, acts, offsets, order)
-            return grad_acts, None, grad_W
+            return grad_acts, None, grad_W, grad_bias
         if ctx.needs_input_grad[0]:
             grad_acts = _picked_dots(indices, g.to(W.dtype), W).to(acts.dtype)
         if ctx.needs_input_grad[2]:
             grad_W = _scatter_rows(indices, acts.to(g.dtype), g, W.shape[0], ctx.shared).to(W.dtype)
-        return grad_acts, None, grad_W
+        return grad_acts, None, grad_W, grad_bias
 
 
 _BAG_WEIGHTS_GRAD = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
@@ -650,12 +661,13 @@ def _picked_dots(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
     return dots.view(B, k)
 
 
-def decode_picks_sddmm(acts: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+def decode_picks_sddmm(acts: Tensor, indices: Tensor, W: Tensor,
+                       bias: Tensor | None = None) -> Tensor:
     """`decode_picks` with the backward of `_SparseDecode`."""
-    return _SparseDecode.apply(acts, indices, W)
+    return _SparseDecode.apply(acts, indices, W, bias)
 
 
-def picks_decoder(device: torch.device, dtype: torch.dtype) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+def picks_decoder(device: torch.device, dtype: torch.dtype) -> Callable[..., Tensor]:
     """The decode for weights of `dtype` on `device`: the sparse backward for float32 and
     float64 weights on the CPU and on CUDA, where it was measured faster (on the CPU, above; on
     an H100 the recorded bf16 step, whose master weights are float32, took 3.79 against 3.91 ms

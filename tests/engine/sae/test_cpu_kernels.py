@@ -365,3 +365,55 @@ def test_kernels_that_do_not_run_leave_pytorch_s_with_one_warning(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_WORKS", [])
     monkeypatch.undo()
     assert cpu_kernels.use(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("M", [1, 13, 300])
+def test_segment_sums_is_embedding_bag_over_the_sorted_picks(M):
+    """The encoder's weight gradient: rows with no picks (zeros), one pick, fewer than four,
+    and many; against `embedding_bag` with per-sample weights over the same sorted picks."""
+    gen = torch.Generator().manual_seed(M)
+    B, k, d = 97, 7, 23
+    idx = torch.randint(0, M, (B, k), generator=gen)
+    x, g = torch.randn(B, d, generator=gen), torch.randn(B, k, generator=gen)
+    starts, order = cpu_kernels.sort_picks(idx, M)
+    tokens, w = order // k, g.reshape(-1)[order]
+    got = cpu_kernels.segment_sums(x, tokens, w, starts)
+    expected = torch.nn.functional.embedding_bag(tokens, x, starts[:-1], mode="sum",
+                                                 per_sample_weights=w)
+    assert got.shape == (M, d) and torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 9])
+def test_decode_rows_starts_each_row_from_the_bias(k):
+    gen = torch.Generator().manual_seed(k)
+    B, M, d = 300, 40, 19
+    idx = torch.randint(0, M, (B, k), generator=gen)
+    acts, W, bias = (torch.randn(*s, generator=gen) for s in ((B, k), (M, d), (d,)))
+    bag = torch.nn.functional.embedding_bag(idx, W, per_sample_weights=acts, mode="sum")
+    assert torch.allclose(cpu_kernels.decode_rows(acts, idx, W, bias), bag + bias, atol=1e-5)
+    assert torch.allclose(cpu_kernels.decode_rows(acts, idx, W), bag, atol=1e-5)
+
+
+@pytest.mark.parametrize("B", [0, 1, 257, 2000])
+def test_squared_error_and_its_gradient(B):
+    gen = torch.Generator().manual_seed(B)
+    a, b = torch.randn(B, 31, generator=gen), torch.randn(B, 31, generator=gen)
+    got = cpu_kernels.squared_error(a, b)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert torch.allclose(got.double(), (a.double() - b.double()).square().sum(), rtol=1e-6)
+    assert torch.allclose(cpu_kernels.scaled_diff(a, b, 0.5), 0.5 * (a - b), atol=1e-7)
+
+
+def test_the_squared_error_function_is_mse_loss_forward_and_backward(numba_kernels):
+    from engine.sae.base import squared_error
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 17, generator=gen)
+    x_hat = torch.randn(300, 17, generator=gen, requires_grad=True)
+    ref_hat = x_hat.detach().clone().requires_grad_(True)
+    sse = squared_error(x_hat, x)
+    ref = torch.nn.functional.mse_loss(ref_hat, x, reduction="sum")
+    (3 * sse).backward()
+    (3 * ref).backward()
+    assert torch.allclose(sse, ref, rtol=1e-5)
+    assert torch.allclose(x_hat.grad, ref_hat.grad, atol=1e-5)
