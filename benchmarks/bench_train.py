@@ -35,7 +35,7 @@ import torch
 
 from engine.runtime import allocator_label, keep_freed_memory
 from engine.sae import SAEConfig, build_sae, cpu_kernels
-from engine.sae.base import centred_sq_sum, squared_error
+from engine.sae.base import squared_error
 from engine.training.schedule import lr_for_width, make_adam, optimiser_step
 
 
@@ -74,8 +74,8 @@ def ours_step_fn(cfg: SAEConfig, lr: float):
         mark("encode")
         x_hat = sae.decode(codes.top_acts, codes.top_indices)
         mark("decode")
-        sse = squared_error(x_hat, x)
-        _fvu = sse.detach() / centred_sq_sum(x, None)  # forward() logs it
+        sse, spread = squared_error(x_hat, x)
+        _fvu = sse.detach() / spread  # forward() logs it
         loss = sse / x.shape[0] + lb_weight * sae.load_balance_loss(codes)
         mark("loss")
         opt.zero_grad(set_to_none=True)

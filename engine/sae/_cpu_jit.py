@@ -489,20 +489,28 @@ def _moment_rows(lo, hi, x, block, colsum, sqsum):
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
-def _sq_err_rows(lo, hi, a, b, block, out):
-    """For blocks of `block` rows i in [lo, hi) of a, b [B, d]: out[i] = Σ over the block's
-    entries of (a − b)², in float64."""
+def _sq_err_rows(lo, hi, a, b, block, err, colsum, sqsum):
+    """For blocks of `block` rows i in [lo, hi) of a, b [B, d]: err[i] = Σ over the block's
+    entries of (a − b)², colsum[i] = Σ of the block's rows of b and sqsum[i] = Σ of its
+    squared entries, all in float64, from one read of each."""
     B = a.shape[0]
     d = a.shape[1]
     for i in range(lo, hi):
+        acc = colsum[i]
+        acc[:] = 0.0
         s = 0.0
+        q = 0.0
         for r in range(i * block, min(B, (i + 1) * block)):
             ar = a[r]
             br = b[r]
             for c in range(d):
-                v = np.float64(ar[c] - br[c])
+                u = np.float64(br[c])
+                v = np.float64(ar[c]) - u
                 s += v * v
-        out[i] = s
+                acc[c] += u
+                q += u * u
+        err[i] = s
+        sqsum[i] = q
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)

@@ -52,26 +52,32 @@ def centred_sq_sum(v: Tensor, reduce: Reduce | None) -> Tensor:
     return reduce(v.pow(2).sum()) - s1.pow(2).sum() / n
 
 
-def squared_error(x_hat: Tensor, x: Tensor) -> Tensor:
-    """Σ ‖x̂ − x‖² over the tokens (x̂, x [B, d]), differentiable in x̂: `F.mse_loss` with
-    reduction "sum", or on the CPU in float32 the numba pair of `_SquaredError`."""
-    if (cpu_kernels.use(x_hat) and x.dtype == torch.float32 and x_hat.dim() == 2
-            and x.shape == x_hat.shape and not x.requires_grad):
+def squared_error(x_hat: Tensor, x: Tensor, reduce: Reduce | None = None,
+                  fast: bool = True) -> tuple[Tensor, Tensor]:
+    """(Σ‖x̂ − x‖² over this process's tokens, differentiable in x̂; the FVU's denominator
+    `centred_sq_sum(x, reduce)`). `F.mse_loss` with reduction "sum" and `centred_sq_sum`; with
+    `fast`, on the CPU in float32 and one process, both from one read of x̂ and x (the numba
+    pair of `_SquaredError`)."""
+    if (fast and reduce is None and cpu_kernels.use(x_hat) and x.dtype == torch.float32
+            and x_hat.dim() == 2 and x.shape == x_hat.shape and not x.requires_grad):
         return _SquaredError.apply(x_hat, x)
-    return F.mse_loss(x_hat, x, reduction="sum")
+    return F.mse_loss(x_hat, x, reduction="sum"), centred_sq_sum(x, reduce)
 
 
 class _SquaredError(torch.autograd.Function):
-    """Σ (x̂ − x)² from one read of each (float64 partial sums; `F.mse_loss` writes the
-    squared differences out and sums them again), and its gradient 2·g·(x̂ − x) in one pass."""
+    """(Σ (x̂ − x)², Σ‖x − mean x‖²) from one read of each (float64 partial sums; `F.mse_loss`
+    writes the squared differences out and sums them again), and the first's gradient
+    2·g·(x̂ − x) in one pass."""
 
     @staticmethod
     def forward(ctx, x_hat, x):
         ctx.save_for_backward(x_hat, x)
-        return cpu_kernels.squared_error(x_hat, x)
+        sse, spread = cpu_kernels.squared_error(x_hat, x)
+        ctx.mark_non_differentiable(spread)
+        return sse, spread
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_spread):
         x_hat, x = ctx.saved_tensors
         return cpu_kernels.scaled_diff(x_hat, x, 2.0 * float(g)), None
 
@@ -222,11 +228,10 @@ class SparseAutoencoder(nn.Module, ABC):
         codes = self.encode(x, dead_mask, k_aux)
         x_hat = self.decode(codes.top_acts, codes.top_indices)
         # mse = mean over tokens of ‖x − x̂‖², as one fused kernel forward and backward
-        sse = (F.mse_loss(x_hat, x, reduction="sum") if self.kernels == "reference"
-               else squared_error(x_hat, x))
+        sse, spread = squared_error(x_hat, x, reduce, fast=self.kernels != "reference")
         mse = sse / x.shape[0]
         sse = sse.detach()
-        fvu = (reduce(sse) if reduce else sse) / centred_sq_sum(x, reduce).clamp_min(1e-12)
+        fvu = (reduce(sse) if reduce else sse) / spread.clamp_min(1e-12)
         lb = self.load_balance_loss(codes, reduce)
         auxk = x.new_zeros(())
         if codes.aux_acts is not None:

@@ -17,7 +17,7 @@ B 4,096, d 576, M 4,608, N 16, k 32, two threads):
 | the FVU's denominator Σ‖x − mean x‖² | `x − x.mean(0)` and its norm: three reads and a write | `centred_sq_sum`, one read, float64 sums |
 | ∂W_enc [M, d] = Σ over feature f's picks of ∂pre · x_c[b] | `embedding_bag` over the picks sorted by feature | `segment_sums` |
 | the decode x̂[b] = b_dec + Σ_j z[b, j] · W_dec[idx[b, j]] | `embedding_bag`, then the bias added in a pass of its own | `decode_rows`, each row started from the bias |
-| the squared error Σ‖x̂ − x‖² and its gradient 2(x̂ − x) | `F.mse_loss` (the squared differences written out, then summed) and its backward | `squared_error` (one read of each, float64 sums), `scaled_diff` |
+| the squared error Σ‖x̂ − x‖² (and the FVU's denominator) and its gradient 2(x̂ − x) | `F.mse_loss` (the squared differences written out, then summed; the denominator another read of x) and its backward | `squared_error` (both from one read of each, float64 sums), `scaled_diff` |
 
 `topk` finds each row's k largest without sorting anything: by bisection on order-preserving
 integer keys of the floats (an int32 whose order is the float's), counting the keys at or
@@ -149,7 +149,7 @@ def _try() -> bool:
               and torch.allclose(seg, torch.zeros_like(W).index_add_(
                   0, idx.reshape(-1), g[:, 2:4].reshape(-1, 1) * g.repeat_interleave(2, 0)),
                   atol=1e-5)
-              and torch.allclose(squared_error(g, W[:3]), (g - W[:3]).square().sum(), atol=1e-4)
+              and torch.allclose(squared_error(g, W[:3])[0], (g - W[:3]).square().sum(), atol=1e-4)
               and torch.allclose(scaled_diff(g, W[:3], 2.0), 2 * (g - W[:3]), atol=1e-6)
               and torch.allclose(gW, torch.zeros_like(W).index_add_(
                   0, idx.reshape(-1), g[:, :2].reshape(-1, 1) * g.repeat_interleave(2, 0)),
@@ -472,18 +472,24 @@ def centred_sq_sum(x: Tensor) -> Tensor:
 
 
 
-def squared_error(a: Tensor, b: Tensor) -> Tensor:
-    """Σ (a − b)² over float32 a, b [B, d] on the CPU, from one read of each, in float64
-    partial sums over blocks of `SUM_BLOCK` rows (where `F.mse_loss(reduction="sum")` writes
-    the squared differences out and sums them again in float32). A float32 0-dim tensor."""
-    B = a.shape[0]
+def squared_error(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ (a − b)², Σ_r ‖b[r] − mean_r b‖²) for float32 a, b [B, d] on the CPU, from one read
+    of each, in float64 partial sums over blocks of `SUM_BLOCK` rows: the squared error of a
+    reconstruction a of b and the FVU's denominator (`centred_sq_sum` of b), where
+    `F.mse_loss(reduction="sum")` writes the squared differences out and sums them again in
+    float32 and the denominator reads b once more. Two float32 0-dim tensors."""
+    B, d = b.shape
     if B == 0:
-        return torch.zeros((), dtype=torch.float32)
+        return torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
     n = -(-B // SUM_BLOCK)
-    out = np.empty(n, np.float64)
+    err, colsum, sqsum = np.empty(n, np.float64), np.empty((n, d), np.float64), np.empty(n, np.float64)
     _split_rows(_jit()._sq_err_rows, n, a.detach().contiguous().numpy(),
-                b.detach().contiguous().numpy(), SUM_BLOCK, out, min_rows=max(1, n // 8))
-    return torch.tensor(float(out.sum()), dtype=torch.float32)
+                b.detach().contiguous().numpy(), SUM_BLOCK, err, colsum, sqsum,
+                min_rows=max(1, n // 8))
+    total = colsum.sum(0)
+    spread = max(0.0, float(sqsum.sum()) - float(total @ total) / B)
+    return (torch.tensor(float(err.sum()), dtype=torch.float32),
+            torch.tensor(spread, dtype=torch.float32))
 
 
 def scaled_diff(a: Tensor, b: Tensor, scale: float) -> Tensor:

@@ -398,9 +398,10 @@ def test_decode_rows_starts_each_row_from_the_bias(k):
 def test_squared_error_and_its_gradient(B):
     gen = torch.Generator().manual_seed(B)
     a, b = torch.randn(B, 31, generator=gen), torch.randn(B, 31, generator=gen)
-    got = cpu_kernels.squared_error(a, b)
-    assert got.dtype == torch.float32 and got.dim() == 0
+    got, spread = cpu_kernels.squared_error(a, b)
+    assert got.dtype == spread.dtype == torch.float32 and got.dim() == spread.dim() == 0
     assert torch.allclose(got.double(), (a.double() - b.double()).square().sum(), rtol=1e-6)
+    assert torch.allclose(spread, cpu_kernels.centred_sq_sum(b), rtol=1e-6)
     assert torch.allclose(cpu_kernels.scaled_diff(a, b, 0.5), 0.5 * (a - b), atol=1e-7)
 
 
@@ -411,8 +412,9 @@ def test_the_squared_error_function_is_mse_loss_forward_and_backward(numba_kerne
     x = torch.randn(300, 17, generator=gen)
     x_hat = torch.randn(300, 17, generator=gen, requires_grad=True)
     ref_hat = x_hat.detach().clone().requires_grad_(True)
-    sse = squared_error(x_hat, x)
+    sse, spread = squared_error(x_hat, x)
     ref = torch.nn.functional.mse_loss(ref_hat, x, reduction="sum")
+    assert torch.allclose(spread, ((x.double() - x.double().mean(0)) ** 2).sum().float(), rtol=1e-5)
     (3 * sse).backward()
     (3 * ref).backward()
     assert torch.allclose(sse, ref, rtol=1e-5)
