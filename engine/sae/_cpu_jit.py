@@ -451,6 +451,68 @@ def _decode_rows(lo, hi, idx, acts, W, bias, out):
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
+def _centred_products_rows(lo, hi, x, c, W, out, x_c):
+    """For tokens b in [lo, hi): x_c[b] = x[b] − c and out[b, n] = ⟨x_c[b], W[n]⟩ — four
+    tokens against four rows of W at a time (sixteen sums, each row of x_c and of W read once
+    for four of them), the rows of x_c read back from cache."""
+    d = x.shape[1]
+    N = W.shape[0]
+    b = lo
+    while b < hi:
+        nt = min(4, hi - b)
+        for t in range(nt):
+            xb = x[b + t]
+            ob = x_c[b + t]
+            for j in range(d):
+                ob[j] = xb[j] - c[j]
+        if nt == 4:
+            t0, t1, t2, t3 = x_c[b], x_c[b + 1], x_c[b + 2], x_c[b + 3]
+            n = 0
+            while n + 4 <= N:
+                w0, w1, w2, w3 = W[n], W[n + 1], W[n + 2], W[n + 3]
+                a00 = a01 = a02 = a03 = np.float32(0.0)
+                a10 = a11 = a12 = a13 = np.float32(0.0)
+                a20 = a21 = a22 = a23 = np.float32(0.0)
+                a30 = a31 = a32 = a33 = np.float32(0.0)
+                for j in range(d):
+                    u0, u1, u2, u3 = t0[j], t1[j], t2[j], t3[j]
+                    v0, v1, v2, v3 = w0[j], w1[j], w2[j], w3[j]
+                    a00 += u0 * v0
+                    a01 += u0 * v1
+                    a02 += u0 * v2
+                    a03 += u0 * v3
+                    a10 += u1 * v0
+                    a11 += u1 * v1
+                    a12 += u1 * v2
+                    a13 += u1 * v3
+                    a20 += u2 * v0
+                    a21 += u2 * v1
+                    a22 += u2 * v2
+                    a23 += u2 * v3
+                    a30 += u3 * v0
+                    a31 += u3 * v1
+                    a32 += u3 * v2
+                    a33 += u3 * v3
+                out[b, n], out[b, n + 1], out[b, n + 2], out[b, n + 3] = a00, a01, a02, a03
+                out[b + 1, n], out[b + 1, n + 1], out[b + 1, n + 2], out[b + 1, n + 3] = a10, a11, a12, a13
+                out[b + 2, n], out[b + 2, n + 1], out[b + 2, n + 2], out[b + 2, n + 3] = a20, a21, a22, a23
+                out[b + 3, n], out[b + 3, n + 1], out[b + 3, n + 2], out[b + 3, n + 3] = a30, a31, a32, a33
+                n += 4
+            first = n  # the rows of W left over: one at a time
+        else:
+            first = 0
+        for t in range(nt):
+            tb = x_c[b + t]
+            for n in range(first if nt == 4 else 0, N):
+                wn = W[n]
+                a = np.float32(0.0)
+                for j in range(d):
+                    a += tb[j] * wn[j]
+                out[b + t, n] = a
+        b += nt
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
 def _group_sums_rows(lo, hi, G, W, colsum, dots):
     """For experts i in [lo, hi) of G, W [N, m, d]: colsum[i] = Σ_j G[i, j] and
     dots[i] = Σ_j ⟨G[i, j], W[i, j]⟩, from one read of each."""

@@ -80,10 +80,14 @@ class _CentredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, c, W):
-        x_c = x - c
+        if (x.dim() == 2 and cpu_kernels.use(x) and c.dtype == W.dtype == torch.float32
+                and products_dtype(x) == torch.float32):  # x − c and the logits from one read
+            out, x_c = cpu_kernels.centred_products(x, c, W)
+        else:
+            x_c = x - c
+            out = x_c @ W.T  # bf16 under autocast, as the reference
         ctx.save_for_backward(x_c, W)
         ctx.dtypes = (x.dtype, c.dtype)
-        out = x_c @ W.T  # bf16 under autocast, as the reference
         ctx.compute = out.dtype
         return out
 
@@ -98,8 +102,11 @@ class _CentredLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_c = -(g_rows.sum(0) @ W.float()).to(ctx.dtypes[1])
         if ctx.needs_input_grad[2]:
-            x_rows = x_c.reshape(-1, W.shape[1])
-            grad_W = (g_rows.T.to(ctx.compute) @ x_rows.to(ctx.compute)).to(W.dtype)
+            x_rows = x_c.reshape(-1, W.shape[1]).to(ctx.compute)
+            if x_c.device.type == "cpu":  # MKL: x_cᵀ · g [d, N], 1.0 against 1.8 ms for gᵀ · x_c
+                grad_W = (x_rows.T @ g_rows.to(ctx.compute)).T.to(W.dtype)
+            else:
+                grad_W = (g_rows.T.to(ctx.compute) @ x_rows).to(W.dtype)
         return grad_x, grad_c, grad_W
 
 
