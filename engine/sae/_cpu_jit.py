@@ -239,12 +239,13 @@ def _sort_picks(flat, n_rows, starts, order):
 
 @njit(nogil=True, cache=True)
 def _topk_expert_rows(lo, hi, pre, bias, rows, w, experts, dead, use_dead, scale, offset,
-                      scaled, k, L, out_v, out_i, out_z, out_u):
+                      scaled, k, L, out_v, out_i, out_z, out_u, out_f, out_s):
     """For tokens b in [lo, hi): the token's candidates f = concat_s w[b, s] · (pre[rows[b, s]]
     + bias[expert]) (each of its e experts' m pre-activations, in slot order; −inf where
     `use_dead` and the feature is not dead), their k largest (out_v, positions s·m + j in
     out_i), the pre-activations at those positions before weighting (out_z) and the products
-    they were made from (out_u: pre at the pick). Where `scaled`, each pair's products are
+    they were made from (out_u: pre at the pick), their features (out_f: row j of expert i is
+    feature i·m + j) and slots s (out_s). Where `scaled`, each pair's products are
     first scaled by its expert's scale and shifted by the pair's offset:
     scale[expert] · pre + offset[b, s]."""
     e = rows.shape[1]
@@ -284,9 +285,12 @@ def _topk_expert_rows(lo, hi, pre, bias, rows, w, experts, dead, use_dead, scale
         for t in range(k):
             p = out_i[b, t]
             s = p // m
+            f = experts[b, s] * m + p % m
             u = pre[rows[b, s], p % m]
             out_u[b, t] = u
-            out_z[b, t] = (sc[s] * u + off[s]) + bias[experts[b, s] * m + p % m]
+            out_z[b, t] = (sc[s] * u + off[s]) + bias[f]
+            out_f[b, t] = f
+            out_s[b, t] = s
 
 
 @njit(fastmath=True, nogil=True, cache=True)

@@ -111,9 +111,10 @@ def _try() -> bool:
         idx = torch.tensor([[0, 5], [2, 2], [1, 4]])
         rows = torch.tensor([[0, 1], [2, 3], [4, 5]])
         experts = torch.tensor([[0, 1], [2, 0], [1, 2]])
-        ev, epos, _, _ = topk_expert_rows(W, torch.zeros(3, 5), rows, torch.ones(3, 2), experts, 3)
-        sv, _, _, _ = topk_expert_rows(W, torch.zeros(3, 5), rows, torch.ones(3, 2), experts, 3,
-                                       scaling=Scaling(torch.full((3,), 2.0), torch.ones(3, 2)))
+        ev, epos, _, _, ef, es = topk_expert_rows(W, torch.zeros(3, 5), rows, torch.ones(3, 2),
+                                                  experts, 3)
+        sv = topk_expert_rows(W, torch.zeros(3, 5), rows, torch.ones(3, 2), experts, 3,
+                              scaling=Scaling(torch.full((3,), 2.0), torch.ones(3, 2))).values
         x_c, offset = centre_rows(g, g[0], experts, W[:3])
         g_rows, r, r_u = pick_scale_sums(g[:, :2], idx % 2, experts, g[:, 2:4], torch.ones(3))
         starts, order = sort_picks(idx, 6)
@@ -135,6 +136,8 @@ def _try() -> bool:
                                  (g - (g * W[:3]).sum(1, keepdim=True) * W[:3]).square().sum(1),
                                  rtol=1e-4, atol=1e-5)
               and torch.equal(ev.sort(-1).values, W.view(3, 10).topk(3).values.sort(-1).values)
+              and torch.equal(es, epos // 5)
+              and torch.equal(ef, experts.gather(1, epos // 5) * 5 + epos % 5)
               and torch.allclose(sv.sort(-1).values, 2 * ev.sort(-1).values + 1)
               and torch.equal(x_c, g - g[0])
               and torch.allclose(offset, (x_c[:, None] * W[:3][experts]).sum(-1), atol=1e-5)
@@ -251,9 +254,26 @@ class Scaling(NamedTuple):
     offset: Tensor
 
 
+class ExpertPicks(NamedTuple):
+    """What `topk_expert_rows` finds for each token, [B, k] each."""
+
+    values: Tensor
+    """The picks' weighted values (before the ReLU)."""
+    positions: Tensor
+    """Their positions s·m + j among the token's candidates (slot s, row j)."""
+    z: Tensor
+    """Their pre-activations before weighting."""
+    u: Tensor
+    """The products `pre` at the picks (before Feature Scaling's scale and offset)."""
+    features: Tensor
+    """Their features: expert i's row j is feature i·m + j."""
+    slots: Tensor
+    """Their slots s."""
+
+
 def topk_expert_rows(pre: Tensor, bias: Tensor, rows: Tensor, w: Tensor, experts: Tensor,
                      k: int, dead: Tensor | None = None, scaling: Scaling | None = None,
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     ) -> ExpertPicks:
     """The TopK of each token over its experts' weighted candidates, read where the expert
     encode left them: pre [P, m] float32 holds one row of m products W_i x per (token, expert)
     pair, bias [N, m] the experts' biases, rows [B, e] names each token's rows (in slot order),
@@ -264,8 +284,7 @@ def topk_expert_rows(pre: Tensor, bias: Tensor, rows: Tensor, w: Tensor, experts
     is not dead counts as −inf. With `scaling`, each product p of token b's slot s (expert i)
     first becomes scale_i · p + offset[b, s] (`Scaling`).
 
-    Returns (values [B, k], positions s·m + j [B, k], pre-activations at the picks before
-    weighting [B, k], the products `pre` at the picks [B, k])."""
+    Returns the picks (`ExpertPicks`)."""
     B, e = rows.shape
     m = pre.shape[1]
     if not 0 < k <= e * m:
@@ -274,6 +293,8 @@ def topk_expert_rows(pre: Tensor, bias: Tensor, rows: Tensor, w: Tensor, experts
     pos = torch.empty(B, k, dtype=torch.long)
     z = torch.empty(B, k, dtype=torch.float32)
     u = torch.empty(B, k, dtype=torch.float32)
+    features = torch.empty(B, k, dtype=torch.long)
+    slots = torch.empty(B, k, dtype=torch.long)
     use_dead = dead is not None
     dead_np = (dead if use_dead else torch.zeros(1, dtype=torch.bool)).contiguous().numpy()
     if scaling is None:
@@ -285,8 +306,9 @@ def topk_expert_rows(pre: Tensor, bias: Tensor, rows: Tensor, w: Tensor, experts
                     bias.to(torch.float32).contiguous().view(-1).numpy(), rows.contiguous().numpy(),
                     w.to(torch.float32).contiguous().numpy(), experts.contiguous().numpy(),
                     dead_np, use_dead, scale, offset, scaling is not None, k,
-                    block_length(e * m, k), vals.numpy(), pos.numpy(), z.numpy(), u.numpy())
-    return vals, pos, z, u
+                    block_length(e * m, k), vals.numpy(), pos.numpy(), z.numpy(), u.numpy(),
+                    features.numpy(), slots.numpy())
+    return ExpertPicks(vals, pos, z, u, features, slots)
 
 
 def centre_rows(x: Tensor, centre: Tensor, experts: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:

@@ -379,9 +379,9 @@ class _SparseTopK(torch.autograd.Function):
             # ReLU commutes with the TopK (it is monotone, and w_i > 0 gives w_i · ReLU(p) =
             # ReLU(w_i · p)), so it runs on the k picks, not on all the candidates: the same
             # values, and where fewer than k candidates are positive, zero picks either way
-            if _picks_on_cpu(xc, experts, encode):
-                outs, picks, z_all, u_all = _expert_picks_cpu(xc, Wc, bc, experts, wc, k, dead,
-                                                              k_aux, scaling)
+            if _picks_on_cpu(xc, experts, encode):  # features and slots from the kernel
+                outs, idx_all, slot, z_all, u_all = _expert_picks_cpu(xc, Wc, bc, experts, wc, k,
+                                                                      dead, k_aux, scaling)
             elif scaling is not None:
                 raise ValueError("Feature Scaling is folded into the encode only on the CPU's path")
             else:
@@ -400,20 +400,20 @@ class _SparseTopK(torch.autograd.Function):
                     outs.append(aux_f.relu_())
                 # z of each pick before weighting
                 z_all = pre.gather(1, torch.cat(picks, 1)).relu_()
-            pos_all = torch.cat(picks, 1)
-            idx_all = _feature_index(pos_all, experts, m)
+                pos_all = torch.cat(picks, 1)
+                idx_all = _feature_index(pos_all, experts, m)
+                slot = pos_all // m if experts is not None else None
             # 0 where an AuxK pick is not dead (masked out)
-            if len(picks) > 1:
+            if len(outs) > 1:
                 z_all[:, k:] = torch.where(outs[1] > 0, z_all[:, k:], torch.zeros_like(outs[1]))
-            slot = pos_all // m if experts is not None else None
         ctx.save_for_backward(x_c, W, idx_all, z_all.float(), slot, weights, experts, scale,
                               shift, u_all if scale is not None else None)
         ctx.k = k
         ctx.mark_non_differentiable(idx_all)
         top_idx = idx_all[:, :k]
         ctx.shared = top_idx._feature_groups = FeatureGroups()  # for the decoder's backward
-        aux_idx = idx_all[:, k:] if len(picks) > 1 else None
-        aux = outs[1].to(x_c.dtype) if len(picks) > 1 else None  # x − centre's promoted dtype
+        aux_idx = idx_all[:, k:] if len(outs) > 1 else None
+        aux = outs[1].to(x_c.dtype) if len(outs) > 1 else None  # x − centre's promoted dtype
         return outs[0].to(x_c.dtype), top_idx, aux, aux_idx
 
     @staticmethod
@@ -496,9 +496,9 @@ def _expert_picks_cpu(x_c: Tensor, W: Tensor, b: Tensor, experts: Tensor, weight
     `grouped_expert_encode`'s values and picks. With `scaling`, W is taken as Feature Scaling's
     Ŵ_i = scale_i · W_i + shift_i without Ŵ written out (`cpu_kernels.Scaling`).
 
-    Returns (outs, picks, z, u): the picks' weighted values (ReLU applied) and positions
-    [TopK, then AuxK where asked], their pre-activations before weighting, ReLU applied, and
-    the products W_i x at the picks."""
+    Returns (outs, features, slots, z, u): the picks' weighted values (ReLU applied), their
+    features and slots [TopK, then AuxK where asked], their pre-activations before weighting,
+    ReLU applied, and the products W_i x at the picks."""
     N, m, _ = W.shape
     B, e = experts.shape
     # the pairs (pair p is token p // e's, as in _preactivations) sorted by expert, stably, by
@@ -513,18 +513,19 @@ def _expert_picks_cpu(x_c: Tensor, W: Tensor, b: Tensor, experts: Tensor, weight
                  out=pre[start:start + group_tokens.numel()])
     rows = _inverse(order).view(B, e)  # each token's rows of `pre`, in slot order
     w = weights if weights is not None else x_c.new_ones(B, e)
-    top_f, pos, z, u = cpu_kernels.topk_expert_rows(pre, b, rows, w, experts, k, scaling=scaling)
-    outs, picks, zs, us = [top_f.relu_()], [pos], [z], [u]
+    found = [cpu_kernels.topk_expert_rows(pre, b, rows, w, experts, k, scaling=scaling)]
     if dead is not None and k_aux > 0:
         most_dead = int(dead.view(N, m).sum(1)[experts].sum(1).max())
         k_aux = max(1, min(k_aux, most_dead))  # as the generic path on the CPU
-        aux_f, apos, az, au = cpu_kernels.topk_expert_rows(pre, b, rows, w, experts, k_aux, dead,
-                                                           scaling=scaling)
-        outs.append(aux_f.relu_())
-        picks.append(apos)
-        zs.append(az)
-        us.append(au)
-    return outs, picks, torch.cat(zs, 1).relu_(), torch.cat(us, 1)
+        found.append(cpu_kernels.topk_expert_rows(pre, b, rows, w, experts, k_aux, dead,
+                                                  scaling=scaling))
+
+    def joined(name):  # TopK's, then AuxK's
+        parts = [getattr(p, name) for p in found]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    outs = [p.values.relu_() for p in found]
+    return outs, joined("features"), joined("slots"), joined("z").relu_(), joined("u")
 
 
 class FeatureGroups:

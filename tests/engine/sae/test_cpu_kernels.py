@@ -271,16 +271,17 @@ def test_topk_expert_rows_reads_the_pairs_where_the_encode_left_them():
     gen, experts, w, pre, bias, rows = _expert_rows_case(7, B, e, N, m)
     f = torch.stack([torch.cat([w[b, s] * (pre[rows[b, s]] + bias[experts[b, s]])
                                 for s in range(e)]) for b in range(B)])
-    vals, pos, z, u = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, k)
+    vals, pos, z, u, features, slots = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, k)
     assert torch.equal(vals.sort(-1).values, f.topk(k).values.sort(-1).values)
     assert torch.equal(f.gather(1, pos), vals)
     assert torch.allclose(z * w.gather(1, pos // m), vals)  # z: before weighting
     slot = pos // m
     assert torch.equal(u, pre[rows.gather(1, slot), pos % m])  # u: the products at the picks
+    assert torch.equal(slots, slot) and torch.equal(features, moe._feature_index(pos, experts, m))
     dead = torch.rand(N * m, generator=gen) < 0.3
     is_dead = dead.view(N, m)[experts].reshape(B, e * m)
     masked = f.masked_fill(~is_dead, float("-inf"))
-    vals, pos, _, _ = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, 2, dead)
+    vals, pos, *_ = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, 2, dead)
     assert torch.equal(vals.sort(-1).values, masked.topk(2).values.sort(-1).values)
 
 
@@ -294,7 +295,7 @@ def test_topk_expert_rows_scales_and_shifts_each_pair_s_products():
     z_all = torch.stack([torch.cat([scale[experts[b, s]] * pre[rows[b, s]].double() + offset[b, s]
                                     + bias[experts[b, s]] for s in range(e)]) for b in range(B)])
     f = z_all * w.double().repeat_interleave(m, 1)
-    vals, pos, z, u = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, k,
+    vals, pos, z, u, *_ = cpu_kernels.topk_expert_rows(pre, bias, rows, w, experts, k,
                                                    scaling=cpu_kernels.Scaling(scale, offset))
     assert torch.allclose(vals.double().sort(-1).values, f.topk(k).values.sort(-1).values, atol=1e-5)
     assert torch.allclose(f.gather(1, pos), vals.double(), atol=1e-5)
