@@ -18,32 +18,8 @@ def _key(bits):
     return bits ^ ((bits >> np.int32(31)) & _KEY_MAX)
 
 
-# NaN and infinities keep their meaning (no nnan/ninf): the maxima are exact for any row
-# without a NaN, and `x != x` still finds the NaN
+# NaN and infinities keep their meaning in the float kernels' sums (no nnan/ninf)
 _FLAGS = {"nsz", "reassoc", "arcp", "contract"}
-
-
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
-def _block_maxima(row, L, bm):
-    n = row.shape[0]
-    for q in range(bm.shape[0]):
-        mx = row[q * L]
-        for j in range(q * L + 1, min(n, q * L + L)):
-            mx = max(mx, row[j])
-        bm[q] = mx
-
-
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
-def _has_nan(row):
-    cnt = 0
-    for j in range(row.shape[0]):
-        cnt += 1 if row[j] != row[j] else 0
-    return cnt > 0
-
-
-@njit(nogil=True, cache=True)
-def _float_key(x):
-    return _key(np.float32(x).view(np.int32))
 
 
 @njit(nogil=True, cache=True)
@@ -162,34 +138,36 @@ def _select_row(row, bits, k, L, bm, bk, bp, ck, ci, out_v, out_i):
         for j in range(k):
             out_v[j] = row[out_i[j]]
         return
-    nan = _has_nan(row)
-    if not nan:  # long rows: only the blocks whose maximum reaches the bound
-        nb = bm.shape[0]
-        _block_maxima(row, L, bm)
-        for q in range(nb):
-            bk[q] = _float_key(bm[q])
-            bp[q] = q
-        lo = bk[0]
-        hi = bk[0]
-        for q in range(1, nb):
-            lo = min(lo, bk[q])
-            hi = max(hi, bk[q])
-        t, _ = _kth(bk, bp, nb, k, lo, hi)  # ≤ the row's k-th largest: k blocks reach it
-        m = 0
-        for q in range(nb):
-            if _float_key(bm[q]) < t:
-                continue
-            for j in range(q * L, min(n, q * L + L)):
-                kk = _key(bits[j])
-                ck[m] = kk
-                ci[m] = j
-                m += 1 if kk >= t else 0
-    else:  # a NaN: every value a candidate, the search over all keys
-        for j in range(n):
-            ck[j] = _key(bits[j])
-            ci[j] = j
-        m = n
-        t, hi = np.int32(-0x80000000), _KEY_MAX
+    # a long row: only the blocks of L whose maximum reaches a bound are searched, all in keys
+    keys = ck[n:2 * n]  # the row's keys; ck[:m] the candidates'
+    for j in range(n):
+        keys[j] = _key(bits[j])
+    nb = bm.shape[0]
+    for q in range(nb):  # each block's largest key, read through slices (they vectorise)
+        block = keys[q * L:min(n, q * L + L)]
+        mx = block[0]
+        for j in range(block.shape[0]):
+            v = block[j]
+            mx = v if v > mx else mx
+        bm[q] = mx
+        bk[q] = mx
+        bp[q] = q
+    lo = bm[0]
+    hi = bm[0]
+    for q in range(1, nb):
+        lo = min(lo, bm[q])
+        hi = max(hi, bm[q])
+    t, _ = _kth(bk, bp, nb, k, lo, hi)  # ≤ the row's k-th largest: k blocks reach it
+    m = 0
+    for q in range(nb):
+        if bm[q] < t:
+            continue
+        block = keys[q * L:min(n, q * L + L)]
+        for j in range(block.shape[0]):
+            kk = block[j]
+            ck[m] = kk
+            ci[m] = q * L + j
+            m += 1 if kk >= t else 0
     kth, m = _kth(ck, ci, m, k, t, hi)
     o = 0
     for j in range(m):
@@ -207,10 +185,11 @@ def _select_row(row, bits, k, L, bm, bk, bp, ck, ci, out_v, out_i):
 @njit(nogil=True, cache=True)
 def _scratch(n, L, k):
     """`_select_row`'s buffers for rows of n values, blocks of L and k picks (allocated once
-    a range)."""
+    a range): the blocks' largest keys, a copy `_kth` reorders, their positions, the keys
+    (the candidates', then the row's), the candidates' positions."""
     nb = (n + L - 1) // L if L > 0 else k
-    return (np.empty(nb, np.float32), np.empty(nb, np.int32), np.empty(nb, np.int64),
-            np.empty(n, np.int32), np.empty(n, np.int64))
+    return (np.empty(nb, np.int32), np.empty(nb, np.int32), np.empty(nb, np.int64),
+            np.empty(2 * n, np.int32), np.empty(n, np.int64))
 
 
 @njit(nogil=True, cache=True)

@@ -21,16 +21,18 @@ B 4,096, d 576, M 4,608, N 16, k 32, two threads):
 | the squared error Σ‖x̂ − x‖² (and the FVU's denominator) and its gradient 2(x̂ − x) | `F.mse_loss` (the squared differences written out, then summed; the denominator another read of x) and its backward | `squared_error` (both from one read of each, float64 sums), `scaled_diff` |
 
 `topk` finds each row's k largest without sorting anything: by bisection on order-preserving
-integer keys of the floats (an int32 whose order is the float's), counting the keys at or
-above the midpoint in a vectorised pass, and stopping as soon as exactly k are. The search
-starts between t, the smallest of the maxima of k chunks of the row (k distinct values
-reach it, so t is at most the k-th largest), and the row's largest value; once at most 4k
-keys remain at or above the lower end, only those are kept and searched. Long rows (dense
-TopK's M candidates) first take t as the k-th largest of the maxima of blocks of L values,
-and only blocks whose maximum reaches t are read again. The picks are every key above the
-k-th largest, then as many equal to it as make k (with ties, any of the tied positions may be
-returned, as with `torch.topk`). NaN counts as larger than any number, as in `torch.topk`: a
-row holding a NaN skips the bounds and is searched whole.
+integer keys of the floats (an int32 whose order is the float's; every NaN above +inf, as
+`torch.topk` orders them), counting the keys at or above the midpoint in a vectorised pass,
+and stopping as soon as exactly k are. A short row's search starts between t, the smallest
+of the maxima of its k strided groups {j : j mod k = q} (k distinct keys reach it, so t is
+at most the k-th largest), and its largest key. Long rows (dense TopK's M candidates) first
+take t as the k-th largest of the maxima of blocks of L keys, and only blocks whose maximum
+reaches t are searched, once at most 4k of their keys remain at or above the lower end only
+those. The picks are every key above the k-th largest, then as many equal to it as make k
+(with ties, any of the tied positions may be returned, as with `torch.topk`). The kernels'
+loops read their rows through slices indexed from 0: with indices computed as q·L + j,
+numba's handling of negative indices kept LLVM from vectorising them (the chunk maxima ran
+as gathers, the block maxima one value at a time).
 
 The kernels (engine/sae/_cpu_jit.py, imported at the first call) are compiled by numba at
 their first call (cached on disk beside the file, or in numba's user cache where that is
@@ -211,17 +213,21 @@ def _split_rows(kernel, B: int, *args, min_rows: int = MIN_ROWS) -> None:
 BLOCK = 16
 """Values per block of `topk`'s bound."""
 
-LONG_ROW = 32
+LONG_ROW = 64
 """Rows of at least LONG_ROW·k values take the bound from block maxima; shorter rows search
-all their values at once. Measured on the development CPU (2 threads, 4,096 rows, k 32, ms):
+all their values at once. Measured on the development CPU (2 threads, 4,096 rows, k 32, ms;
+2026-11-27, the kernels of d94cf84 and after: short rows' bounds from strided groups, long
+rows' block maxima in keys; a dash where fewer than k blocks make no bound):
 
 | values a row | torch.topk | all values | blocks of 8 | blocks of 16 | blocks of 32 |
 |---:|---:|---:|---:|---:|---:|
-| 288 | 5.88 | **1.62** | 2.81 | | |
-| 576 | 10.84 | **2.30** | 3.58 | 4.00 | |
-| 1,152 | 20.30 | 5.68 | **4.91** | 5.10 | 6.36 |
-| 2,304 | 21.76 | 7.78 | 7.65 | **7.09** | 8.04 |
-| 4,608 | 29.49 | 14.32 | 13.75 | **11.17** | 11.18 |
+| 288 | 7.39 | **1.37** | 2.79 | – | – |
+| 576 | 12.48 | **1.98** | 3.25 | 3.48 | – |
+| 1,152 | 21.84 | **2.86** | 3.79 | 3.46 | 4.07 |
+| 2,304 | 21.80 | 5.53 | 5.96 | **5.04** | 5.43 |
+| 4,608 | 32.13 | 12.81 | 11.58 | **8.94** | 8.87 |
+
+(With the kernels before d94cf84 the long path paid off from 1,152 values, LONG_ROW 32.)
 """
 
 
