@@ -201,18 +201,22 @@ def _topk_rows(lo, hi, f, k, L, out_v, out_i):
 
 
 @njit(nogil=True, cache=True)
-def _sort_picks(flat, n_rows, starts, order):
+def _sort_picks(flat, n_rows, starts, order, rank):
     """A counting sort of the picks by the row they name, stable: starts [n_rows + 1] where
-    each row's picks begin, and in that order each pick's position in `flat`."""
+    each row's picks begin, and in that order each pick's position in `flat`; where `rank` is
+    not empty, each pick's position in that order (the inverse permutation)."""
     starts[:] = 0
     for p in range(flat.shape[0]):
         starts[flat[p] + 1] += 1
     for r in range(n_rows):
         starts[r + 1] += starts[r]
     fill = starts[:n_rows].copy()
+    ranked = rank.shape[0] > 0
     for p in range(flat.shape[0]):
         r = flat[p]
         order[fill[r]] = p
+        if ranked:
+            rank[p] = fill[r]
         fill[r] += 1
 
 

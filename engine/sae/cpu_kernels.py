@@ -368,15 +368,18 @@ def expert_sums(x: Tensor, experts: Tensor, r: Tensor, n_experts: int) -> Tensor
     return torch.from_numpy(acc).sum(0)
 
 
-def sort_picks(idx: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+def sort_picks(idx: Tensor, n_rows: int, ranks: bool = False) -> tuple[Tensor, ...]:
     """The picks idx [B, k] sorted by the row they name, stable (by token within a row), as a
     counting sort in two passes over the picks: (starts [n_rows + 1], where each row's picks
     begin; order [B·k], each sorted pick's position in idx.reshape(-1)) — what a stable
-    `torch.argsort` and the counts' cumulative sum give."""
+    `torch.argsort` and the counts' cumulative sum give. With `ranks`, also each pick's
+    position in that order [B·k] (the inverse permutation), from the same pass."""
     starts = torch.empty(n_rows + 1, dtype=torch.long)
     order = torch.empty(idx.numel(), dtype=torch.long)
-    _jit()._sort_picks(idx.reshape(-1).contiguous().numpy(), n_rows, starts.numpy(), order.numpy())
-    return starts, order
+    rank = torch.empty(idx.numel() if ranks else 0, dtype=torch.long)
+    _jit()._sort_picks(idx.reshape(-1).contiguous().numpy(), n_rows, starts.numpy(), order.numpy(),
+                       rank.numpy())
+    return (starts, order, rank) if ranks else (starts, order)
 
 
 def decoder_grads(g: Tensor, W: Tensor, acts: Tensor, starts: Tensor,

@@ -503,7 +503,7 @@ def _expert_picks_cpu(x_c: Tensor, W: Tensor, b: Tensor, experts: Tensor, weight
     B, e = experts.shape
     # the pairs (pair p is token p // e's, as in _preactivations) sorted by expert, stably, by
     # numba's counting sort: `_expert_groups`' order without its argsort and bincount
-    starts, order = cpu_kernels.sort_picks(experts, N)
+    starts, order, rank = cpu_kernels.sort_picks(experts, N, ranks=True)
     bounds, sorted_tokens = starts.tolist(), torch.div(order, e, rounding_mode="floor")
     groups = [(i, bounds[i], sorted_tokens[bounds[i]:bounds[i + 1]])
               for i in range(N) if bounds[i + 1] > bounds[i]]
@@ -511,7 +511,7 @@ def _expert_picks_cpu(x_c: Tensor, W: Tensor, b: Tensor, experts: Tensor, weight
     for i, start, group_tokens in groups:
         torch.mm(x_c.index_select(0, group_tokens), W[i].T,
                  out=pre[start:start + group_tokens.numel()])
-    rows = _inverse(order).view(B, e)  # each token's rows of `pre`, in slot order
+    rows = rank.view(B, e)  # each token's rows of `pre`, in slot order
     w = weights if weights is not None else x_c.new_ones(B, e)
     found = [cpu_kernels.topk_expert_rows(pre, b, rows, w, experts, k, scaling=scaling)]
     if dead is not None and k_aux > 0:

@@ -114,6 +114,9 @@ def test_sort_picks_is_a_stable_argsort():
     counts = torch.bincount(idx.reshape(-1), minlength=25)
     assert torch.equal(starts, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
     assert torch.equal(order, torch.argsort(idx.reshape(-1), stable=True))
+    starts2, order2, rank = cpu_kernels.sort_picks(idx, 25, ranks=True)
+    assert torch.equal(starts2, starts) and torch.equal(order2, order)
+    assert torch.equal(rank, moe._inverse(order))
 
 
 @pytest.mark.parametrize("k", [1, 3, 8], ids=lambda k: f"k{k}")
