@@ -105,71 +105,77 @@ def works() -> bool:
 def _try() -> bool:
     import warnings
 
-    try:
-        gen = torch.Generator().manual_seed(0)
-        f = torch.randn(3, 70, generator=gen)
-        vals, pos = topk(f, 4)
-        W, g = torch.randn(6, 5, generator=gen), torch.randn(3, 5, generator=gen)
-        idx = torch.tensor([[0, 5], [2, 2], [1, 4]])
-        rows = torch.tensor([[0, 1], [2, 3], [4, 5]])
-        experts = torch.tensor([[0, 1], [2, 0], [1, 2]])
-        ev, epos, _, _, ef, es = topk_expert_rows(W, torch.zeros(3, 5), rows, torch.ones(3, 2),
-                                                  experts, 3)
-        sv = topk_expert_rows(W, torch.zeros(3, 5), rows, torch.ones(3, 2), experts, 3,
-                              scaling=Scaling(torch.full((3,), 2.0), torch.ones(3, 2))).values
-        x_c, offset = centre_rows(g, g[0], experts, W[:3])
-        g_rows, r, r_u = pick_scale_sums(g[:, :2], idx % 2, experts, g[:, 2:4], torch.ones(3))
-        starts, order = sort_picks(idx, 6)
-        dots, gW = decoder_grads(g, W, g[:, :2], starts, order)
-        # Adam's first step from zero moments moves each weight by lr · G / (|G| + eps')
-        P, m1, m2 = W.clone(), torch.zeros_like(W), torch.zeros_like(W)
-        adam_rows_(P, W, m1, m2, 0.5, torch.ones(()), torch.full((), 2.0), (0.9, 0.999), 0.0,
-                   decoder=False)
-        G3, W3 = W.view(2, 3, 5), g.repeat(2, 1).view(2, 3, 5)
-        col, dot = group_sums(G3, W3)
-        bag = torch.nn.functional.embedding_bag(idx, W, per_sample_weights=g[:, :2], mode="sum")
-        seg = segment_sums(g, order // 2, g[:, 2:4].reshape(-1)[order], starts)
-        logits, g_c = centred_products(g, g[1], W)
-        ok = (torch.equal(vals.sort(-1).values, f.topk(4).values.sort(-1).values)
-              and torch.allclose(col, G3.sum(1, keepdim=True), atol=1e-5)
-              and torch.allclose(dot, (G3 * W3).sum((1, 2)), atol=1e-4)
-              and torch.allclose(P, W - 0.5 * W.sign(), atol=1e-5)
-              and torch.allclose(projected_sq_norms(g, W[:3]),
-                                 (g - (g * W[:3]).sum(1, keepdim=True) * W[:3]).square().sum(1),
-                                 rtol=1e-4, atol=1e-5)
-              and torch.equal(ev.sort(-1).values, W.view(3, 10).topk(3).values.sort(-1).values)
-              and torch.equal(es, epos // 5)
-              and torch.equal(ef, experts.gather(1, epos // 5) * 5 + epos % 5)
-              and torch.allclose(sv.sort(-1).values, 2 * ev.sort(-1).values + 1)
-              and torch.equal(x_c, g - g[0])
-              and torch.allclose(offset, (x_c[:, None] * W[:3][experts]).sum(-1), atol=1e-5)
-              and torch.equal(g_rows, g[:, :2])
-              and torch.allclose(r, torch.zeros(3, 2).scatter_add_(1, idx % 2, g[:, :2]))
-              and torch.allclose(r_u, torch.zeros(3, 2).scatter_add_(1, idx % 2, g[:, :2] * g[:, 2:4]))
-              and torch.allclose(expert_sums(g, experts, r, 3), torch.zeros(3, 5).index_add_(
-                  0, experts.reshape(-1), (r[:, :, None] * g[:, None]).reshape(-1, 5)), atol=1e-5)
-              and torch.allclose(centred_sq_sum(g), (g - g.mean(0)).square().sum(), atol=1e-4)
-              and torch.allclose(picked_dots(g, W, idx), (g[:, None] * W[idx]).sum(-1), atol=1e-5)
-              and starts.tolist() == [0, 1, 2, 4, 4, 5, 6] and order.tolist() == [0, 4, 2, 3, 5, 1]
-              and torch.allclose(dots, picked_dots(g, W, idx), atol=1e-5)
-              and torch.allclose(decode_rows(g[:, :2], idx, W, g[0]), bag + g[0], atol=1e-5)
-              and torch.allclose(seg, torch.zeros_like(W).index_add_(
-                  0, idx.reshape(-1), g[:, 2:4].reshape(-1, 1) * g.repeat_interleave(2, 0)),
-                  atol=1e-5)
-              and torch.allclose(squared_error(g, W[:3])[0], (g - W[:3]).square().sum(), atol=1e-4)
-              and torch.allclose(scaled_diff(g, W[:3], 2.0), 2 * (g - W[:3]), atol=1e-6)
-              and torch.equal(g_c, g - g[1]) and torch.allclose(logits, g_c @ W.T, atol=1e-5)
-              and torch.allclose(gW, torch.zeros_like(W).index_add_(
-                  0, idx.reshape(-1), g[:, :2].reshape(-1, 1) * g.repeat_interleave(2, 0)),
-                  atol=1e-5))
-        if not ok:
-            raise RuntimeError("they gave other numbers than PyTorch on a tiny case")
-        return True
+    try:  # whatever autocast the first call finds itself in: the references in float32
+        with torch.autocast("cpu", enabled=False), torch.no_grad():
+            return _tiny_case()
     except Exception as exc:  # any failure to import, compile or run: PyTorch's kernels instead
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         warnings.warn(f"The numba kernels do not run here ({why}); training uses PyTorch's "
                       "kernels on the CPU, which are slower.", RuntimeWarning, stacklevel=3)
         return False
+
+
+def _tiny_case() -> bool:
+    """The kernels against PyTorch on a tiny case: True, or an exception saying why not."""
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(3, 70, generator=gen)
+    vals, pos = topk(f, 4)
+    W, g = torch.randn(6, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    idx = torch.tensor([[0, 5], [2, 2], [1, 4]])
+    rows = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    experts = torch.tensor([[0, 1], [2, 0], [1, 2]])
+    ev, epos, _, _, ef, es = topk_expert_rows(W, torch.zeros(3, 5), rows, torch.ones(3, 2),
+                                              experts, 3)
+    sv = topk_expert_rows(W, torch.zeros(3, 5), rows, torch.ones(3, 2), experts, 3,
+                          scaling=Scaling(torch.full((3,), 2.0), torch.ones(3, 2))).values
+    x_c, offset = centre_rows(g, g[0], experts, W[:3])
+    g_rows, r, r_u = pick_scale_sums(g[:, :2], idx % 2, experts, g[:, 2:4], torch.ones(3))
+    starts, order = sort_picks(idx, 6)
+    dots, gW = decoder_grads(g, W, g[:, :2], starts, order)
+    # Adam's first step from zero moments moves each weight by lr · G / (|G| + eps')
+    P, m1, m2 = W.clone(), torch.zeros_like(W), torch.zeros_like(W)
+    adam_rows_(P, W, m1, m2, 0.5, torch.ones(()), torch.full((), 2.0), (0.9, 0.999), 0.0,
+               decoder=False)
+    G3, W3 = W.view(2, 3, 5), g.repeat(2, 1).view(2, 3, 5)
+    col, dot = group_sums(G3, W3)
+    bag = torch.nn.functional.embedding_bag(idx, W, per_sample_weights=g[:, :2], mode="sum")
+    seg = segment_sums(g, order // 2, g[:, 2:4].reshape(-1)[order], starts)
+    logits, g_c = centred_products(g, g[1], W)
+    ok = (torch.equal(vals.sort(-1).values, f.topk(4).values.sort(-1).values)
+          and torch.allclose(col, G3.sum(1, keepdim=True), atol=1e-5)
+          and torch.allclose(dot, (G3 * W3).sum((1, 2)), atol=1e-4)
+          and torch.allclose(P, W - 0.5 * W.sign(), atol=1e-5)
+          and torch.allclose(projected_sq_norms(g, W[:3]),
+                             (g - (g * W[:3]).sum(1, keepdim=True) * W[:3]).square().sum(1),
+                             rtol=1e-4, atol=1e-5)
+          and torch.equal(ev.sort(-1).values, W.view(3, 10).topk(3).values.sort(-1).values)
+          and torch.equal(es, epos // 5)
+          and torch.equal(ef, experts.gather(1, epos // 5) * 5 + epos % 5)
+          and torch.allclose(sv.sort(-1).values, 2 * ev.sort(-1).values + 1)
+          and torch.equal(x_c, g - g[0])
+          and torch.allclose(offset, (x_c[:, None] * W[:3][experts]).sum(-1), atol=1e-5)
+          and torch.equal(g_rows, g[:, :2])
+          and torch.allclose(r, torch.zeros(3, 2).scatter_add_(1, idx % 2, g[:, :2]))
+          and torch.allclose(r_u, torch.zeros(3, 2).scatter_add_(1, idx % 2, g[:, :2] * g[:, 2:4]))
+          and torch.allclose(expert_sums(g, experts, r, 3), torch.zeros(3, 5).index_add_(
+              0, experts.reshape(-1), (r[:, :, None] * g[:, None]).reshape(-1, 5)), atol=1e-5)
+          and torch.allclose(centred_sq_sum(g), (g - g.mean(0)).square().sum(), atol=1e-4)
+          and torch.allclose(picked_dots(g, W, idx), (g[:, None] * W[idx]).sum(-1), atol=1e-5)
+          and starts.tolist() == [0, 1, 2, 4, 4, 5, 6] and order.tolist() == [0, 4, 2, 3, 5, 1]
+          and torch.allclose(dots, picked_dots(g, W, idx), atol=1e-5)
+          and torch.allclose(decode_rows(g[:, :2], idx, W, g[0]), bag + g[0], atol=1e-5)
+          and torch.allclose(seg, torch.zeros_like(W).index_add_(
+              0, idx.reshape(-1), g[:, 2:4].reshape(-1, 1) * g.repeat_interleave(2, 0)),
+              atol=1e-5)
+          and torch.allclose(squared_error(g, W[:3])[0], (g - W[:3]).square().sum(), atol=1e-4)
+          and torch.allclose(scaled_diff(g, W[:3], 2.0), 2 * (g - W[:3]), atol=1e-6)
+          and torch.equal(g_c, g - g[1]) and torch.allclose(logits, g_c @ W.T, atol=1e-5)
+          and torch.allclose(gW, torch.zeros_like(W).index_add_(
+              0, idx.reshape(-1), g[:, :2].reshape(-1, 1) * g.repeat_interleave(2, 0)),
+              atol=1e-5))
+    if not ok:
+        raise RuntimeError("they gave other numbers than PyTorch on a tiny case")
+    return True
 
 
 _POOL: dict = {"pid": None, "workers": 0, "pool": None}

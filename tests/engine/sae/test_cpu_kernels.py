@@ -435,3 +435,11 @@ def test_centred_products_are_the_router_s_logits(B, N):
     logits, x_c = cpu_kernels.centred_products(x, c, W)
     assert torch.equal(x_c, x - c)
     assert torch.allclose(logits.double(), (x.double() - c.double()) @ W.double().T, atol=1e-4)
+
+
+def test_the_first_try_is_not_misled_by_autocast(monkeypatch):
+    """The tiny case runs in float32 whatever autocast its first caller is under (a bf16
+    context once made PyTorch's side of it bf16, and the kernels were switched off)."""
+    monkeypatch.setattr(cpu_kernels, "_WORKS", [])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_kernels.works()
