@@ -385,56 +385,43 @@ def _decoder_grads_rows(lo, hi, starts, order, k, acts, g, W, dots, gW):
         gW[f, :] = acc
 
 
+@njit(fastmath=_FLAGS, inline="always")
+def _add_rows(acc, X, rows, w, lo, hi):
+    """acc += Σ over q in [lo, hi) of w[q] · X[rows[q]], four rows at a time."""
+    d = X.shape[1]
+    q = lo
+    while q + 4 <= hi:
+        x0, x1, x2, x3 = X[rows[q]], X[rows[q + 1]], X[rows[q + 2]], X[rows[q + 3]]
+        a0, a1, a2, a3 = w[q], w[q + 1], w[q + 2], w[q + 3]
+        for c in range(d):
+            acc[c] += (a0 * x0[c] + a1 * x1[c]) + (a2 * x2[c] + a3 * x3[c])
+        q += 4
+    while q < hi:
+        xq = X[rows[q]]
+        a = w[q]
+        for c in range(d):
+            acc[c] += a * xq[c]
+        q += 1
+
+
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
 def _segment_sum_rows(lo, hi, starts, tokens, w, x, out):
     """For rows f in [lo, hi): out[f] = Σ over sorted picks q in [starts[f], starts[f + 1]) of
-    w[q] · x[tokens[q]] — a segmented weighted sum of gathered rows, four picks at a time,
-    accumulated in the output row."""
-    d = x.shape[1]
+    w[q] · x[tokens[q]] — a segmented weighted sum of gathered rows, accumulated in the output
+    row."""
     for f in range(lo, hi):
         acc = out[f]
         acc[:] = 0.0
-        q = starts[f]
-        end = starts[f + 1]
-        while q + 4 <= end:
-            x0, x1, x2, x3 = x[tokens[q]], x[tokens[q + 1]], x[tokens[q + 2]], x[tokens[q + 3]]
-            a0, a1, a2, a3 = w[q], w[q + 1], w[q + 2], w[q + 3]
-            for c in range(d):
-                acc[c] += (a0 * x0[c] + a1 * x1[c]) + (a2 * x2[c] + a3 * x3[c])
-            q += 4
-        while q < end:
-            xq = x[tokens[q]]
-            a = w[q]
-            for c in range(d):
-                acc[c] += a * xq[c]
-            q += 1
+        _add_rows(acc, x, tokens, w, starts[f], starts[f + 1])
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
 def _decode_rows(lo, hi, idx, acts, W, bias, out):
-    """For tokens b in [lo, hi): out[b] = bias + Σ_j acts[b, j] · W[idx[b, j]], four picks at
-    a time."""
-    d = W.shape[1]
-    k = idx.shape[1]
+    """For tokens b in [lo, hi): out[b] = bias + Σ_j acts[b, j] · W[idx[b, j]]."""
     for b in range(lo, hi):
         acc = out[b]
-        for c in range(d):
-            acc[c] = bias[c]
-        ib = idx[b]
-        ab = acts[b]
-        j = 0
-        while j + 4 <= k:
-            w0, w1, w2, w3 = W[ib[j]], W[ib[j + 1]], W[ib[j + 2]], W[ib[j + 3]]
-            a0, a1, a2, a3 = ab[j], ab[j + 1], ab[j + 2], ab[j + 3]
-            for c in range(d):
-                acc[c] += (a0 * w0[c] + a1 * w1[c]) + (a2 * w2[c] + a3 * w3[c])
-            j += 4
-        while j < k:
-            wj = W[ib[j]]
-            a = ab[j]
-            for c in range(d):
-                acc[c] += a * wj[c]
-            j += 1
+        acc[:] = bias
+        _add_rows(acc, W, idx[b], acts[b], 0, idx.shape[1])
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
@@ -516,25 +503,6 @@ def _group_sums_rows(lo, hi, G, W, colsum, dots):
                 acc[c] += g[c]
                 s += g[c] * w[c]
         dots[i] = s
-
-
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
-def _moment_rows(lo, hi, x, block, colsum, sqsum):
-    """For blocks of `block` rows i in [lo, hi) of x [B, d]: colsum[i] = Σ of the block's rows
-    and sqsum[i] = Σ of their squared entries, both in float64, from one read of x."""
-    B = x.shape[0]
-    d = x.shape[1]
-    for i in range(lo, hi):
-        acc = colsum[i]
-        acc[:] = 0.0
-        s = 0.0
-        for r in range(i * block, min(B, (i + 1) * block)):
-            row = x[r]
-            for c in range(d):
-                v = np.float64(row[c])
-                acc[c] += v
-                s += v * v
-        sqsum[i] = s
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)

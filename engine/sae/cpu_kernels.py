@@ -512,17 +512,9 @@ def group_sums(G: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
 def centred_sq_sum(x: Tensor) -> Tensor:
     """Σ_b ‖x[b] − mean_b x‖² for float32 x [B, d] on the CPU, as Σ‖x[b]‖² − ‖Σ_b x[b]‖² / B
     from one read of x, both sums in float64 (where `x − x.mean(0)` and its norm read x three
-    times and write it once): the FVU's denominator. A float32 0-dim tensor."""
-    B, d = x.shape
-    if B == 0:
-        return torch.zeros((), dtype=torch.float32)
-    n = -(-B // SUM_BLOCK)
-    colsum = np.empty((n, d), np.float64)
-    sqsum = np.empty(n, np.float64)
-    _split_rows(_jit()._moment_rows, n, x.detach().contiguous().numpy(), SUM_BLOCK, colsum,
-                sqsum, min_rows=max(1, n // 8))
-    total = colsum.sum(0)
-    return torch.tensor(max(0.0, float(sqsum.sum()) - float(total @ total) / B), dtype=torch.float32)
+    times and write it once): the FVU's denominator, as `squared_error` gives it beside a
+    reconstruction (here x's own: its rows read twice from cache). A float32 0-dim tensor."""
+    return squared_error(x, x)[1]
 
 
 
