@@ -23,6 +23,15 @@ _FLAGS = {"nsz", "reassoc", "arcp", "contract"}
 
 
 @njit(nogil=True, cache=True)
+def _count_at_least(keys, x):
+    """How many of the keys are at least x (one vectorised pass)."""
+    cnt = 0
+    for j in range(keys.shape[0]):
+        cnt += 1 if keys[j] >= x else 0
+    return cnt
+
+
+@njit(nogil=True, cache=True)
 def _kth(keys, pos, m, k, lo, hi):
     """(x, m'): bisection on the integer keys for the k-th largest of keys[:m] (k ≤ m,
     lo ≤ it ≤ hi), stopping early at any x with exactly k keys ≥ x (which selects the
@@ -32,9 +41,7 @@ def _kth(keys, pos, m, k, lo, hi):
     hi = np.int64(hi)
     while lo < hi:
         mid = np.int32((lo + hi + 1) >> 1)
-        cnt = 0
-        for j in range(m):
-            cnt += 1 if keys[j] >= mid else 0
+        cnt = _count_at_least(keys[:m], mid)
         if cnt >= k:
             lo = np.int64(mid)
             if cnt == k:
@@ -79,14 +86,6 @@ def _key_bounds(ck, k, mx):
         t = min(t, mx[q])
         top = max(top, mx[q])
     return t, top
-
-
-@njit(nogil=True, cache=True)
-def _count_at_least(keys, x):
-    cnt = 0
-    for j in range(keys.shape[0]):
-        cnt += 1 if keys[j] >= x else 0
-    return cnt
 
 
 @njit(nogil=True, cache=True)
