@@ -25,6 +25,14 @@ tail:    an A/B of the optimiser's tail in the trainer's step (bf16, recorded as
          interleaved, for each architecture; and for the routed ones the TopK
          over their candidates as the Triton row kernel (with and without its early exit)
          against `torch.topk`.
+fusions: an A/B of this round's fused passes on CUDA in the trainer's step (bf16, recorded as a
+         CUDA graph on a GPU), each undone alone and all together: Feature Scaling folded into
+         the grouped GEMM's epilogue (against Ŵ formed first), the squared error and the FVU's
+         denominator from one read (against `F.mse_loss` and `centred_sq_sum`), the decode
+         started from b_dec (against + b_dec apart), both decoder gradients from one pass over
+         the picks (against `picked_dots` and a segmented sum), the encoder's gradient from the
+         bf16 rows the products read (against float32 rows); for Scale SAEs also the same SAE
+         without Feature Scaling, what the fold can at most save.
 compile: the model's own forward pass, eager against torch.compile (how much fusing would save).
 topk:    TopK alone over the dense and the Scale e=2 candidates, one `torch.topk` against the
          two-stage form with several chunk counts; then the dense TopK step with the fastest.
@@ -33,6 +41,7 @@ topk:    TopK alone over the dense and the Scale e=2 candidates, one `torch.topk
     python benchmarks/profile_gpu.py --parts decoder --archs "topk,scale e=2"
     python benchmarks/profile_gpu.py --parts kernels
     python benchmarks/profile_gpu.py --parts tail --archs "topk,scale e=2"
+    python benchmarks/profile_gpu.py --parts fusions --archs "topk,scale e=2"
     python benchmarks/profile_gpu.py --parts topk --archs topk
     python benchmarks/profile_gpu.py --parts harvest --corpus corpus.jsonl --tokens 2000000
 """
@@ -124,19 +133,25 @@ def _ab_steps(cfg: SAEConfig, device: torch.device, variants: dict, xs: list, ro
     """Median step ms of the bf16 fast step (recorded as a CUDA graph on a GPU) under each
     variant — `variants[label]()` sets that variant up and returns the function undoing it —
     measured in `rounds` interleaved rounds: {label: ms}, and every round's times."""
+    return _ab_cases({label: (cfg, setup) for label, setup in variants.items()}, device, xs, rounds)
+
+
+def _ab_cases(cases: dict, device: torch.device, xs: list, rounds: int) -> dict:
+    """`_ab_steps` with a configuration of its own for each variant: cases[label] = (cfg,
+    setup)."""
     graph = device.type == "cuda"
     fns = {}
-    for label, setup in variants.items():
+    for label, (cfg, setup) in cases.items():
         undo = setup()
         try:
             fns[label] = step_fn(cfg, device, "bf16", "fast", graph=graph)
             fns[label](xs[0])  # eager warm-up, or the recording, with this variant
         finally:
             undo()
-    times: dict = {label: [] for label in variants}
+    times: dict = {label: [] for label in cases}
     for _ in range(rounds):
         for label, fn in fns.items():  # a recorded graph keeps the variant it recorded
-            undo = variants[label]()
+            undo = cases[label][1]()
             try:
                 times[label].append(median_step_ms(fn, xs, device, 1))
             finally:
@@ -254,6 +269,62 @@ def profile_tail(size: dict, device: torch.device, archs: list[str], out: dict,
             if cfg.arch != "topk":  # dense TopK's rows are longer than the row kernel takes
                 row["row_topk"] = _ab_steps(cfg, device, _row_topk_variants(device), xs, rounds)
                 print(_ms_line(f"row TopK A/B, {name}", row["row_topk"]["ms"]) + " a step", flush=True)
+        except Exception as exc:
+            traceback.print_exc()
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _fusion_variants(scale: bool) -> dict:
+    """The fused passes of the CUDA step each undone alone, then all together (module
+    docstring, `fusions`), each a `_patched_all` variant; with `scale`, Feature Scaling's fold
+    too."""
+    import engine.sae.base as sae_base
+    import engine.sae.scale as sae_scale
+    from engine.sae import kernels, moe
+
+    real_sum = kernels.segment_sum
+
+    def bias_apart(X, ix, w, offsets, out_dtype=torch.float32, bias=None):
+        out = real_sum(X, ix, w, offsets, out_dtype=out_dtype)
+        return out if bias is None else out + bias
+
+    undone = {
+        "loss: mse_loss + centred_sq_sum": [(sae_base, "_one_read", lambda *a: False)],
+        "decode: + b_dec apart": [(kernels, "segment_sum", bias_apart)],
+        "decoder grads: picked_dots + segment_sum": [(moe, "FUSED_DECODER_GRADS", False)],
+        "encoder grad: float32 rows": [(moe, "ENCODER_ROWS_IN_COMPUTE_DTYPE", False)],
+    }
+    if scale:
+        undone["Feature Scaling: Ŵ formed"] = [(sae_scale, "folds_scaling", lambda *a: False)]
+    variants = {"all fused (the default)": _patched_all([])}
+    variants.update({label: _patched_all(changes) for label, changes in undone.items()})
+    variants["none fused (as at 889fc27)"] = _patched_all([c for cs in undone.values() for c in cs])
+    return variants
+
+
+def profile_fusions(size: dict, device: torch.device, archs: list[str], out: dict,
+                    rounds: int = 5) -> None:
+    """The step with each fused pass of this round undone, interleaved (module docstring);
+    for Scale SAEs also the same SAE without Feature Scaling, what its fold can at most save."""
+    import dataclasses
+
+    from engine.sae import kernels
+
+    xs = _batches(size, device, 10)
+    for name, cfg in _configs(size, archs):
+        row: dict = {"model": name, "precision": "bf16", "graph": device.type == "cuda",
+                     "triton": kernels.use(torch.empty(0, device=device))}
+        out["fusions_ab"].append(row)
+        try:
+            cases = {label: (cfg, setup) for label, setup in
+                     _fusion_variants(cfg.arch == "scale" and cfg.feature_scaling).items()}
+            if cfg.arch == "scale" and cfg.feature_scaling:
+                cases["without Feature Scaling"] = (dataclasses.replace(cfg, feature_scaling=False),
+                                                    _patched_all([]))
+            row.update(_ab_cases(cases, device, xs, rounds))
+            print(_ms_line(f"fusions A/B, {name}", row["ms"]) + " a step", flush=True)
         except Exception as exc:
             traceback.print_exc()
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -512,7 +583,7 @@ def main() -> None:
     device = torch.device(args.device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "steps": [], "trainer": None, "harvest": [],
-              "decoder_ab": [], "tail_ab": [], "topk": [], "kernels": []}
+              "decoder_ab": [], "tail_ab": [], "fusions_ab": [], "topk": [], "kernels": []}
     parts = set(args.parts.split(","))
     if "step" in parts:
         profile_steps(SIZES[args.size], device, args.archs.split(","), result)
@@ -522,6 +593,9 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2))
     if "tail" in parts:
         profile_tail(SIZES[args.size], device, args.archs.split(","), result)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    if "fusions" in parts:
+        profile_fusions(SIZES[args.size], device, args.archs.split(","), result)
         Path(args.out).write_text(json.dumps(result, indent=2))
     if "kernels" in parts:
         profile_kernels(SIZES[args.size], device, result)

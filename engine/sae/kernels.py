@@ -26,7 +26,7 @@ H100 at the paper's size, benchmarks/profile_gpu.py; README table 7):
 |---|---|
 | `adam_rows_` (+ `projected_sq_norms` for the clip) | the decoder's projection, the clip, fused Adam's update of the decoder and the renormalisation: one pass over the decoder, its gradient and moments |
 | `row_topk` | `torch.topk` over a routed SAE's e·m candidates a token (a radix select in four kernels) |
-| `expert_rows` | the grouped GEMM's epilogue: a gather, the bias added in float32, the rounding and the scatter back into pair order |
+| `expert_rows` | the grouped GEMM's epilogue: a gather, the bias added in float32 (and with Feature Scaling folded in, each pair's scale and offset), the rounding and the scatter back into pair order |
 | `group_sums` | Feature Scaling's Σ_j G_i[j] and ⟨G_i, W_i⟩ (a sum, and vecdot's products written and read back) |
 
 The kernels are plain Python functions, compiled by `triton.jit` at their first use on a CUDA
@@ -55,7 +55,10 @@ BLOCKS: dict[str, int] = {"segment_d": 128, "segment_p": 8, "segment_warps": 1,
                           "dots_k": 32, "dots_d": 32, "dots_warps": 1, "row_elems": 4096,
                           "row_warps": 4, "adam_elems": 1024, "adam_warps": 2,
                           "sums_rows": 32, "sums_d": 128, "sums_warps": 4,
-                          "topk_elems": 4096, "topk_warps": 4, "topk_early": 0}
+                          "topk_elems": 4096, "topk_warps": 4, "topk_early": 0,
+                          "loss_rows": 256, "loss_block": 16, "loss_d": 64,
+                          "loss_total": 256, "loss_warps": 4,
+                          "diff_elems": 2048, "diff_warps": 4}
 """Tile sizes: the columns and rows a `segment_sum` program handles at once and its warps; the
 picks a `picked_dots` program takes (at most; fewer where a token has fewer), the columns it
 reads at once and its warps; the elements (whole rows, padded to
@@ -69,15 +72,20 @@ warps, and whether its bisection stops early once a row has exactly k keys at or
 midpoint (no faster on an H100: 1.830 against 1.825 ms for the recorded Scale e=2 step)."""
 
 
-def _segment_sum_kernel(X, ix, w, offsets, out, d, stride_x, stride_out,
-                        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """out[r, cols] = Σ_(p in [offsets[r], offsets[r + 1])) w[p] · X[ix[p], cols]."""
+def _segment_sum_kernel(X, ix, w, offsets, bias, out, d, stride_x, stride_out,
+                        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                        BIAS: tl.constexpr):
+    """out[r, cols] = Σ_(p in [offsets[r], offsets[r + 1])) w[p] · X[ix[p], cols] (+ bias[cols]
+    with BIAS, the sum started from it)."""
     r = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < d
     start = tl.load(offsets + r)
     end = tl.load(offsets + r + 1)
-    acc = tl.zeros([BLOCK_D], dtype=ACC)
+    if BIAS:
+        acc = tl.load(bias + cols, mask=cmask, other=0.0).to(ACC)
+    else:
+        acc = tl.zeros([BLOCK_D], dtype=ACC)
     for p0 in range(start, end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         pmask = p < end
@@ -87,6 +95,32 @@ def _segment_sum_kernel(X, ix, w, offsets, out, d, stride_x, stride_out,
                        mask=pmask[:, None] & cmask[None, :], other=0.0).to(ACC)
         acc += tl.sum(tile * wts[:, None], axis=0)
     tl.store(out + r.to(tl.int64) * stride_out + cols, acc.to(out.dtype.element_ty), mask=cmask)
+
+
+def _decoder_grads_kernel(G, W, ix, order, w, offsets, out, dots, d, stride_g, n_cb,
+                          BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """`_segment_sum_kernel`'s out[r, cols] = Σ_p w[p] · G[ix[p], cols] over segment r (a
+    feature's picks), and from the same tiles each pick's partial dot product with W[r] over
+    these columns: dots[order[p], column block] = Σ_cols G[ix[p], cols] · W[r, cols]."""
+    r = tl.program_id(0)
+    cb = tl.program_id(1)
+    cols = cb * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    start = tl.load(offsets + r)
+    end = tl.load(offsets + r + 1)
+    w_row = tl.load(W + r.to(tl.int64) * d + cols, mask=cmask, other=0.0).to(ACC)
+    acc = tl.zeros([BLOCK_D], dtype=ACC)
+    for p0 in range(start, end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < end
+        rows = tl.load(ix + p, mask=pmask, other=0).to(tl.int64)
+        wts = tl.load(w + p, mask=pmask, other=0.0).to(ACC)
+        tile = tl.load(G + rows[:, None] * stride_g + cols[None, :],
+                       mask=pmask[:, None] & cmask[None, :], other=0.0).to(ACC)
+        acc += tl.sum(tile * wts[:, None], axis=0)
+        at = tl.load(order + p, mask=pmask, other=0).to(tl.int64)
+        tl.store(dots + at * n_cb + cb, tl.sum(tile * w_row[None, :], axis=1), mask=pmask)
+    tl.store(out + r.to(tl.int64) * d + cols, acc.to(out.dtype.element_ty), mask=cmask)
 
 
 def _picked_dots_kernel(G, W, idx, out, k, d, stride_g, stride_w,
@@ -203,10 +237,12 @@ def _adam_rows_kernel(W, G, M1, M2, lr, step, scale, R, d, beta1, beta2, rest1, 
     tl.store(M2 + at, m2, mask=mask)
 
 
-def _expert_rows_kernel(Y, dest, order, expert, b, out, P, m, stride_y,
-                        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+def _expert_rows_kernel(Y, dest, order, expert, b, scale, offset, out, P, m, stride_y,
+                        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, SCALED: tl.constexpr):
     """out[order[p]] = Y[dest[p]] + b[expert[p]] for each sorted pair p: the bias added in
-    float32 and rounded once to out's dtype (the grouped GEMM's epilogue, back in pair order)."""
+    float32 and rounded once to out's dtype (the grouped GEMM's epilogue, back in pair order).
+    With SCALED, Feature Scaling folded in: scale[expert[p]] · Y[dest[p]] + offset[order[p]] +
+    b[expert[p]], all in float32."""
     p = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_M)
     pmask = p < P
@@ -216,6 +252,10 @@ def _expert_rows_kernel(Y, dest, order, expert, b, out, P, m, stride_y,
     ex = tl.load(expert + p, mask=pmask, other=0).to(tl.int64)
     y = tl.load(Y + src[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     bias = tl.load(b + ex[:, None] * m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if SCALED:
+        s = tl.load(scale + ex, mask=pmask, other=0.0).to(tl.float32)
+        off = tl.load(offset + to, mask=pmask, other=0.0).to(tl.float32)
+        y = y * s[:, None] + off[:, None]
     tl.store(out + to[:, None] * m + cols[None, :], (y + bias).to(out.dtype.element_ty), mask=mask)
 
 
@@ -285,16 +325,77 @@ def _row_topk_kernel(F, vals, pos, R, n, k, stride_f, BLOCK_R: tl.constexpr,
     tl.store(pos + at, (cols[None, :] + rows64[:, None] * 0), mask=take)
 
 
+def _squared_error_kernel(A, Bt, sse, sq, colsum, R, d, ROWS: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Partial sums over ROWS rows from block program 0 (BLOCK_R at a time) and the columns in
+    block program 1 of A and Bt [R, d], in float64: sse[part] = Σ (A − Bt)², sq[part] = Σ Bt²,
+    colsum[row block, cols] = Σ_rows Bt."""
+    rb, cb = tl.program_id(0), tl.program_id(1)
+    cols = cb * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    acc_sse = tl.zeros([BLOCK_D], dtype=tl.float64)
+    acc_sq = tl.zeros([BLOCK_D], dtype=tl.float64)
+    acc_col = tl.zeros([BLOCK_D], dtype=tl.float64)
+    for r0 in range(0, ROWS, BLOCK_R):
+        rows = rb * ROWS + r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < R)[:, None] & cmask[None, :]
+        at = rows.to(tl.int64)[:, None] * d + cols[None, :]
+        a = tl.load(A + at, mask=mask, other=0.0).to(tl.float64)
+        b = tl.load(Bt + at, mask=mask, other=0.0).to(tl.float64)
+        diff = a - b
+        acc_sse += tl.sum(diff * diff, axis=0)
+        acc_sq += tl.sum(b * b, axis=0)
+        acc_col += tl.sum(b, axis=0)
+    part = rb * tl.num_programs(1) + cb
+    tl.store(sse + part, tl.sum(acc_sse, axis=0))
+    tl.store(sq + part, tl.sum(acc_sq, axis=0))
+    tl.store(colsum + rb.to(tl.int64) * d + cols, acc_col, mask=cmask)
+
+
+def _squared_error_total_kernel(sse, sq, colsum, out, parts, blocks, d, R,
+                                BLOCK: tl.constexpr):
+    """One program: out[0] = Σ sse (the squared error), out[1] = Σ sq − ‖Σ_blocks colsum‖² / R
+    (the spread about the mean), from `_squared_error_kernel`'s partial sums."""
+    at = tl.arange(0, BLOCK)
+    total_sse = tl.zeros([BLOCK], dtype=tl.float64)
+    total_sq = tl.zeros([BLOCK], dtype=tl.float64)
+    for p0 in range(0, parts, BLOCK):
+        m = p0 + at < parts
+        total_sse += tl.load(sse + p0 + at, mask=m, other=0.0)
+        total_sq += tl.load(sq + p0 + at, mask=m, other=0.0)
+    mean_sq = tl.zeros([BLOCK], dtype=tl.float64)
+    for c0 in range(0, d, BLOCK):
+        cm = c0 + at < d
+        col = tl.zeros([BLOCK], dtype=tl.float64)
+        for b in range(0, blocks):
+            col += tl.load(colsum + b * d + c0 + at, mask=cm, other=0.0)
+        mean_sq += col * col
+    tl.store(out, tl.sum(total_sse, axis=0).to(tl.float32))
+    spread = tl.sum(total_sq, axis=0) - tl.sum(mean_sq, axis=0) / R
+    tl.store(out + 1, spread.to(tl.float32))
+
+
+def _scaled_diff_kernel(A, Bt, g, out, n, BLOCK: tl.constexpr):
+    """out = (A − Bt) · 2g elementwise, g a one-element tensor (the squared error's gradient)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    s = 2 * tl.load(g).to(tl.float32)
+    a = tl.load(A + i, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(Bt + i, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + i, ((a - b) * s).to(out.dtype.element_ty), mask=mask)
+
+
 @functools.cache
 def _compiled():
     """The kernels by name, through `triton.jit`: compiled for the GPU, or run by Triton's
     interpreter on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported
     (tests/conftest.py does so on machines without CUDA)."""
     return {fn.__name__.strip("_").removesuffix("_kernel"): triton.jit(fn)
-            for fn in (_segment_sum_kernel, _picked_dots_kernel, _project_rows_kernel,
+            for fn in (_segment_sum_kernel, _decoder_grads_kernel, _picked_dots_kernel, _project_rows_kernel,
                        _unit_rows_kernel, _group_affine_kernel, _projected_sq_kernel,
                        _adam_rows_kernel, _expert_rows_kernel, _group_sums_kernel,
-                       _row_topk_kernel)}
+                       _row_topk_kernel, _squared_error_kernel, _squared_error_total_kernel,
+                       _scaled_diff_kernel)}
 
 
 def available(device: torch.device) -> bool:
@@ -442,22 +543,51 @@ def _warps(key: str) -> dict:
 
 
 def segment_sum(X: Tensor, ix: Tensor, w: Tensor, offsets: Tensor,
-                out_dtype: torch.dtype = torch.float32) -> Tensor:
+                out_dtype: torch.dtype = torch.float32, bias: Tensor | None = None) -> Tensor:
     """[R, d]: row r is Σ w[p] · X[ix[p]] over p in [offsets[r], offsets[r + 1]) — what
     `embedding_bag(ix, X, offsets[:-1], mode="sum", per_sample_weights=w)` computes, with R + 1
-    offsets (the last one the number of picks)."""
+    offsets (the last one the number of picks); with `bias` [d], each row's sum starts from it
+    (the decode's + b_dec, without a pass of its own)."""
     seg = _kernels(X)["segment_sum"]
     X = X.contiguous()
     R, d = offsets.numel() - 1, X.shape[1]
     out = torch.empty(R, d, dtype=out_dtype, device=X.device)
     if R == 0 or d == 0:
-        return out.zero_()
+        return out.zero_() if bias is None else out.copy_(bias.expand(R, d))
     bd = min(BLOCKS["segment_d"], triton.next_power_of_2(d))
     grid = (R, triton.cdiv(d, bd))
-    seg[grid](X, ix.contiguous(), w.contiguous(), offsets.contiguous(), out, d, X.stride(0),
+    has_bias = bias is not None
+    bias = bias.contiguous() if has_bias else w  # not read without BIAS
+    seg[grid](X, ix.contiguous(), w.contiguous(), offsets.contiguous(), bias, out, d, X.stride(0),
               out.stride(0), BLOCK_P=BLOCKS["segment_p"], BLOCK_D=bd, ACC=_acc(X, w),
-              **_warps("segment_warps"))
+              BIAS=has_bias, **_warps("segment_warps"))
     return out
+
+
+def decoder_grads(G: Tensor, W: Tensor, acts: Tensor, tokens: Tensor, order: Tensor,
+                  offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """Both gradients of the sparse decode x̂[b] = Σ_j acts[b, j] · W[idx[b, j]] from one pass
+    over the picks sorted by feature (`moe._feature_groups`: sorted pick p is pick order[p] of
+    idx.reshape(-1), of token tokens[p]; feature f's picks are offsets[f] to offsets[f + 1]):
+    (∂acts [B, k] = ⟨G[b], W[idx[b, j]]⟩, ∂W [M, d] = Σ over f's picks of acts · G[b]), float32.
+    Each gathered row of G is read once for both — where `picked_dots` and `segment_sum` read
+    it once each — the dot products summed from one partial per block of columns."""
+    fn = _kernels(G)["decoder_grads"]
+    B, k = acts.shape
+    G, W = G.contiguous(), W.contiguous()
+    M, d = W.shape
+    bd = min(BLOCKS["segment_d"], triton.next_power_of_2(max(d, 1)))
+    n_cb = triton.cdiv(d, bd)
+    out = torch.empty(M, d, dtype=torch.float32, device=G.device)
+    dots = torch.zeros(B * k, n_cb, dtype=torch.float32, device=G.device)
+    if M and d:
+        w = acts.reshape(-1)[order].contiguous()
+        fn[(M, n_cb)](G, W, tokens.contiguous(), order.contiguous(), w, offsets.contiguous(), out,
+                      dots, d, G.stride(0), n_cb, BLOCK_P=BLOCKS["segment_p"], BLOCK_D=bd,
+                      ACC=_acc(G, W), **_warps("segment_warps"))
+    else:
+        out.zero_()
+    return dots.sum(1).view(B, k), out
 
 
 def picked_dots(G: Tensor, W: Tensor, idx: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
@@ -576,21 +706,29 @@ def adam_rows_(W: Tensor, G: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
 
 
 def expert_rows(Y: Tensor, dest: Tensor, order: Tensor, expert: Tensor, b: Tensor,
-                out_dtype: torch.dtype) -> Tensor:
+                out_dtype: torch.dtype, scale: Tensor | None = None,
+                offset: Tensor | None = None) -> Tensor:
     """[P, m]: row order[p] is Y[dest[p]] + b[expert[p]], added in float32 and rounded once to
     `out_dtype` — `(Y[dest].float() + b.float()[expert]).to(out_dtype)` scattered back by
     `index_copy(0, order, ·)` (the grouped GEMM's epilogue in `moe.grouped_expert_encode_gmm`),
-    one pass instead of six. Y [rows, m] with unit column stride, b [N, m]."""
+    one pass instead of six. Y [rows, m] with unit column stride, b [N, m]. With `scale` [N]
+    and `offset` [P] (in pair order: pair order[p]'s), Feature Scaling folded in: row order[p]
+    is scale[expert[p]] · Y[dest[p]] + offset[order[p]] + b[expert[p]], in float32."""
     fn = _kernels(Y)["expert_rows"]
     P, m = order.numel(), Y.shape[1]
     out = torch.empty(P, m, dtype=out_dtype, device=Y.device)
     if Y.stride(1) != 1:
         Y = Y.contiguous()
+    scaled = scale is not None
+    if scaled:
+        scale, offset = scale.float().contiguous(), offset.float().contiguous()
+    else:
+        scale = offset = b  # not read
     br, bm, extra = _row_tiles(m)
     if P and m:
         fn[(triton.cdiv(P, br),)](Y, dest.contiguous(), order.contiguous(), expert.contiguous(),
-                                  b.contiguous(), out, P, m, Y.stride(0), BLOCK_R=br, BLOCK_M=bm,
-                                  **extra)
+                                  b.contiguous(), scale, offset, out, P, m, Y.stride(0),
+                                  BLOCK_R=br, BLOCK_M=bm, SCALED=scaled, **extra)
     return out
 
 
@@ -612,6 +750,45 @@ def group_sums(G: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
                  ACC=_acc(G, W), **_warps("sums_warps"))
     out = torch.promote_types(G.dtype, W.dtype)
     return colsum.sum(1, keepdim=True).to(out), dots.sum(1).to(out)
+
+
+def squared_error(A: Tensor, Bt: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ (A − Bt)², Σ_r ‖Bt[r] − mean_r Bt‖²) for A, Bt [R, d] (R ≥ 1), as float32 0-dim
+    tensors, from one read of each, in float64 sums (the second as Σ‖Bt[r]‖² − ‖Σ_r Bt[r]‖² /
+    R): what `F.mse_loss(A, Bt, reduction="sum")` and `base.centred_sq_sum(Bt)` compute in six
+    passes — a reconstruction's squared error and the FVU's denominator. Two launches: the
+    partial sums (`loss_rows` rows, `loss_d` columns a program), then one program adding them."""
+    ks = _kernels(A)
+    A, Bt = A.contiguous(), Bt.contiguous()
+    R, d = Bt.shape
+    rows = BLOCKS["loss_rows"]
+    bd = min(BLOCKS["loss_d"], triton.next_power_of_2(max(d, 1)))
+    grid = (triton.cdiv(R, rows), triton.cdiv(d, bd))
+    sse = torch.empty(grid[0] * grid[1], dtype=torch.float64, device=A.device)
+    sq = torch.empty_like(sse)
+    colsum = torch.empty(grid[0], d, dtype=torch.float64, device=A.device)
+    out = torch.empty(2, dtype=torch.float32, device=A.device)
+    ks["squared_error"][grid](A, Bt, sse, sq, colsum, R, d, ROWS=rows,
+                              BLOCK_R=min(rows, BLOCKS["loss_block"]), BLOCK_D=bd,
+                              **_warps("loss_warps"))
+    ks["squared_error_total"][(1,)](sse, sq, colsum, out, sse.numel(), grid[0], d, R,
+                                    BLOCK=BLOCKS["loss_total"], **_warps("loss_warps"))
+    return out[0], out[1]
+
+
+def scaled_diff(A: Tensor, Bt: Tensor, g: Tensor) -> Tensor:
+    """(A − Bt) · 2g for A, Bt of one shape and g a one-element tensor (read on the device, so
+    nothing waits for it): the squared error's gradient, as `F.mse_loss`'s backward, in one
+    pass."""
+    fn = _kernels(A)["scaled_diff"]
+    A, Bt = A.contiguous(), Bt.contiguous()
+    out = torch.empty_like(A)
+    n = A.numel()
+    if n:
+        block = BLOCKS["diff_elems"]
+        fn[(triton.cdiv(n, block),)](A, Bt, g.reshape(1), out, n, BLOCK=block,
+                                     **_warps("diff_warps"))
+    return out
 
 
 _INF_BITS = {torch.float32: 0x7F800000, torch.bfloat16: 0x7F80, torch.float16: 0x7C00}

@@ -191,7 +191,27 @@ def grouped_expert_encode_gmm(
     nothing about the routing has to be read on the host. Rows past a group's end are zeros
     in, and ignored out.
     """
-    N, m, d = W.shape
+    m = W.shape[1]
+    P = expert_idx.numel()
+    # Without autograd (the sparse TopK's forward) the padding rows may hold anything: their
+    # outputs are never read. With it they must be zeros, or W's gradient would read them.
+    differentiable = torch.is_grad_enabled() and (x_c.requires_grad or W.requires_grad
+                                                  or b.requires_grad)
+    out, dest, order, e_sorted = _gmm_products(x_c, token_idx, expert_idx, W, align, differentiable)
+    if not differentiable and kernels.use(out):  # the epilogue below as one Triton pass
+        return kernels.expert_rows(out, dest, order, e_sorted, b, x_c.dtype)
+    # the bias added in float32 (its gradient then sums each expert's rows in float32, as the
+    # loop's GEMM does, instead of one bf16 rounding per row)
+    pre_sorted = (out[dest].float() + b.float()[e_sorted]).to(x_c.dtype)
+    return pre_sorted.new_empty(P, m).index_copy(0, order, pre_sorted)
+
+
+def _gmm_products(x_c: Tensor, token_idx: Tensor, expert_idx: Tensor, W: Tensor, align: int,
+                  zero_padding: bool):
+    """The grouped GEMM of `grouped_expert_encode_gmm` before its epilogue: (out, the products
+    W_i x of sorted pair q at row dest[q]; dest; order, the pairs sorted stably by expert;
+    e_sorted, their experts). The padding rows are zeros with `zero_padding`, else anything."""
+    N = W.shape[0]
     P = expert_idx.numel()
     order = torch.argsort(_narrow_keys(expert_idx, N), stable=True)
     e_sorted = expert_idx[order]
@@ -200,20 +220,46 @@ def grouped_expert_encode_gmm(
     ends = torch.cumsum(padded, 0)
     rank = torch.arange(P, device=x_c.device) - (torch.cumsum(counts, 0) - counts)[e_sorted]
     dest = (ends - padded)[e_sorted] + rank  # row of each sorted pair in the buffer
-    # Without autograd (the sparse TopK's forward) the padding rows may hold anything: their
-    # outputs are never read. With it they must be zeros, or W's gradient would read them.
-    differentiable = torch.is_grad_enabled() and (x_c.requires_grad or W.requires_grad
-                                                  or b.requires_grad)
-    buf = (x_c.new_zeros if differentiable else x_c.new_empty)(P + N * (align - 1), d)
+    buf = (x_c.new_zeros if zero_padding else x_c.new_empty)(P + N * (align - 1), x_c.shape[1])
     buf.index_copy_(0, dest, x_c[token_idx[order]])
     # W.transpose(1, 2) is [N, d, m] in column-major layout, as the grouped GEMM wants it
     out = torch._grouped_mm(buf, W.transpose(1, 2), offs=ends.to(torch.int32))
-    if not differentiable and kernels.use(out):  # the epilogue below as one Triton pass
-        return kernels.expert_rows(out, dest, order, e_sorted, b, x_c.dtype)
-    # the bias added in float32 (its gradient then sums each expert's rows in float32, as the
-    # loop's GEMM does, instead of one bf16 rounding per row)
-    pre_sorted = (out[dest].float() + b.float()[e_sorted]).to(x_c.dtype)
-    return pre_sorted.new_empty(P, m).index_copy(0, order, pre_sorted)
+    return out, dest, order, e_sorted
+
+
+class ScaledProducts(NamedTuple):
+    """The expert encode with Feature Scaling folded in (`scaled_expert_encode`)."""
+
+    pre: Tensor
+    """[P, m] scale_i · (W_i x) + offset + b_i of each (token, expert i) pair, in pair order."""
+    products: Tensor
+    """The products W_i x, pair p's at row `rows[p]`."""
+    rows: Tensor
+    """[P] the row of `products` holding each pair's."""
+
+
+def scaled_expert_encode(x_c: Tensor, token_idx: Tensor, expert_idx: Tensor, W: Tensor, b: Tensor,
+                         scale: Tensor, offset: Tensor, encode: ExpertEncode) -> ScaledProducts:
+    """Without autograd (the sparse TopK's forward): each pair's pre-activations with Feature
+    Scaling folded in (METHOD §3: Ŵ_i = scale_i · W_i + shift_i, so Ŵ_i x + b_i = scale_i ·
+    (W_i x) + ⟨shift_i, x⟩ + b_i, with offset [P] each pair's ⟨shift_i, x⟩), Ŵ never written
+    out; scale, offset and b added in float32 and rounded once to x_c's dtype. The grouped
+    GEMM's products stay where it wrote them (the backward reads the picks' W_i x there); on
+    CUDA its epilogue is the Triton `expert_rows` with the scale and offset applied."""
+    P, m = expert_idx.numel(), W.shape[1]
+    if encode is grouped_expert_encode_gmm:
+        out, dest, order, e_sorted = _gmm_products(x_c, token_idx, expert_idx, W, GMM_ALIGN, False)
+        if kernels.use(out):
+            pre = kernels.expert_rows(out, dest, order, e_sorted, b, x_c.dtype, scale, offset)
+        else:
+            pre_sorted = (out[dest].float() * scale.float()[e_sorted, None]
+                          + offset.float()[order, None] + b.float()[e_sorted]).to(x_c.dtype)
+            pre = pre_sorted.new_empty(P, m).index_copy(0, order, pre_sorted)
+        return ScaledProducts(pre, out, torch.empty_like(dest).index_copy_(0, order, dest))
+    u = encode(x_c, token_idx, expert_idx, W, torch.zeros_like(b))
+    pre = (u.float() * scale.float()[expert_idx, None] + offset.float()[:, None]
+           + b.float()[expert_idx]).to(x_c.dtype)
+    return ScaledProducts(pre, u, torch.arange(P, device=u.device))
 
 
 ExpertEncode = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -341,6 +387,13 @@ def topk_encode(
     return TopKCodes(top_acts, top_indices, aux_acts, aux_indices)
 
 
+ENCODER_ROWS_IN_COMPUTE_DTYPE = True
+"""Where the Triton kernels run, the encoder's weight gradient sums the rows of x − centre in
+the products' dtype (bf16 under autocast: half the bytes gathered, and the rows autocast's own
+backward of the products would read), accumulated in float32; else in float32. A switch for
+`benchmarks/profile_gpu.py --parts fold`'s A/B."""
+
+
 class _SparseTopK(torch.autograd.Function):
     """Forward: `topk_encode` without autograd. Backward: only the selected latents (the k
     TopK picks and the AuxK picks) receive gradients — the candidates that lost the TopK
@@ -367,7 +420,8 @@ class _SparseTopK(torch.autograd.Function):
         N, m, d = W.shape
         u_all = scaling = None
         with torch.no_grad():
-            if scale is not None:  # folded Feature Scaling (`folds_scaling`: float32 on the CPU)
+            cpu_picks = compute_dtype == x.dtype and _picks_on_cpu(x, experts, encode)
+            if scale is not None and cpu_picks:  # folded Feature Scaling on the CPU's path:
                 # x − centre and each pair's ⟨shift_i, x − centre⟩ from one read of x
                 x_c, offset = cpu_kernels.centre_rows(
                     x, centre if centre is not None else x.new_zeros(d), experts, shift)
@@ -379,13 +433,20 @@ class _SparseTopK(torch.autograd.Function):
             # ReLU commutes with the TopK (it is monotone, and w_i > 0 gives w_i · ReLU(p) =
             # ReLU(w_i · p)), so it runs on the k picks, not on all the candidates: the same
             # values, and where fewer than k candidates are positive, zero picks either way
-            if _picks_on_cpu(xc, experts, encode):  # features and slots from the kernel
+            if cpu_picks:  # features and slots from the kernel
                 outs, idx_all, slot, z_all, u_all = _expert_picks_cpu(xc, Wc, bc, experts, wc, k,
                                                                       dead, k_aux, scaling)
-            elif scaling is not None:
-                raise ValueError("Feature Scaling is folded into the encode only on the CPU's path")
             else:
-                pre = _preactivations(xc, Wc, bc, experts, encode)
+                if scale is not None:  # folded Feature Scaling elsewhere (CUDA)
+                    B, e = experts.shape
+                    # each pair's ⟨shift_i, x − centre⟩: [B, d] × [d, N], then the token's experts
+                    offset = torch.mm(xc, shift.to(compute_dtype).T).gather(1, experts)
+                    scaled = scaled_expert_encode(
+                        xc, torch.arange(B, device=x.device).repeat_interleave(e),
+                        experts.reshape(-1), Wc, bc, scale, offset.reshape(-1), encode)
+                    pre = scaled.pre.view(B, e * m)
+                else:
+                    pre = _preactivations(xc, Wc, bc, experts, encode)
                 f_pre = _weighted(pre, wc)
                 top_f, pos = topk_candidates(f_pre, k)
                 picks = [pos]
@@ -403,11 +464,17 @@ class _SparseTopK(torch.autograd.Function):
                 pos_all = torch.cat(picks, 1)
                 idx_all = _feature_index(pos_all, experts, m)
                 slot = pos_all // m if experts is not None else None
+                if scale is not None:  # the products W_i x at the picks, where the encode left them
+                    pair = torch.arange(B, device=x.device)[:, None] * e + slot
+                    u_all = scaled.products[scaled.rows[pair], pos_all % m].float()
             # 0 where an AuxK pick is not dead (masked out)
             if len(outs) > 1:
                 z_all[:, k:] = torch.where(outs[1] > 0, z_all[:, k:], torch.zeros_like(outs[1]))
+        # the rows W's gradient sums: where the Triton kernels run, x − centre as the products
+        # read it (bf16 under autocast, as autocast's own backward of the products reads it)
+        x_rows = xc if ENCODER_ROWS_IN_COMPUTE_DTYPE and kernels.use(xc) else None
         ctx.save_for_backward(x_c, W, idx_all, z_all.float(), slot, weights, experts, scale,
-                              shift, u_all if scale is not None else None)
+                              shift, u_all if scale is not None else None, x_rows)
         ctx.k = k
         ctx.mark_non_differentiable(idx_all)
         top_idx = idx_all[:, :k]
@@ -418,7 +485,7 @@ class _SparseTopK(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_top, _g_idx, g_aux, _g_aux_idx):
-        x_c, W, idx, z, slot, weights, experts, scale, shift, u = ctx.saved_tensors
+        x_c, W, idx, z, slot, weights, experts, scale, shift, u, x_rows = ctx.saved_tensors
         N, m, d = W.shape
         g = g_top if g_aux is None else torch.cat([g_top, g_aux], 1)
         g = g.float()
@@ -430,7 +497,7 @@ class _SparseTopK(torch.autograd.Function):
         fold = scale is not None
         g_rows = g_pre
         if fold:  # g_pre · scale_i, and Σ of g_pre and of g_pre · u over each slot's picks
-            g_rows, r, r_u = cpu_kernels.pick_scale_sums(g_pre, slot, experts, u, scale)
+            g_rows, r, r_u = _pick_scale_sums(g_pre, slot, experts, u, scale)
         W_rows = W.reshape(N * m, d).float()
         grad_x = grad_centre = grad_W = grad_b = grad_w = grad_scale = grad_shift = None
         want_x, want_centre, want_W, want_b, want_w = ctx.needs_input_grad[:5]
@@ -444,7 +511,8 @@ class _SparseTopK(torch.autograd.Function):
         if want_W:
             # resized, not viewed, to [N, m, d]: a tensor of its own, into which autograd then
             # adds W's other gradients in place (Feature Scaling's, through the experts' means)
-            grad_W = _scatter_rows(idx, g_rows, x_c.float(), N * m, ctx.shared).resize_(N, m, d).to(W.dtype)
+            x_rows = x_rows if x_rows is not None else x_c.float()
+            grad_W = _scatter_rows(idx, g_rows, x_rows, N * m, ctx.shared).resize_(N, m, d).to(W.dtype)
         if want_b or want_centre:
             g_b = torch.zeros(N * m, dtype=torch.float32, device=W.device).index_add_(
                 0, idx.reshape(-1), g_pre.reshape(-1))  # ∂b: Σ of g_pre over each feature's picks
@@ -466,9 +534,33 @@ class _SparseTopK(torch.autograd.Function):
             grad_scale = g_pre.new_zeros(N).index_add_(0, experts.reshape(-1), r_u.reshape(-1))
             grad_scale = grad_scale.to(scale.dtype)
         if fold and want_shift:  # Σ over expert i's picks of g_pre · x_c
-            grad_shift = cpu_kernels.expert_sums(x_c, experts, r, N).to(shift.dtype)
+            grad_shift = _expert_sums(x_c, experts, r, N).to(shift.dtype)
         return (grad_x, grad_centre, grad_W, grad_b, grad_w, None, None, None, None, None, None,
                 grad_scale, grad_shift)
+
+
+def _pick_scale_sums(g: Tensor, slot: Tensor, experts: Tensor, u: Tensor,
+                     scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """With Feature Scaling folded in, what the backward needs of the picks' gradients g [B, k]
+    (float32): (g · scale of each pick's expert [B, k], Σ of g over each slot's picks [B, e],
+    Σ of g · u over them [B, e]), u [B, k] the picks' products W_i x. One numba pass where
+    `cpu_kernels.use` says so (`cpu_kernels.pick_scale_sums`), else a gather and two
+    scatter-adds."""
+    if cpu_kernels.use(g):
+        return cpu_kernels.pick_scale_sums(g, slot, experts, u, scale)
+    r = g.new_zeros(experts.shape).scatter_add_(1, slot, g)
+    r_u = g.new_zeros(experts.shape).scatter_add_(1, slot, g * u)
+    return g * scale.float()[experts.gather(1, slot)], r, r_u
+
+
+def _expert_sums(x: Tensor, experts: Tensor, r: Tensor, n_experts: int) -> Tensor:
+    """[N, d] float32: Σ_b Σ_s r[b, s] · x[b] into row experts[b, s] — with Feature Scaling
+    folded in, each expert's shift's gradient. numba's blocked sums where `cpu_kernels.use`
+    says so (`cpu_kernels.expert_sums`), else r scattered into [B, N] and one product with x."""
+    if cpu_kernels.use(x):
+        return cpu_kernels.expert_sums(x, experts, r, n_experts)
+    per_expert = r.new_zeros(x.shape[0], n_experts).scatter_add_(1, experts, r.float())
+    return per_expert.T @ x.float()
 
 
 def _picks_on_cpu(x_c: Tensor, experts: Tensor | None, encode: ExpertEncode) -> bool:
@@ -479,7 +571,10 @@ def _picks_on_cpu(x_c: Tensor, experts: Tensor | None, encode: ExpertEncode) -> 
 
 def folds_scaling(x: Tensor, compute_dtype: torch.dtype) -> bool:
     """Whether `topk_encode_sparse` takes Feature Scaling folded into a routed SAE's encode for
-    x computed in `compute_dtype` (`scaling`): where it runs as `_expert_picks_cpu`."""
+    x computed in `compute_dtype` (`scaling`): where it runs as `_expert_picks_cpu`, and on
+    CUDA (`scaled_expert_encode`; the grouped GEMM's epilogue applies it there in bf16)."""
+    if x.device.type == "cuda":
+        return True
     return (x.dtype == compute_dtype and cpu_kernels.use(x)
             and expert_encoder(x.device, compute_dtype) is grouped_expert_encode)
 
@@ -575,7 +670,8 @@ def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int,
     tokens, order, offsets = _feature_groups(idx, M, shared)
     w = g.reshape(-1)[order]
     if kernels.use(x):
-        return kernels.segment_sum(x, tokens, w, offsets, out_dtype=x.dtype)
+        return kernels.segment_sum(x, tokens, w, offsets,
+                                   out_dtype=torch.promote_types(x.dtype, w.dtype))
     if cpu_kernels.use(x):
         return cpu_kernels.segment_sums(x, tokens, w, offsets)
     return F.embedding_bag(tokens, x, offsets[:-1], mode="sum", per_sample_weights=w)
@@ -583,17 +679,19 @@ def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int,
 
 def _bag_rows(acts: Tensor, indices: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
     """[B, d] = bias + Σ_j acts[b, j] · W[indices[b, j]]: the fast decode's forward (the
-    Triton `segment_sum` where `kernels.use` says so; the numba `cpu_kernels.decode_rows`,
-    which starts each row from the bias, where `cpu_kernels.use` does; else `embedding_bag`)."""
+    Triton `segment_sum` where `kernels.use` says so, the numba `cpu_kernels.decode_rows` where
+    `cpu_kernels.use` does — both start each row from the bias; else `embedding_bag`)."""
     if cpu_kernels.use(W) and acts.dtype == W.dtype and (bias is None or bias.dtype == W.dtype):
         return cpu_kernels.decode_rows(acts, indices, W, bias)
-    if kernels.use(W):
+    if kernels.use(W):  # each row's sum started from the bias
         B, k = indices.shape
         offsets = torch.arange(0, B * k + 1, k, device=W.device)
-        out = kernels.segment_sum(W, indices.reshape(-1), acts.reshape(-1), offsets,
-                                  out_dtype=torch.promote_types(W.dtype, acts.dtype))
-    else:
-        out = F.embedding_bag(indices, W, per_sample_weights=acts, mode="sum")
+        out_dtype = torch.promote_types(W.dtype, acts.dtype)
+        if bias is not None:
+            out_dtype = torch.promote_types(out_dtype, bias.dtype)
+        return kernels.segment_sum(W, indices.reshape(-1), acts.reshape(-1), offsets,
+                                   out_dtype=out_dtype, bias=bias)
+    out = F.embedding_bag(indices, W, per_sample_weights=acts, mode="sum")
     return out if bias is None else out + bias
 
 
@@ -604,6 +702,12 @@ def decode_picks(acts: Tensor, indices: Tensor, W: Tensor, bias: Tensor | None =
     that of `acts` as one dot product per pick)."""
     out = F.embedding_bag(indices, W, per_sample_weights=acts, mode="sum")
     return out if bias is None else out + bias
+
+
+FUSED_DECODER_GRADS = True
+"""Where the Triton kernels run, both decoder gradients from one pass over the picks sorted by
+feature (`kernels.decoder_grads`), as the CPU's numba kernels do, instead of `picked_dots` and
+`segment_sum` apart. A switch for `benchmarks/profile_gpu.py --parts fusions`' A/B."""
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -631,11 +735,16 @@ class _SparseDecode(torch.autograd.Function):
         grad_acts = grad_W = grad_bias = None
         if ctx.needs_input_grad[3]:  # the bias is added to every token's row
             grad_bias = g.sum(0).to(ctx.bias_dtype)
-        if (all(ctx.needs_input_grad[i] for i in (0, 2)) and cpu_kernels.use(W)
-                and g.dtype == acts.dtype == torch.float32):  # both in one pass over the picks
+        both = all(ctx.needs_input_grad[i] for i in (0, 2))
+        if both and cpu_kernels.use(W) and g.dtype == acts.dtype == torch.float32:
             _, order, offsets = _feature_groups(indices, W.shape[0], ctx.shared)
+            # both in one pass over the picks
             grad_acts, grad_W = cpu_kernels.decoder_grads(g, W, acts, offsets, order)
             return grad_acts, None, grad_W, grad_bias
+        if both and FUSED_DECODER_GRADS and kernels.use(W) and W.dtype == torch.float32:
+            tokens, order, offsets = _feature_groups(indices, W.shape[0], ctx.shared)
+            grad_acts, grad_W = kernels.decoder_grads(g.float(), W, acts, tokens, order, offsets)
+            return grad_acts.to(acts.dtype), None, grad_W, grad_bias
         if ctx.needs_input_grad[0]:
             grad_acts = _picked_dots(indices, g.to(W.dtype), W).to(acts.dtype)
         if ctx.needs_input_grad[2]:

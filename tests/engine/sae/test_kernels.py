@@ -46,6 +46,62 @@ def test_segment_sum_is_the_bag(device, dtype):
     if dtype == torch.float64:
         assert torch.allclose(got.cpu(), ref, atol=1e-12)
     assert bool((got[1] == 0).all()) and bool((got[-1] == 0).all())  # empty segments
+    bias = torch.randn(70, generator=gen, dtype=torch.float64).to(device, dtype)
+    started = kernels.segment_sum(Xd, ix.to(device), wd, offsets.to(device),
+                                  out_dtype=torch.float64, bias=bias)  # each row from the bias
+    assert torch.allclose(started.cpu(), exact + bias.double().cpu(), atol=tol, rtol=tol)
+    assert torch.equal(started[1].cpu(), bias.double().cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("R", [1, 3, 300])
+def test_squared_error_and_spread_from_one_read(device, R):
+    """`kernels.squared_error` against `F.mse_loss` (sum) and the spread about the mean
+    (`base.centred_sq_sum`'s PyTorch form) in float64, with d and R not multiples of the tiles,
+    one row included, and rows far from zero (the spread's one-pass form subtracts two large
+    sums); `scaled_diff` against mse_loss's backward, bit for bit."""
+    gen = torch.Generator().manual_seed(11)
+    d = kernels.BLOCKS["loss_d"] + 13
+    x = (torch.randn(R, d, generator=gen) * 3 + 40).to(device)
+    x_hat = (x.cpu() + torch.randn(R, d, generator=gen)).to(device)
+    sse, spread = kernels.squared_error(x_hat, x)
+    want_sse = F.mse_loss(x_hat.double(), x.double(), reduction="sum")
+    want_spread = (x.double() - x.double().mean(0)).square().sum()
+    assert sse.dtype == spread.dtype == torch.float32 and sse.dim() == spread.dim() == 0
+    assert torch.allclose(sse.double(), want_sse, rtol=1e-6)
+    assert torch.allclose(spread.double(), want_spread, rtol=1e-5, atol=1e-3)
+    g = torch.tensor(0.37, device=device)
+    x_hat.requires_grad_()
+    want_grad, = torch.autograd.grad(F.mse_loss(x_hat, x, reduction="sum"), x_hat, g)
+    assert torch.equal(kernels.scaled_diff(x_hat.detach(), x, g), want_grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoder_grads_are_the_dots_and_the_segmented_sum(device):
+    """Both decoder gradients from one pass over the picks sorted by feature: the values'
+    gradient ⟨G[b], W[idx[b, j]]⟩ and W's Σ acts · G[b] over each feature's picks, against
+    the float64 products — a feature picked twice by one token, features no token picked,
+    d over several column blocks and not a multiple of one, a segment longer than a block of
+    picks."""
+    from engine.sae.moe import _feature_groups
+
+    gen = torch.Generator().manual_seed(12)
+    B, k, M = 9, 2 * kernels.BLOCKS["segment_p"] + 3, 11
+    d = 2 * kernels.BLOCKS["segment_d"] + 5
+    G, W = torch.randn(B, d, generator=gen), torch.randn(M, d, generator=gen)
+    idx = torch.randint(0, M - 3, (B, k), generator=gen)  # the last three never picked
+    idx[0, 1] = idx[0, 0]
+    acts = torch.rand(B, k, generator=gen)
+    tokens, order, offsets = _feature_groups(idx, M, None)
+    got_acts, got_W = kernels.decoder_grads(G.to(device), W.to(device), acts.to(device),
+                                            tokens.to(device), order.to(device), offsets.to(device))
+    want_acts = (G.double()[:, None, :] * W.double()[idx]).sum(-1)
+    want_W = torch.zeros(M, d, dtype=torch.float64).index_add_(
+        0, idx.reshape(-1), (acts.double()[:, :, None] * G.double()[:, None, :]).reshape(-1, d))
+    assert got_acts.dtype == got_W.dtype == torch.float32
+    assert torch.allclose(got_acts.cpu().double(), want_acts, atol=1e-4, rtol=1e-5)
+    assert torch.allclose(got_W.cpu().double(), want_W, atol=1e-4, rtol=1e-5)
+    assert bool((got_W[-3:] == 0).all())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -270,12 +326,14 @@ def test_adam_rows_is_project_adam_then_unit_rows(where):
     assert bool(W_nan[2].isnan().all()) and not bool(W_nan[3].isnan().any())
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["bias", "scale, offset and bias"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_expert_rows_is_the_gathered_bias_add_scattered_back(device, dtype):
+def test_expert_rows_is_the_gathered_bias_add_scattered_back(device, dtype, scaled):
     """Bit for bit the composed PyTorch epilogue, with m not a power of two and padding rows
     in Y that no pair reads (compiled; Triton's interpreter rounds to bfloat16 by truncation,
-    so there within one bfloat16 step)."""
+    so there within one bfloat16 step); with Feature Scaling folded in, each sorted pair's
+    row times its expert's scale plus its pair's offset, in float32 before the one rounding."""
     gen = torch.Generator().manual_seed(5)
     P, m, N = 45, 24, 6
     Y = torch.randn(P + 20, m, generator=gen).to(device, dtype)
@@ -283,9 +341,16 @@ def test_expert_rows_is_the_gathered_bias_add_scattered_back(device, dtype):
     order = torch.randperm(P, generator=gen).to(device)
     expert = torch.randint(0, N, (P,), generator=gen).to(device)
     b = torch.randn(N, m, generator=gen).to(device, dtype)
-    want = (Y[dest].float() + b.float()[expert]).to(dtype)
+    rows = Y[dest].float()
+    extra = {}
+    if scaled:
+        scale = (torch.rand(N, generator=gen) + 0.5).to(device)
+        offset = torch.randn(P, generator=gen).to(device)
+        rows = rows * scale[expert, None] + offset[order, None]
+        extra = {"scale": scale, "offset": offset}
+    want = (rows + b.float()[expert]).to(dtype)
     want = want.new_empty(P, m).index_copy(0, order, want)
-    got = kernels.expert_rows(Y, dest, order, expert, b, dtype)
+    got = kernels.expert_rows(Y, dest, order, expert, b, dtype, **extra)
     if device == "cpu" and dtype == torch.bfloat16:
         assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0)
     else:

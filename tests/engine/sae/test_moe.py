@@ -206,6 +206,122 @@ def test_feature_scaling_folded_into_the_encode(form, with_dead, monkeypatch, nu
     assert torch.allclose(*grads_x, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("with_dead", [False, True])
+@pytest.mark.parametrize("triton", [False, True], ids=["pytorch", "triton"])
+@pytest.mark.parametrize("encode", ["loop", "grouped gemm"])
+def test_feature_scaling_folded_as_on_cuda(encode, triton, with_dead, monkeypatch, request):
+    """Feature Scaling folded into the encode as CUDA runs it (`moe.scaled_expert_encode`):
+    each pair's ⟨c_i, x⟩ from one [B, d] × [d, N] product, s_i · (W_i x) + ⟨c_i, x⟩ + b_i after
+    the loop's products or in the grouped GEMM's epilogue (the Triton `expert_rows`, here
+    through the interpreter, or PyTorch's ops), the picks' W_i x read where the encode wrote
+    them, the backward's per-pick and per-expert sums in PyTorch. On the CPU with numba off:
+    the reference's codes and the gradient of every parameter, Ŵ never formed."""
+    from engine.sae import base, cpu_kernels, moe, scale
+
+    if triton:
+        kernels = request.getfixturevalue("triton_interpreter")
+        monkeypatch.setattr(kernels, "ENABLED", {"cpu": True})
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    for module in (moe, scale):
+        monkeypatch.setattr(module, "folds_scaling", lambda *a: True)
+    if encode == "grouped gemm":
+        monkeypatch.setattr(base, "expert_encoder", lambda *a: moe.grouped_expert_encode_gmm)
+    sae = make("scale")
+    x, dead = _batch(with_dead)
+    ref, g_ref = _params_and_grads(sae, "reference", x, dead)
+    formed, epilogues = [], []
+    real = scale._FeatureScaling.apply
+    monkeypatch.setattr(scale._FeatureScaling, "apply", lambda *a: formed.append(1) or real(*a))
+    real_encode = moe.scaled_expert_encode
+    monkeypatch.setattr(moe, "scaled_expert_encode",
+                        lambda *a: epilogues.append(a[-1].__name__) or real_encode(*a))
+    fold, g_fold = _params_and_grads(sae, "fast", x, dead)
+    assert formed == []  # Ŵ never formed
+    want = "grouped_expert_encode_gmm" if encode == "grouped gemm" else "grouped_expert_encode"
+    assert epilogues == [want]
+    _assert_same_codes_and_grads(sae, ref, g_ref, fold, g_fold)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_the_fold_in_bf16_is_as_exact_as_forming_the_weights(device, monkeypatch, request):
+    """Under bf16 autocast as a GPU trains (the grouped GEMM; Feature Scaling folded into its
+    Triton epilogue): the loss and every gradient as close to float32's as with Ŵ formed
+    first — on the CPU through Triton's interpreter with CUDA's choices made by hand. On CUDA
+    in float32 also the reference's codes and gradients."""
+    from engine.sae import base, cpu_kernels, moe, scale
+
+    dev = torch.device(device)
+    if device == "cpu":
+        kernels = request.getfixturevalue("triton_interpreter")
+        monkeypatch.setattr(kernels, "ENABLED", {"cpu": True})
+        monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+        monkeypatch.setattr(base, "expert_encoder", lambda *a: moe.grouped_expert_encode_gmm)
+    else:
+        sae = make("scale").to(dev)
+        x, dead = _batch(True)
+        ref, g_ref = _params_and_grads(sae, "reference", x.to(dev), dead.to(dev))
+        fast, g_fast = _params_and_grads(sae, "fast", x.to(dev), dead.to(dev))
+        _assert_same_codes_and_grads(sae, ref, g_ref, fast, g_fast)
+    sae = make("scale", d_in=64, width=512, experts=8).to(dev)
+    sae.kernels = "fast"
+    x = 2 * torch.randn(256, 64, generator=torch.Generator().manual_seed(1)).to(dev)
+
+    calls, real = [], moe.scaled_expert_encode
+    monkeypatch.setattr(moe, "scaled_expert_encode", lambda *a: calls.append(1) or real(*a))
+
+    def run(fold: bool, bf16: bool):
+        for module in (moe, scale):
+            monkeypatch.setattr(module, "folds_scaling", lambda *a: fold)
+        sae.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            out = sae(x)
+        (out.mse + 0.3 * out.lb_loss).backward()
+        return {"loss": out.mse.detach().float(),
+                **{n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}}
+
+    exact = run(False, False)
+    errors = {}
+    for fold in (True, False):
+        calls.clear()
+        got = run(fold, True)
+        assert set(got) == set(exact) and len(calls) == fold
+        errors[fold] = {n: float((got[n] - v).norm() / v.norm().clamp_min(1e-12))
+                        for n, v in exact.items()}
+    for name, err in errors[True].items():
+        assert err <= 1.5 * errors[False][name] + 2e-2, (name, err, errors[False][name])
+
+
+def test_the_encoder_gradient_sums_the_rows_the_products_read(triton_interpreter, monkeypatch):
+    """Under bf16 autocast with the Triton kernels (here through the interpreter), W's
+    gradient sums the rows of x − centre in bf16, as the products read them, accumulated in
+    float32 (`ENCODER_ROWS_IN_COMPUTE_DTYPE`): the same picks, and W's gradient within bf16's
+    rounding of the float32 rows' sums; the other gradients the same."""
+    from engine.sae import cpu_kernels, moe
+
+    monkeypatch.setattr(triton_interpreter, "ENABLED", {"cpu": True})
+    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    g = torch.Generator().manual_seed(4)
+    N, m, d, B, e = 4, 8, 12, 30, 2
+    x = torch.randn(B, d, generator=g)
+    centre, W, b = (torch.randn(*s, generator=g).requires_grad_() for s in ((d,), (N, m, d), (N, m)))
+    experts = torch.stack([torch.randperm(N, generator=g)[:e] for _ in range(B)])
+    weights = torch.softmax(torch.randn(B, e, generator=g), -1)
+    out = []
+    for rows_in_bf16 in (True, False):
+        monkeypatch.setattr(moe, "ENCODER_ROWS_IN_COMPUTE_DTYPE", rows_in_bf16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            codes = topk_encode_sparse(x, centre, W, b, 5, experts, weights)
+        loss = (codes.top_acts.float() * (codes.top_indices % 7 + 1)).sum()
+        out.append((codes.top_indices, torch.autograd.grad(loss, (W, centre, b))))
+    (idx_a, (gW_a, *rest_a)), (idx_b, (gW_b, *rest_b)) = out
+    assert torch.equal(idx_a, idx_b)
+    assert not torch.equal(gW_a, gW_b)
+    assert float((gW_a - gW_b).norm() / gW_b.norm()) < 2**-8  # bf16's rounding of each row
+    for p, q in zip(rest_a, rest_b, strict=True):
+        assert torch.equal(p, q)
+
+
 def test_the_cpu_encode_groups_pairs_by_expert_as_the_loop_does(numba_kernels):
     """The CPU's fused encode sorts the (token, expert) pairs by a counting sort: with an expert
     no token chose and one every token chose, the same codes and gradients as the plain
@@ -544,7 +660,8 @@ def test_the_two_weight_gradients_share_one_sort_of_the_picks(arch, kw, with_dea
 def test_the_step_through_the_triton_kernels_equals_the_reference(arch, kw, with_dead, monkeypatch,
                                                                   triton_interpreter):
     """The whole fast forward and backward with every Triton kernel the GPU runs (row TopK,
-    segmented sums, picked dots, Feature Scaling's affine and sums), here through Triton's
+    segmented sums with the decode's bias, both decoder gradients from one pass, Feature
+    Scaling's affine and sums, the squared error and its gradient), here through Triton's
     interpreter: the reference's codes and every gradient."""
     from engine.sae import cpu_kernels
 
@@ -554,8 +671,13 @@ def test_the_step_through_the_triton_kernels_equals_the_reference(arch, kw, with
     x, dead = _batch(with_dead)
     ref, g_ref = _params_and_grads(sae, "reference", x, dead)
     monkeypatch.setattr(triton_kernels, "ENABLED", {"cpu": True})
-    calls, real = [], triton_kernels.row_topk
-    monkeypatch.setattr(triton_kernels, "row_topk", lambda *a: calls.append(1) or real(*a))
+    calls = {name: [] for name in ("row_topk", "squared_error", "scaled_diff", "decoder_grads")}
+    for name, seen in calls.items():
+        real = getattr(triton_kernels, name)
+        monkeypatch.setattr(triton_kernels, name,
+                            lambda *a, _real=real, _seen=seen, **kw: _seen.append(1) or _real(*a, **kw))
     fast, g_fast = _params_and_grads(sae, "fast", x, dead)
-    assert len(calls) == (2 if with_dead else 1)
+    assert len(calls["row_topk"]) == (2 if with_dead else 1)
+    assert calls["squared_error"] and len(calls["scaled_diff"]) == 1  # (AuxK scales by one more)
+    assert calls["decoder_grads"]  # (and AuxK's decode)
     _assert_same_codes_and_grads(sae, ref, g_ref, fast, g_fast)
