@@ -26,13 +26,14 @@ tail:    an A/B of the optimiser's tail in the trainer's step (bf16, recorded as
          over their candidates as the Triton row kernel (with and without its early exit)
          against `torch.topk`.
 fusions: an A/B of this round's fused passes on CUDA in the trainer's step (bf16, recorded as a
-         CUDA graph on a GPU), each undone alone and all together: Feature Scaling folded into
-         the grouped GEMM's epilogue (against Ŵ formed first), the squared error and the FVU's
-         denominator from one read (against `F.mse_loss` and `centred_sq_sum`), the decode
-         started from b_dec (against + b_dec apart), both decoder gradients from one pass over
-         the picks (against `picked_dots` and a segmented sum), the encoder's gradient from the
-         bf16 rows the products read (against float32 rows); for Scale SAEs also the same SAE
-         without Feature Scaling, what the fold can at most save.
+         CUDA graph on a GPU), each undone alone and all together: the squared error and the
+         FVU's denominator from one read (against `F.mse_loss` and `centred_sq_sum`; and its
+         kernel at other tiles), the decode started from b_dec (against + b_dec apart), both
+         decoder gradients from one pass over the picks (against `picked_dots` and a segmented
+         sum), the encoder's gradient from the bf16 rows the products read (against float32
+         rows); for Scale SAEs also Feature Scaling folded into the grouped GEMM's epilogue
+         (`moe.FOLD_SCALING_ON_CUDA`, off by default) and the same SAE without Feature
+         Scaling, what a fold could at most save.
 compile: the model's own forward pass, eager against torch.compile (how much fusing would save).
 topk:    TopK alone over the dense and the Scale e=2 candidates, one `torch.topk` against the
          two-stage form with several chunk counts; then the dense TopK step with the fastest.
@@ -278,10 +279,9 @@ def profile_tail(size: dict, device: torch.device, archs: list[str], out: dict,
 
 def _fusion_variants(scale: bool) -> dict:
     """The fused passes of the CUDA step each undone alone, then all together (module
-    docstring, `fusions`), each a `_patched_all` variant; with `scale`, Feature Scaling's fold
-    too."""
+    docstring, `fusions`), the squared error's kernel at other tiles, and with `scale` Feature
+    Scaling folded into the encode (off by default), each a `_patched_all` variant."""
     import engine.sae.base as sae_base
-    import engine.sae.scale as sae_scale
     from engine.sae import kernels, moe
 
     real_sum = kernels.segment_sum
@@ -296,11 +296,15 @@ def _fusion_variants(scale: bool) -> dict:
         "decoder grads: picked_dots + segment_sum": [(moe, "FUSED_DECODER_GRADS", False)],
         "encoder grad: float32 rows": [(moe, "ENCODER_ROWS_IN_COMPUTE_DTYPE", False)],
     }
-    if scale:
-        undone["Feature Scaling: Ŵ formed"] = [(sae_scale, "folds_scaling", lambda *a: False)]
-    variants = {"all fused (the default)": _patched_all([])}
+    variants = {"the default": _patched_all([])}
     variants.update({label: _patched_all(changes) for label, changes in undone.items()})
     variants["none fused (as at 889fc27)"] = _patched_all([c for cs in undone.values() for c in cs])
+    for rows, block, cols in ((64, 16, 64), (256, 16, 64)):
+        variants[f"loss tiles: {rows} rows, {block} at a time, {cols} columns"] = _patched(
+            kernels, "BLOCKS", {**kernels.BLOCKS, "loss_rows": rows, "loss_block": block,
+                                "loss_d": cols})
+    if scale:
+        variants["Feature Scaling folded on CUDA"] = _patched(moe, "FOLD_SCALING_ON_CUDA", True)
     return variants
 
 

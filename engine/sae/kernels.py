@@ -56,8 +56,8 @@ BLOCKS: dict[str, int] = {"segment_d": 128, "segment_p": 8, "segment_warps": 1,
                           "row_warps": 4, "adam_elems": 1024, "adam_warps": 2,
                           "sums_rows": 32, "sums_d": 128, "sums_warps": 4,
                           "topk_elems": 4096, "topk_warps": 4, "topk_early": 0,
-                          "loss_rows": 256, "loss_block": 16, "loss_d": 64,
-                          "loss_total": 256, "loss_warps": 4,
+                          "loss_rows": 32, "loss_block": 8, "loss_d": 64,
+                          "loss_total": 1024, "loss_warps": 4,
                           "diff_elems": 2048, "diff_warps": 4}
 """Tile sizes: the columns and rows a `segment_sum` program handles at once and its warps; the
 picks a `picked_dots` program takes (at most; fewer where a token has fewer), the columns it
@@ -69,7 +69,10 @@ gradient, against 0.38, 0.40 and 0.32 ms for `embedding_bag`); the elements and 
 program of `adam_rows_` (whole rows; --parts tail times a few); the rows and columns of a
 `group_sums` program and its warps; the elements of a `row_topk` program (whole rows), its
 warps, and whether its bisection stops early once a row has exactly k keys at or above the
-midpoint (no faster on an H100: 1.830 against 1.825 ms for the recorded Scale e=2 step)."""
+midpoint (no faster on an H100: 1.830 against 1.825 ms for the recorded Scale e=2 step); the
+rows of a `squared_error` program, how many it reads at once, its columns and warps, and the
+partial sums the one program adding them up reads at once; the elements of a `scaled_diff`
+program and its warps (`profile_gpu.py --parts fusions` times two other loss tiles)."""
 
 
 def _segment_sum_kernel(X, ix, w, offsets, bias, out, d, stride_x, stride_out,
@@ -352,10 +355,11 @@ def _squared_error_kernel(A, Bt, sse, sq, colsum, R, d, ROWS: tl.constexpr,
     tl.store(colsum + rb.to(tl.int64) * d + cols, acc_col, mask=cmask)
 
 
-def _squared_error_total_kernel(sse, sq, colsum, out, parts, blocks, d, R,
-                                BLOCK: tl.constexpr):
+def _squared_error_total_kernel(sse, sq, colsum, out, parts, blocks, d, R, BLOCK: tl.constexpr,
+                                BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """One program: out[0] = Σ sse (the squared error), out[1] = Σ sq − ‖Σ_blocks colsum‖² / R
-    (the spread about the mean), from `_squared_error_kernel`'s partial sums."""
+    (the spread about the mean), from `_squared_error_kernel`'s partial sums; the column sums
+    read in [BLOCK_B, BLOCK_C] tiles."""
     at = tl.arange(0, BLOCK)
     total_sse = tl.zeros([BLOCK], dtype=tl.float64)
     total_sq = tl.zeros([BLOCK], dtype=tl.float64)
@@ -363,12 +367,17 @@ def _squared_error_total_kernel(sse, sq, colsum, out, parts, blocks, d, R,
         m = p0 + at < parts
         total_sse += tl.load(sse + p0 + at, mask=m, other=0.0)
         total_sq += tl.load(sq + p0 + at, mask=m, other=0.0)
-    mean_sq = tl.zeros([BLOCK], dtype=tl.float64)
-    for c0 in range(0, d, BLOCK):
-        cm = c0 + at < d
-        col = tl.zeros([BLOCK], dtype=tl.float64)
-        for b in range(0, blocks):
-            col += tl.load(colsum + b * d + c0 + at, mask=cm, other=0.0)
+    bs = tl.arange(0, BLOCK_B)
+    cs = tl.arange(0, BLOCK_C)
+    mean_sq = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for c0 in range(0, d, BLOCK_C):
+        cm = c0 + cs < d
+        col = tl.zeros([BLOCK_C], dtype=tl.float64)
+        for b0 in range(0, blocks, BLOCK_B):
+            rows = b0 + bs
+            tile = tl.load(colsum + rows.to(tl.int64)[:, None] * d + (c0 + cs)[None, :],
+                           mask=(rows < blocks)[:, None] & cm[None, :], other=0.0)
+            col += tl.sum(tile, axis=0)
         mean_sq += col * col
     tl.store(out, tl.sum(total_sse, axis=0).to(tl.float32))
     spread = tl.sum(total_sq, axis=0) - tl.sum(mean_sq, axis=0) / R
@@ -772,7 +781,8 @@ def squared_error(A: Tensor, Bt: Tensor) -> tuple[Tensor, Tensor]:
                               BLOCK_R=min(rows, BLOCKS["loss_block"]), BLOCK_D=bd,
                               **_warps("loss_warps"))
     ks["squared_error_total"][(1,)](sse, sq, colsum, out, sse.numel(), grid[0], d, R,
-                                    BLOCK=BLOCKS["loss_total"], **_warps("loss_warps"))
+                                    BLOCK=BLOCKS["loss_total"], BLOCK_B=64, BLOCK_C=64,
+                                    **_warps("loss_warps"))
     return out[0], out[1]
 
 

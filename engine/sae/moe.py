@@ -387,6 +387,17 @@ def topk_encode(
     return TopKCodes(top_acts, top_indices, aux_acts, aux_indices)
 
 
+FOLD_SCALING_ON_CUDA = False
+"""Whether a Scale SAE's Feature Scaling is folded into the encode on CUDA too
+(`scaled_expert_encode`: s_i · (W_i x) + ⟨c_i, x⟩ in the grouped GEMM's Triton epilogue, the
+backward's per-pick and per-expert sums in PyTorch) instead of Ŵ formed first (`_FeatureScaling`,
+two Triton passes over [N, m, d] and `group_sums`). Off: on an H100 at the paper's size
+(2026-11-27, bf16, recorded step, `benchmarks/profile_gpu.py --parts fusions`) the fold took
+1.871 ms a step against 1.801 with Ŵ formed — its mean over W, the float32 [N, B] × [B, d]
+product for the shifts' gradient, the scatter-adds and the broadcast add of the means' gradient
+into W's cost more than the two passes they replace (without Feature Scaling the step took
+1.589 ms). Tested on the CPU (Triton's interpreter) and on the H100."""
+
 ENCODER_ROWS_IN_COMPUTE_DTYPE = True
 """Where the Triton kernels run, the encoder's weight gradient sums the rows of x − centre in
 the products' dtype (bf16 under autocast: half the bytes gathered, and the rows autocast's own
@@ -572,9 +583,9 @@ def _picks_on_cpu(x_c: Tensor, experts: Tensor | None, encode: ExpertEncode) -> 
 def folds_scaling(x: Tensor, compute_dtype: torch.dtype) -> bool:
     """Whether `topk_encode_sparse` takes Feature Scaling folded into a routed SAE's encode for
     x computed in `compute_dtype` (`scaling`): where it runs as `_expert_picks_cpu`, and on
-    CUDA (`scaled_expert_encode`; the grouped GEMM's epilogue applies it there in bf16)."""
+    CUDA where `FOLD_SCALING_ON_CUDA` says so (`scaled_expert_encode`)."""
     if x.device.type == "cuda":
-        return True
+        return FOLD_SCALING_ON_CUDA
     return (x.dtype == compute_dtype and cpu_kernels.use(x)
             and expert_encoder(x.device, compute_dtype) is grouped_expert_encode)
 

@@ -98,16 +98,17 @@ def test_the_fusions_ab_part_runs_and_restores_the_defaults():
     but the Triton paths they choose between do not run: the script's own bugs are what this
     finds), and the Scale SAE without Feature Scaling beside them."""
     from benchmarks import profile_gpu
-    from engine.sae import base, kernels, moe, scale
+    from engine.sae import base, kernels, moe
 
     before = (base._one_read, kernels.segment_sum, moe.FUSED_DECODER_GRADS,
-              moe.ENCODER_ROWS_IN_COMPUTE_DTYPE, scale.folds_scaling)
+              moe.ENCODER_ROWS_IN_COMPUTE_DTYPE, moe.FOLD_SCALING_ON_CUDA, dict(kernels.BLOCKS))
     out = {"fusions_ab": []}
     profile_gpu.profile_fusions(SMALL, torch.device("cpu"), ["topk", "scale e=2"], out, rounds=1)
     topk, scale_row = out["fusions_ab"]
     assert "error" not in topk and "error" not in scale_row
-    assert len(topk["ms"]) == 6 and "all fused (the default)" in topk["ms"]
-    assert "Feature Scaling: Ŵ formed" in scale_row["ms"]
-    assert "without Feature Scaling" in scale_row["ms"] and len(scale_row["ms"]) == 8
+    assert len(topk["ms"]) == 8 and "the default" in topk["ms"]
+    assert "Feature Scaling folded on CUDA" in scale_row["ms"]
+    assert "without Feature Scaling" in scale_row["ms"] and len(scale_row["ms"]) == 10
     assert (base._one_read, kernels.segment_sum, moe.FUSED_DECODER_GRADS,
-            moe.ENCODER_ROWS_IN_COMPUTE_DTYPE, scale.folds_scaling) == before
+            moe.ENCODER_ROWS_IN_COMPUTE_DTYPE, moe.FOLD_SCALING_ON_CUDA,
+            kernels.BLOCKS) == before

@@ -353,6 +353,9 @@ def test_expert_rows_is_the_gathered_bias_add_scattered_back(device, dtype, scal
     got = kernels.expert_rows(Y, dest, order, expert, b, dtype, **extra)
     if device == "cpu" and dtype == torch.bfloat16:
         assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0)
+    elif scaled:  # compiled, y · s + offset may be one fused multiply-add: one rounding less
+        step = 2**-7 if dtype == torch.bfloat16 else 1e-6
+        assert torch.allclose(got.float(), want.float(), rtol=step, atol=step)
     else:
         assert torch.equal(got, want)
 

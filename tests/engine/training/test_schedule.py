@@ -137,11 +137,7 @@ def row_kernels(request):
     Triton's do not run."""
     if request.param == "triton":
         return request.getfixturevalue("triton_on_cpu")
-    from engine.sae import cpu_kernels
-
-    if not cpu_kernels.AVAILABLE:
-        pytest.skip("needs numba")
-    return cpu_kernels
+    return request.getfixturevalue("numba_kernels")  # skipped only under MOESAE_NUMBA=0
 
 
 @pytest.mark.parametrize("scale", [1e-3, 10.0], ids=["under the clip", "clipped"])
