@@ -299,7 +299,7 @@ def _fusion_variants(scale: bool) -> dict:
     variants = {"the default": _patched_all([])}
     variants.update({label: _patched_all(changes) for label, changes in undone.items()})
     variants["none fused (as at 889fc27)"] = _patched_all([c for cs in undone.values() for c in cs])
-    for rows, block, cols in ((64, 16, 64), (256, 16, 64)):
+    for rows, block, cols in ((64, 16, 64), (32, 8, 64)):
         variants[f"loss tiles: {rows} rows, {block} at a time, {cols} columns"] = _patched(
             kernels, "BLOCKS", {**kernels.BLOCKS, "loss_rows": rows, "loss_block": block,
                                 "loss_d": cols})
