@@ -385,33 +385,37 @@ def _decoder_grads_rows(lo, hi, starts, order, k, acts, g, W, dots, gW):
 
 
 @njit(fastmath=_FLAGS, inline="always")
-def _add_rows(acc, X, rows, w, lo, hi):
-    """acc += Σ over q in [lo, hi) of w[q] · X[rows[q]], four rows at a time."""
+def _add_rows(acc, X, rows, w, lo, hi, order):
+    """acc += Σ over q in [lo, hi) of w[q] · X[rows[q]] (w[order[q]] where `order` is not
+    None: weights read in their unsorted places), four rows at a time."""
     d = X.shape[1]
     q = lo
     while q + 4 <= hi:
         x0, x1, x2, x3 = X[rows[q]], X[rows[q + 1]], X[rows[q + 2]], X[rows[q + 3]]
-        a0, a1, a2, a3 = w[q], w[q + 1], w[q + 2], w[q + 3]
+        if order is None:
+            a0, a1, a2, a3 = w[q], w[q + 1], w[q + 2], w[q + 3]
+        else:
+            a0, a1, a2, a3 = w[order[q]], w[order[q + 1]], w[order[q + 2]], w[order[q + 3]]
         for c in range(d):
             acc[c] += (a0 * x0[c] + a1 * x1[c]) + (a2 * x2[c] + a3 * x3[c])
         q += 4
     while q < hi:
         xq = X[rows[q]]
-        a = w[q]
+        a = w[q] if order is None else w[order[q]]
         for c in range(d):
             acc[c] += a * xq[c]
         q += 1
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
-def _segment_sum_rows(lo, hi, starts, tokens, w, x, out):
+def _segment_sum_rows(lo, hi, starts, tokens, w, order, x, out):
     """For rows f in [lo, hi): out[f] = Σ over sorted picks q in [starts[f], starts[f + 1]) of
-    w[q] · x[tokens[q]] — a segmented weighted sum of gathered rows, accumulated in the output
-    row."""
+    w[q] · x[tokens[q]] (w[order[q]] where `order` is not None) — a segmented weighted sum of
+    gathered rows, accumulated in the output row."""
     for f in range(lo, hi):
         acc = out[f]
         acc[:] = 0.0
-        _add_rows(acc, x, tokens, w, starts[f], starts[f + 1])
+        _add_rows(acc, x, tokens, w, starts[f], starts[f + 1], order)
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
@@ -420,7 +424,7 @@ def _decode_rows(lo, hi, idx, acts, W, bias, out):
     for b in range(lo, hi):
         acc = out[b]
         acc[:] = bias
-        _add_rows(acc, W, idx[b], acts[b], 0, idx.shape[1])
+        _add_rows(acc, W, idx[b], acts[b], 0, idx.shape[1], None)
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
@@ -539,6 +543,25 @@ def _scaled_diff_rows(lo, hi, a, b, scale, out):
         o = out[r]
         for c in range(d):
             o[c] = scale * (ar[c] - br[c])
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def _scaled_diff_sum_rows(lo, hi, a, b, scale, block, out, colsum):
+    """For blocks of `block` rows i in [lo, hi): out[r] = scale · (a[r] − b[r]) for the block's
+    rows r, and colsum[i] = Σ of those rows of out (float32 over at most `block` rows)."""
+    R = a.shape[0]
+    d = a.shape[1]
+    for i in range(lo, hi):
+        cs = colsum[i]
+        cs[:] = 0.0
+        for r in range(i * block, min(R, (i + 1) * block)):
+            ar = a[r]
+            br = b[r]
+            o = out[r]
+            for c in range(d):
+                v = scale * (ar[c] - br[c])
+                o[c] = v
+                cs[c] += v
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)

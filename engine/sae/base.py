@@ -34,6 +34,7 @@ from .moe import (
     router_logits_fused,
     topk_encode,
     topk_encode_sparse,
+    with_column_sums,
 )
 
 KERNELS = ("fast", "reference")
@@ -90,8 +91,9 @@ class _SquaredError(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _g_spread):
         x_hat, x = ctx.saved_tensors
-        if cpu_kernels.use(x_hat):
-            return cpu_kernels.scaled_diff(x_hat, x, 2.0 * float(g)), None
+        if cpu_kernels.use(x_hat):  # and its column sums, for b_dec's gradient in the decode's
+            grad, sums = cpu_kernels.scaled_diff(x_hat, x, 2.0 * float(g), column_sums=True)
+            return with_column_sums(grad, sums), None
         return kernels.scaled_diff(x_hat, x, g), None
 
 

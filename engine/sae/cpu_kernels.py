@@ -140,6 +140,8 @@ def _tiny_case() -> bool:
     col, dot = group_sums(G3, W3)
     bag = torch.nn.functional.embedding_bag(idx, W, per_sample_weights=g[:, :2], mode="sum")
     seg = segment_sums(g, order // 2, g[:, 2:4].reshape(-1)[order], starts)
+    seg_in_place = segment_sums(g, order // 2, g[:, 2:4].reshape(-1), starts, order=order)
+    diff, diff_sums = scaled_diff(g, W[:3], 2.0, column_sums=True)
     logits, g_c = centred_products(g, g[1], W)
     ok = (torch.equal(vals.sort(-1).values, f.topk(4).values.sort(-1).values)
           and torch.allclose(col, G3.sum(1, keepdim=True), atol=1e-5)
@@ -169,6 +171,8 @@ def _tiny_case() -> bool:
               atol=1e-5)
           and torch.allclose(squared_error(g, W[:3])[0], (g - W[:3]).square().sum(), atol=1e-4)
           and torch.allclose(scaled_diff(g, W[:3], 2.0), 2 * (g - W[:3]), atol=1e-6)
+          and torch.equal(seg_in_place, seg) and torch.equal(diff, scaled_diff(g, W[:3], 2.0))
+          and torch.allclose(diff_sums, diff.sum(0), atol=1e-5)
           and torch.equal(g_c, g - g[1]) and torch.allclose(logits, g_c @ W.T, atol=1e-5)
           and torch.allclose(gW, torch.zeros_like(W).index_add_(
               0, idx.reshape(-1), g[:, :2].reshape(-1, 1) * g.repeat_interleave(2, 0)),
@@ -418,15 +422,18 @@ def centred_products(x: Tensor, c: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
     return out, x_c
 
 
-def segment_sums(x: Tensor, tokens: Tensor, w: Tensor, starts: Tensor) -> Tensor:
+def segment_sums(x: Tensor, tokens: Tensor, w: Tensor, starts: Tensor,
+                 order: Tensor | None = None) -> Tensor:
     """[R, d] float32: row f = Σ over q in [starts[f], starts[f + 1]) of w[q] · x[tokens[q]],
     for float32 x [B, d] and w [P] on the CPU — what `embedding_bag(tokens, x, starts[:-1],
     mode="sum", per_sample_weights=w)` computes (R = len(starts) − 1): an encoder's weight
-    gradient from its picks sorted by feature (`sort_picks`)."""
+    gradient from its picks sorted by feature (`sort_picks`). With `order`, w is in the picks'
+    own order and sorted pick q's weight is w[order[q]] (read in place: no gathered copy)."""
     out = torch.empty(starts.numel() - 1, x.shape[1], dtype=torch.float32)
     if out.shape[0]:
         _split_rows(_jit()._segment_sum_rows, out.shape[0], starts.numpy(), tokens.numpy(),
                     w.detach().to(torch.float32).contiguous().numpy(),
+                    None if order is None else order.contiguous().numpy(),
                     x.detach().contiguous().numpy(), out.numpy())
     return out
 
@@ -538,11 +545,21 @@ def squared_error(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
             torch.tensor(spread, dtype=torch.float32))
 
 
-def scaled_diff(a: Tensor, b: Tensor, scale: float) -> Tensor:
+def scaled_diff(a: Tensor, b: Tensor, scale: float, column_sums: bool = False):
     """scale · (a − b) for float32 a, b [B, d] on the CPU, in one pass: the squared error's
-    gradient."""
+    gradient. With `column_sums`, (that, its sum over the rows [d]) from the same pass —
+    partial sums over blocks of `SUM_BLOCK` rows, added after: what a bias added to every row
+    of the reconstruction needs as its gradient."""
     out = torch.empty(a.shape, dtype=torch.float32)
-    if a.shape[0]:
-        _split_rows(_jit()._scaled_diff_rows, a.shape[0], a.detach().contiguous().numpy(),
-                    b.detach().contiguous().numpy(), np.float32(scale), out.numpy())
-    return out
+    a_np, b_np = a.detach().contiguous().numpy(), b.detach().contiguous().numpy()
+    if not column_sums:
+        if a.shape[0]:
+            _split_rows(_jit()._scaled_diff_rows, a.shape[0], a_np, b_np, np.float32(scale),
+                        out.numpy())
+        return out
+    n = -(-a.shape[0] // SUM_BLOCK)
+    colsum = torch.zeros(max(n, 1), a.shape[1], dtype=torch.float32)
+    if n:
+        _split_rows(_jit()._scaled_diff_sum_rows, n, a_np, b_np, np.float32(scale), SUM_BLOCK,
+                    out.numpy(), colsum.numpy(), min_rows=max(1, n // 8))
+    return out, colsum.sum(0)

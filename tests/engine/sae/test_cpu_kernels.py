@@ -387,6 +387,8 @@ def test_segment_sums_is_embedding_bag_over_the_sorted_picks(M):
     expected = torch.nn.functional.embedding_bag(tokens, x, starts[:-1], mode="sum",
                                                  per_sample_weights=w)
     assert got.shape == (M, d) and torch.allclose(got, expected, atol=1e-5)
+    # the weights read in their own places through `order`: the same sums, bit for bit
+    assert torch.equal(cpu_kernels.segment_sums(x, tokens, g.reshape(-1), starts, order=order), got)
 
 
 @pytest.mark.parametrize("k", [1, 3, 4, 9])
@@ -409,6 +411,9 @@ def test_squared_error_and_its_gradient(B):
     assert torch.allclose(got.double(), (a.double() - b.double()).square().sum(), rtol=1e-6)
     assert torch.allclose(spread, cpu_kernels.centred_sq_sum(b), rtol=1e-6)
     assert torch.allclose(cpu_kernels.scaled_diff(a, b, 0.5), 0.5 * (a - b), atol=1e-7)
+    grad, sums = cpu_kernels.scaled_diff(a, b, 0.5, column_sums=True)  # blocks of SUM_BLOCK rows
+    assert torch.allclose(grad, 0.5 * (a - b), atol=1e-7) and sums.shape == (31,)
+    assert torch.allclose(sums.double(), 0.5 * (a.double() - b.double()).sum(0), atol=1e-4)
 
 
 def test_the_squared_error_function_is_mse_loss_forward_and_backward(numba_kernels):

@@ -322,6 +322,28 @@ def test_the_encoder_gradient_sums_the_rows_the_products_read(triton_interpreter
         assert torch.equal(p, q)
 
 
+def test_b_decs_gradient_takes_the_column_sums_the_loss_made(monkeypatch, numba_kernels):
+    """On the CPU the squared error's backward sums its gradient's rows as it writes them, and
+    the decode hands those to b_dec (`moe.column_sums`) instead of a pass of its own: the
+    reference's gradient; a gradient without them (autograd's sum where two add into x̂) falls
+    back to summing."""
+    from engine.sae import moe
+
+    carried = []
+    real = moe.column_sums
+    monkeypatch.setattr(moe, "column_sums",
+                        lambda g: carried.append(hasattr(g, "_column_sums")) or real(g))
+    sae = make("scale")
+    x, dead = _batch(False)
+    ref, g_ref = _params_and_grads(sae, "reference", x, dead)
+    fast, g_fast = _params_and_grads(sae, "fast", x, dead)
+    assert carried == [True]
+    _assert_same_codes_and_grads(sae, ref, g_ref, fast, g_fast)
+    g = torch.randn(5, 3)
+    assert torch.equal(real(g), g.sum(0))
+    assert torch.equal(real(moe.with_column_sums(g.clone(), torch.ones(3))), torch.ones(3))
+
+
 def test_the_cpu_encode_groups_pairs_by_expert_as_the_loop_does(numba_kernels):
     """The CPU's fused encode sorts the (token, expert) pairs by a counting sort: with an expert
     no token chose and one every token chose, the same codes and gradients as the plain
