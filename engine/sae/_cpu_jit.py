@@ -408,13 +408,17 @@ def _add_rows(acc, X, rows, w, lo, hi, order):
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
-def _segment_sum_rows(lo, hi, starts, tokens, w, order, x, out):
+def _segment_sum_rows(lo, hi, starts, tokens, w, order, x, init, group, out):
     """For rows f in [lo, hi): out[f] = Σ over sorted picks q in [starts[f], starts[f + 1]) of
     w[q] · x[tokens[q]] (w[order[q]] where `order` is not None) — a segmented weighted sum of
-    gathered rows, accumulated in the output row."""
+    gathered rows, accumulated in the output row, started from init[f // group] where `init`
+    is not None, else from zero."""
     for f in range(lo, hi):
         acc = out[f]
-        acc[:] = 0.0
+        if init is None:
+            acc[:] = 0.0
+        else:
+            acc[:] = init[f // group]
         _add_rows(acc, x, tokens, w, starts[f], starts[f + 1], order)
 
 

@@ -192,18 +192,19 @@ class SparseAutoencoder(nn.Module, ABC):
     # -- shared ----------------------------------------------------------------------------
     def select_topk(self, x: Tensor, W: Tensor, b: Tensor, experts: Tensor | None,
                     weights: Tensor | None, dead_mask: Tensor | None, k_aux: int,
-                    scaling: tuple[Tensor, Tensor] | None = None) -> TopKCodes:
+                    scaling: tuple[Tensor, Tensor] | None = None,
+                    mean_grad: Callable[[Tensor], Tensor] | None = None) -> TopKCodes:
         """z = TopK_k( concat_{i ∈ experts} w_i · ReLU(W_i (x − b_dec) + b_i) ) (+ AuxK picks),
         by the kernels this SAE is set to (engine/sae/moe.py). W [N, m, d], b [N, m]; with
         `scaling` (the fast kernels, where `moe.folds_scaling` says so) W_i stands for
-        scale_i · W_i + shift_i."""
+        scale_i · W_i + shift_i, and `mean_grad` is `topk_encode_sparse`'s."""
         compute = products_dtype(x)
         if self.kernels == "reference":
             return topk_encode(x, self.b_dec, W, b, self.cfg.k, experts, weights, dead_mask,
                                k_aux, encode=grouped_expert_encode)
         return topk_encode_sparse(x, self.b_dec, W, b, self.cfg.k, experts, weights, dead_mask,
                                   k_aux, encode=expert_encoder(x.device, compute),
-                                  compute_dtype=compute, scaling=scaling)
+                                  compute_dtype=compute, scaling=scaling, mean_grad=mean_grad)
 
     def centred_logits(self, x: Tensor, centre: Tensor, W: Tensor) -> Tensor:
         """A router's (x − centre) · Wᵀ, by the kernels this SAE is set to."""

@@ -141,6 +141,8 @@ def _tiny_case() -> bool:
     bag = torch.nn.functional.embedding_bag(idx, W, per_sample_weights=g[:, :2], mode="sum")
     seg = segment_sums(g, order // 2, g[:, 2:4].reshape(-1)[order], starts)
     seg_in_place = segment_sums(g, order // 2, g[:, 2:4].reshape(-1), starts, order=order)
+    seg_init = segment_sums(g, order // 2, g[:, 2:4].reshape(-1), starts, order=order,
+                            init=W[:2])
     diff, diff_sums = scaled_diff(g, W[:3], 2.0, column_sums=True)
     logits, g_c = centred_products(g, g[1], W)
     ok = (torch.equal(vals.sort(-1).values, f.topk(4).values.sort(-1).values)
@@ -172,6 +174,7 @@ def _tiny_case() -> bool:
           and torch.allclose(squared_error(g, W[:3])[0], (g - W[:3]).square().sum(), atol=1e-4)
           and torch.allclose(scaled_diff(g, W[:3], 2.0), 2 * (g - W[:3]), atol=1e-6)
           and torch.equal(seg_in_place, seg) and torch.equal(diff, scaled_diff(g, W[:3], 2.0))
+          and torch.allclose(seg_init, seg + W[:2].repeat_interleave(3, 0), atol=1e-6)
           and torch.allclose(diff_sums, diff.sum(0), atol=1e-5)
           and torch.equal(g_c, g - g[1]) and torch.allclose(logits, g_c @ W.T, atol=1e-5)
           and torch.allclose(gW, torch.zeros_like(W).index_add_(
@@ -423,18 +426,24 @@ def centred_products(x: Tensor, c: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def segment_sums(x: Tensor, tokens: Tensor, w: Tensor, starts: Tensor,
-                 order: Tensor | None = None) -> Tensor:
+                 order: Tensor | None = None, init: Tensor | None = None) -> Tensor:
     """[R, d] float32: row f = Σ over q in [starts[f], starts[f + 1]) of w[q] · x[tokens[q]],
     for float32 x [B, d] and w [P] on the CPU — what `embedding_bag(tokens, x, starts[:-1],
     mode="sum", per_sample_weights=w)` computes (R = len(starts) − 1): an encoder's weight
     gradient from its picks sorted by feature (`sort_picks`). With `order`, w is in the picks'
-    own order and sorted pick q's weight is w[order[q]] (read in place: no gathered copy)."""
-    out = torch.empty(starts.numel() - 1, x.shape[1], dtype=torch.float32)
-    if out.shape[0]:
-        _split_rows(_jit()._segment_sum_rows, out.shape[0], starts.numpy(), tokens.numpy(),
+    own order and sorted pick q's weight is w[order[q]] (read in place: no gathered copy). With
+    `init` [G, d] (G dividing R), each row's sum starts from init[f // (R / G)]: a gradient
+    shared by each group of R / G rows, added without a pass of its own."""
+    R = starts.numel() - 1
+    out = torch.empty(R, x.shape[1], dtype=torch.float32)
+    group = R // init.shape[0] if init is not None and init.shape[0] else 1
+    if R:
+        _split_rows(_jit()._segment_sum_rows, R, starts.numpy(), tokens.numpy(),
                     w.detach().to(torch.float32).contiguous().numpy(),
                     None if order is None else order.contiguous().numpy(),
-                    x.detach().contiguous().numpy(), out.numpy())
+                    x.detach().contiguous().numpy(),
+                    None if init is None else init.detach().to(torch.float32).contiguous().numpy(),
+                    group, out.numpy())
     return out
 
 

@@ -427,7 +427,7 @@ class _SparseTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, centre, W, b, weights, experts, dead, k, k_aux, encode, compute_dtype,
-                scale, shift):
+                scale, shift, mean_grad):
         N, m, d = W.shape
         u_all = scaling = None
         with torch.no_grad():
@@ -487,6 +487,7 @@ class _SparseTopK(torch.autograd.Function):
         ctx.save_for_backward(x_c, W, idx_all, z_all.float(), slot, weights, experts, scale,
                               shift, u_all if scale is not None else None, x_rows)
         ctx.k = k
+        ctx.mean_grad = mean_grad
         ctx.mark_non_differentiable(idx_all)
         top_idx = idx_all[:, :k]
         ctx.shared = top_idx._feature_groups = FeatureGroups()  # for the decoder's backward
@@ -519,11 +520,17 @@ class _SparseTopK(torch.autograd.Function):
             if fold:  # and through ⟨shift_i, x_c⟩ of each slot
                 grad_x = grad_x + (r[:, :, None] * shift.float()[experts]).sum(1)
             grad_x = grad_x.to(x_c.dtype)
+        if fold and (want_shift or (want_W and ctx.mean_grad is not None)):
+            # Σ over expert i's picks of g_pre · x_c
+            grad_shift = _expert_sums(x_c, experts, r, N)
         if want_W:
-            # resized, not viewed, to [N, m, d]: a tensor of its own, into which autograd then
-            # adds W's other gradients in place (Feature Scaling's, through the experts' means)
+            # with `mean_grad`, each row of expert i also gets 1/m of ∂loss/∂mean_i, the share
+            # of its gradient through the shift's dependence on the expert's mean row
+            init = ctx.mean_grad(grad_shift) / m if fold and ctx.mean_grad is not None else None
+            # resized, not viewed, to [N, m, d]: a tensor of its own, into which autograd adds
+            # W's other gradients in place (where there are any)
             x_rows = x_rows if x_rows is not None else x_c.float()
-            grad_W = _scatter_rows(idx, g_rows, x_rows, N * m, ctx.shared).resize_(N, m, d).to(W.dtype)
+            grad_W = _scatter_rows(idx, g_rows, x_rows, N * m, ctx.shared, init).resize_(N, m, d).to(W.dtype)
         if want_b or want_centre:
             g_b = torch.zeros(N * m, dtype=torch.float32, device=W.device).index_add_(
                 0, idx.reshape(-1), g_pre.reshape(-1))  # ∂b: Σ of g_pre over each feature's picks
@@ -544,10 +551,10 @@ class _SparseTopK(torch.autograd.Function):
         if fold and want_scale:  # Σ over expert i's picks of g_pre · (W[f] · x_c)
             grad_scale = g_pre.new_zeros(N).index_add_(0, experts.reshape(-1), r_u.reshape(-1))
             grad_scale = grad_scale.to(scale.dtype)
-        if fold and want_shift:  # Σ over expert i's picks of g_pre · x_c
-            grad_shift = _expert_sums(x_c, experts, r, N).to(shift.dtype)
+        if grad_shift is not None:
+            grad_shift = grad_shift.to(shift.dtype) if want_shift else None
         return (grad_x, grad_centre, grad_W, grad_b, grad_w, None, None, None, None, None, None,
-                grad_scale, grad_shift)
+                grad_scale, grad_shift, None)
 
 
 def _pick_scale_sums(g: Tensor, slot: Tensor, experts: Tensor, u: Tensor,
@@ -670,22 +677,28 @@ def _feature_groups(idx: Tensor, M: int, shared: FeatureGroups | None):
 
 
 def _scatter_rows(idx: Tensor, g: Tensor, x: Tensor, M: int,
-                  shared: FeatureGroups | None = None) -> Tensor:
+                  shared: FeatureGroups | None = None, init: Tensor | None = None) -> Tensor:
     """[M, d]: Σ over tokens b and picks j of g[b, j] · x[b] into row idx[b, j] — the encoder's
     gradient from the picks alone. The picks are sorted by feature, and each feature's rows are
     one segment of a segmented weighted sum over x (no atomics, no [B·k, d] products in
     memory): an `embedding_bag`, or the Triton `segment_sum` where `kernels.use` says so.
     Measured against the index_add (atomic adds) and sparse CSR × dense forms it replaced:
     2–4× faster than CSR on the CPU (bench in the README), and index_add was the largest
-    kernel of a GPU step (benchmarks/profile_gpu.py)."""
+    kernel of a GPU step (benchmarks/profile_gpu.py). With `init` [G, d], each group of M / G
+    rows gets that row added (on the CPU each row's sum starts from it)."""
     tokens, order, offsets = _feature_groups(idx, M, shared)
     if cpu_kernels.use(x):  # each pick's weight read where it is (no gathered copy of g)
-        return cpu_kernels.segment_sums(x, tokens, g.reshape(-1), offsets, order=order)
+        return cpu_kernels.segment_sums(x, tokens, g.reshape(-1), offsets, order=order,
+                                        init=init)
     w = g.reshape(-1)[order]
     if kernels.use(x):
-        return kernels.segment_sum(x, tokens, w, offsets,
-                                   out_dtype=torch.promote_types(x.dtype, w.dtype))
-    return F.embedding_bag(tokens, x, offsets[:-1], mode="sum", per_sample_weights=w)
+        out = kernels.segment_sum(x, tokens, w, offsets,
+                                  out_dtype=torch.promote_types(x.dtype, w.dtype))
+    else:
+        out = F.embedding_bag(tokens, x, offsets[:-1], mode="sum", per_sample_weights=w)
+    if init is not None:
+        out.view(init.shape[0], -1, out.shape[1]).add_(init[:, None, :].to(out.dtype))
+    return out
 
 
 def _bag_rows(acts: Tensor, indices: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
@@ -829,6 +842,7 @@ def topk_encode_sparse(
     experts: Tensor | None = None, weights: Tensor | None = None, dead: Tensor | None = None,
     k_aux: int = 0, encode: ExpertEncode = grouped_expert_encode,
     compute_dtype: torch.dtype | None = None, scaling: tuple[Tensor, Tensor] | None = None,
+    mean_grad: Callable[[Tensor], Tensor] | None = None,
 ) -> TopKCodes:
     """`topk_encode` with a backward over the selected latents only; the candidates are
     computed in `compute_dtype` (bf16 under autocast), gradients in float32. On a GPU AuxK
@@ -840,7 +854,12 @@ def topk_encode_sparse(
     Ŵ_i = scale_i · W_i + shift_i (METHOD §3). Where `folds_scaling` says so, Ŵ is never
     written out: Ŵ_i x_c = scale_i · (W_i x_c) + ⟨shift_i, x_c⟩ is formed per candidate, and
     the backward gives W, scale and shift their gradients from the picks; elsewhere Ŵ is
-    formed with autograd first."""
+    formed with autograd first.
+
+    `mean_grad`, with a folded `scaling` whose shift depends on each expert's mean row of W
+    taken as a constant (Feature Scaling's): maps the shift's gradient [N, d] to the means'
+    [N, d], and 1/m of it is added to each of the expert's rows of W's gradient as the backward
+    sums them (no pass of its own over W's gradient)."""
     if compute_dtype is None:
         compute_dtype = products_dtype(x)
     scale = shift = None
@@ -849,9 +868,12 @@ def topk_encode_sparse(
             scale, shift = scaling
         else:
             W = scaling[0][:, None, None] * W + scaling[1][:, None, :]
+    if mean_grad is not None and scale is None:
+        raise ValueError("mean_grad needs Feature Scaling folded into the encode (scaling, "
+                         "where folds_scaling holds)")
     with torch.autocast(x.device.type, enabled=False):
         top, idx, aux, aux_idx = _SparseTopK.apply(
             x, centre, W, b, weights, experts, dead if k_aux > 0 else None, k, k_aux, encode,
-            compute_dtype, scale, shift,
+            compute_dtype, scale, shift, mean_grad,
         )
     return TopKCodes(top, idx, aux, aux_idx)

@@ -68,8 +68,14 @@ class ScaleSAE(SparseAutoencoder):
             # Ŵ_i = s_i · W_i + c_i, folded into the encode: Ŵ_i x = s_i · (W_i x) + ⟨c_i, x⟩
             W = self.W_enc.view(N, m, -1)
             t_mean = self.cfg.scaling_form == "t_mean"
-            _, s, c = _scaling_terms(_RowMean.apply(W), self.T, self.omega, t_mean)
-            codes = self.select_topk(x, W, b, S, w, dead_mask, k_aux, scaling=(s, c.view(N, -1)))
+            # the experts' means enter as constants; their share of W's gradient, from the
+            # shift's, is added in the encode's backward (`mean_grad`), where W's is summed
+            _, s, c = _scaling_terms(W.detach().mean(dim=1, keepdim=True), self.T, self.omega,
+                                     t_mean)
+            T, omega = self.T.detach(), self.omega.detach()
+            codes = self.select_topk(
+                x, W, b, S, w, dead_mask, k_aux, scaling=(s, c.view(N, -1)),
+                mean_grad=lambda G_c: _means_grad(G_c, T, omega, t_mean))
         else:
             codes = self.select_topk(x, self.scaled_encoder(), b, S, w, dead_mask, k_aux)
         return EncoderOutput(codes.top_acts, codes.top_indices, S, w, g,
@@ -83,7 +89,8 @@ class _FeatureScaling(torch.autograd.Function):
     and ∂W as one multiply-add). `ScaleSAE.scaled_encoder` with the reference kernels is the
     oracle (tests/engine/sae/test_moe.py). Where the encode takes Feature Scaling folded in
     (`moe.folds_scaling`: float32 on the CPU) none of this runs: `ScaleSAE.encode` hands it
-    s_i and c_i, and the gradient of the experts' means reaches W through `_RowMean`."""
+    s_i and c_i, and the share of W's gradient that comes through the experts' means is added
+    where the encode's backward sums W's (`_means_grad`)."""
 
     @staticmethod
     def forward(ctx, W, T, omega, t_mean: bool):
@@ -109,15 +116,9 @@ class _FeatureScaling(torch.autograd.Function):
             # ∂/∂s_i from s_i · W_i: ⟨G_i, W_i⟩ per expert; on the CPU at 16 × 288 × 576,
             # vecdot 1.3 ms, a [N, 1, m·d] @ [N, m·d, 1] bmm 8.5 ms, einsum 15 ms
             G_s = torch.linalg.vecdot(G.reshape(N, -1), W.to(G.dtype).reshape(N, -1))
-        if ctx.t_mean:  # c = −ω·Ā
-            G_A = -omega[:, None, None] * G_c
-            G_omega = G_s - (G_c * A).sum((1, 2))
-        else:  # c = Ā − s·mean
-            G_A = G_c
-            G_omega = G_s - (G_c * mean).sum((1, 2))
-        G_mean = G_A @ T.to(G.dtype)  # through Ā = T · mean
-        if not ctx.t_mean:
-            G_mean = G_mean - s * G_c  # and through −s·mean
+        G_A = -omega[:, None, None] * G_c if ctx.t_mean else G_c  # c = −ω·Ā, or Ā − s·mean
+        G_omega = G_s - (G_c * (A if ctx.t_mean else mean)).sum((1, 2))
+        G_mean = _means_grad(G_c, T.to(G.dtype), omega, ctx.t_mean)
         grad_W = _affine(G, s, G_mean / m)  # s_i · G_i + ∂mean_i/∂W_i (each row 1/m)
         grad_T = G_A.reshape(N, d).T @ mean.reshape(N, d).to(G.dtype) if ctx.needs_input_grad[1] else None
         return grad_W.to(W.dtype), grad_T, G_omega.to(omega.dtype), None
@@ -135,19 +136,14 @@ def _scaling_terms(mean: Tensor, T: Tensor, omega: Tensor, t_mean: bool):
     return A, s, c
 
 
-class _RowMean(torch.autograd.Function):
-    """mean_j W[i, j, :] [N, 1, d] of W [N, m, d], whose backward hands W its gradient as a
-    broadcast view of the [N, 1, d] one, 1/m each; autograd's own writes it out as an [N, m, d]
-    tensor (and then adds it to W's other gradient in a second, out-of-place pass)."""
-
-    @staticmethod
-    def forward(ctx, W):
-        ctx.shape = W.shape
-        return W.mean(dim=1, keepdim=True)
-
-    @staticmethod
-    def backward(ctx, g):
-        return (g / ctx.shape[1]).expand(ctx.shape)
+def _means_grad(G_c: Tensor, T: Tensor, omega: Tensor, t_mean: bool) -> Tensor:
+    """∂loss/∂mean_i from ∂loss/∂c_i (`_scaling_terms`' shift, [N, d] or [N, 1, d]; the same
+    shape back), through Ā_i = T · mean_i: t_mean's c_i = −ω_i · Ā_i gives −ω_i · G_c_i · T;
+    plain_mean's c_i = Ā_i − s_i · mean_i gives G_c_i · T − s_i · G_c_i."""
+    w = omega.to(G_c.dtype).view(-1, *([1] * (G_c.dim() - 1)))
+    if t_mean:
+        return (-w * G_c) @ T
+    return G_c @ T - (1 + w) * G_c
 
 
 def _affine(X: Tensor, s: Tensor, c: Tensor) -> Tensor:

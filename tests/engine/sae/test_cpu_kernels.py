@@ -389,6 +389,10 @@ def test_segment_sums_is_embedding_bag_over_the_sorted_picks(M):
     assert got.shape == (M, d) and torch.allclose(got, expected, atol=1e-5)
     # the weights read in their own places through `order`: the same sums, bit for bit
     assert torch.equal(cpu_kernels.segment_sums(x, tokens, g.reshape(-1), starts, order=order), got)
+    if M % 4 == 0:  # each group of M / 4 rows started from its row of `init`
+        init = torch.randn(4, d, generator=gen)
+        started = cpu_kernels.segment_sums(x, tokens, w, starts, init=init)
+        assert torch.allclose(started, got + init.repeat_interleave(M // 4, 0), atol=1e-5)
 
 
 @pytest.mark.parametrize("k", [1, 3, 4, 9])

@@ -390,6 +390,9 @@ def test_scaling_where_it_cannot_fold_is_formed_first(monkeypatch, numba_kernels
     assert torch.allclose(*dense, atol=1e-5)
     for p, q in zip(ga, gc, strict=True):
         assert torch.allclose(p, q, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="mean_grad"):  # its share of W's gradient needs the fold
+        topk_encode_sparse(x, centre, W, b, 5, experts, weights, scaling=(scale, shift),
+                           mean_grad=lambda g: g)
 
 
 @pytest.mark.parametrize("arch", ["topk", "scale"])
