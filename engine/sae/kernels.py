@@ -77,13 +77,16 @@ time: `profile_gpu.py --parts fusions`, 2026-11-27); the elements of a `scaled_d
 its warps."""
 
 
-def _segment_sum_kernel(X, ix, w, offsets, bias, out, d, stride_x, stride_out,
-                        BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-                        BIAS: tl.constexpr):
+def _segment_sum_kernel(X, ix, w, offsets, bias, out, d, stride_x, stride_out, W, order, dots,
+                        n_cb, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                        BIAS: tl.constexpr, DOTS: tl.constexpr):
     """out[r, cols] = Σ_(p in [offsets[r], offsets[r + 1])) w[p] · X[ix[p], cols] (+ bias[cols]
-    with BIAS, the sum started from it)."""
+    with BIAS, the sum started from it). With DOTS (segment r a feature's picks, X the decode's
+    gradient), also each pick's partial dot product with W[r] over these columns from the same
+    tiles: dots[order[p], column block] = Σ_cols X[ix[p], cols] · W[r, cols]."""
     r = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cb = tl.program_id(1)
+    cols = cb * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < d
     start = tl.load(offsets + r)
     end = tl.load(offsets + r + 1)
@@ -91,6 +94,8 @@ def _segment_sum_kernel(X, ix, w, offsets, bias, out, d, stride_x, stride_out,
         acc = tl.load(bias + cols, mask=cmask, other=0.0).to(ACC)
     else:
         acc = tl.zeros([BLOCK_D], dtype=ACC)
+    if DOTS:
+        w_row = tl.load(W + r.to(tl.int64) * d + cols, mask=cmask, other=0.0).to(ACC)
     for p0 in range(start, end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         pmask = p < end
@@ -99,33 +104,10 @@ def _segment_sum_kernel(X, ix, w, offsets, bias, out, d, stride_x, stride_out,
         tile = tl.load(X + rows[:, None] * stride_x + cols[None, :],
                        mask=pmask[:, None] & cmask[None, :], other=0.0).to(ACC)
         acc += tl.sum(tile * wts[:, None], axis=0)
+        if DOTS:
+            at = tl.load(order + p, mask=pmask, other=0).to(tl.int64)
+            tl.store(dots + at * n_cb + cb, tl.sum(tile * w_row[None, :], axis=1), mask=pmask)
     tl.store(out + r.to(tl.int64) * stride_out + cols, acc.to(out.dtype.element_ty), mask=cmask)
-
-
-def _decoder_grads_kernel(G, W, ix, order, w, offsets, out, dots, d, stride_g, n_cb,
-                          BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """`_segment_sum_kernel`'s out[r, cols] = Σ_p w[p] · G[ix[p], cols] over segment r (a
-    feature's picks), and from the same tiles each pick's partial dot product with W[r] over
-    these columns: dots[order[p], column block] = Σ_cols G[ix[p], cols] · W[r, cols]."""
-    r = tl.program_id(0)
-    cb = tl.program_id(1)
-    cols = cb * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < d
-    start = tl.load(offsets + r)
-    end = tl.load(offsets + r + 1)
-    w_row = tl.load(W + r.to(tl.int64) * d + cols, mask=cmask, other=0.0).to(ACC)
-    acc = tl.zeros([BLOCK_D], dtype=ACC)
-    for p0 in range(start, end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pmask = p < end
-        rows = tl.load(ix + p, mask=pmask, other=0).to(tl.int64)
-        wts = tl.load(w + p, mask=pmask, other=0.0).to(ACC)
-        tile = tl.load(G + rows[:, None] * stride_g + cols[None, :],
-                       mask=pmask[:, None] & cmask[None, :], other=0.0).to(ACC)
-        acc += tl.sum(tile * wts[:, None], axis=0)
-        at = tl.load(order + p, mask=pmask, other=0).to(tl.int64)
-        tl.store(dots + at * n_cb + cb, tl.sum(tile * w_row[None, :], axis=1), mask=pmask)
-    tl.store(out + r.to(tl.int64) * d + cols, acc.to(out.dtype.element_ty), mask=cmask)
 
 
 def _picked_dots_kernel(G, W, idx, out, k, d, stride_g, stride_w,
@@ -402,7 +384,7 @@ def _compiled():
     interpreter on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported
     (tests/conftest.py does so on machines without CUDA)."""
     return {fn.__name__.strip("_").removesuffix("_kernel"): triton.jit(fn)
-            for fn in (_segment_sum_kernel, _decoder_grads_kernel, _picked_dots_kernel, _project_rows_kernel,
+            for fn in (_segment_sum_kernel, _picked_dots_kernel, _project_rows_kernel,
                        _unit_rows_kernel, _group_affine_kernel, _projected_sq_kernel,
                        _adam_rows_kernel, _expert_rows_kernel, _group_sums_kernel,
                        _row_topk_kernel, _squared_error_kernel, _squared_error_total_kernel,
@@ -504,7 +486,22 @@ def _check_kernels(device: torch.device) -> bool:
     dots = (X[:2, None, :] * X[ix.view(1, 5)]).sum(-1)
     top, at = row_topk(X.T.contiguous(), 2)
     sums = group_sums(X.view(1, 5, 3), X.view(1, 5, 3))
+    # both decoder gradients of a decode of 2 tokens × 2 picks, picks sorted by feature (row)
+    picks = torch.tensor([[0, 4], [2, 0]], device=device)
+    acts = torch.tensor([[1.0, -2.0], [0.5, 3.0]], device=device)
+    order = torch.tensor([0, 3, 2, 1], device=device)  # features 0, 0, 2, 4
+    grad_acts, grad_W = decoder_grads(X[:2], X, acts, order // 2, order,
+                                      torch.tensor([0, 2, 2, 3, 3, 4], device=device))
+    sse, spread = squared_error(X, X.flip(0))
     return (torch.allclose(segment_sum(X, ix, w, offsets), want, atol=1e-5)
+            and torch.allclose(grad_acts, (X[:2, None, :] * X[picks]).sum(-1), atol=1e-5)
+            and torch.allclose(grad_W, torch.zeros_like(X).index_add_(
+                0, picks.reshape(-1), (acts[:, :, None] * X[:2, None, :]).reshape(-1, 3)),
+                atol=1e-5)
+            and torch.allclose(sse, (X - X.flip(0)).square().sum(), atol=1e-4)
+            and torch.allclose(spread, (X.flip(0) - X.mean(0)).square().sum(), atol=1e-4)
+            and torch.allclose(scaled_diff(X, X.flip(0), torch.ones((), device=device)),
+                               2 * (X - X.flip(0)), atol=1e-6)
             and torch.allclose(picked_dots(X[:2], X, ix.view(1, 5).expand(2, 5)), dots, atol=1e-5)
             and torch.allclose(unit_rows_(X.clone()).norm(dim=1), torch.ones(5, device=device), atol=1e-5)
             and torch.equal(top.sort(1).values, X.T.topk(2).values.sort(1).values)
@@ -570,8 +567,8 @@ def segment_sum(X: Tensor, ix: Tensor, w: Tensor, offsets: Tensor,
     has_bias = bias is not None
     bias = bias.contiguous() if has_bias else w  # not read without BIAS
     seg[grid](X, ix.contiguous(), w.contiguous(), offsets.contiguous(), bias, out, d, X.stride(0),
-              out.stride(0), BLOCK_P=BLOCKS["segment_p"], BLOCK_D=bd, ACC=_acc(X, w),
-              BIAS=has_bias, **_warps("segment_warps"))
+              out.stride(0), w, ix, w, 1, BLOCK_P=BLOCKS["segment_p"], BLOCK_D=bd,
+              ACC=_acc(X, w), BIAS=has_bias, DOTS=False, **_warps("segment_warps"))
     return out
 
 
@@ -583,7 +580,7 @@ def decoder_grads(G: Tensor, W: Tensor, acts: Tensor, tokens: Tensor, order: Ten
     (∂acts [B, k] = ⟨G[b], W[idx[b, j]]⟩, ∂W [M, d] = Σ over f's picks of acts · G[b]), float32.
     Each gathered row of G is read once for both — where `picked_dots` and `segment_sum` read
     it once each — the dot products summed from one partial per block of columns."""
-    fn = _kernels(G)["decoder_grads"]
+    fn = _kernels(G)["segment_sum"]
     B, k = acts.shape
     G, W = G.contiguous(), W.contiguous()
     M, d = W.shape
@@ -593,9 +590,10 @@ def decoder_grads(G: Tensor, W: Tensor, acts: Tensor, tokens: Tensor, order: Ten
     dots = torch.zeros(B * k, n_cb, dtype=torch.float32, device=G.device)
     if M and d:
         w = acts.reshape(-1)[order].contiguous()
-        fn[(M, n_cb)](G, W, tokens.contiguous(), order.contiguous(), w, offsets.contiguous(), out,
-                      dots, d, G.stride(0), n_cb, BLOCK_P=BLOCKS["segment_p"], BLOCK_D=bd,
-                      ACC=_acc(G, W), **_warps("segment_warps"))
+        fn[(M, n_cb)](G, tokens.contiguous(), w, offsets.contiguous(), w, out, d, G.stride(0), d,
+                      W, order.contiguous(), dots, n_cb, BLOCK_P=BLOCKS["segment_p"],
+                      BLOCK_D=bd, ACC=_acc(G, W), BIAS=False, DOTS=True,
+                      **_warps("segment_warps"))
     else:
         out.zero_()
     return dots.sum(1).view(B, k), out
