@@ -25,15 +25,17 @@ tail:    an A/B of the optimiser's tail in the trainer's step (bf16, recorded as
          interleaved, for each architecture; and for the routed ones the TopK
          over their candidates as the Triton row kernel (with and without its early exit)
          against `torch.topk`.
-fusions: an A/B of this round's fused passes on CUDA in the trainer's step (bf16, recorded as a
-         CUDA graph on a GPU), each undone alone and all together: the squared error and the
-         FVU's denominator from one read (against `F.mse_loss` and `centred_sq_sum`; and its
-         kernel at other tiles), the decode started from b_dec (against + b_dec apart), both
-         decoder gradients from one pass over the picks (against `picked_dots` and a segmented
-         sum), the encoder's gradient from the bf16 rows the products read (against float32
-         rows); for Scale SAEs also Feature Scaling folded into the grouped GEMM's epilogue
-         (`moe.FOLD_SCALING_ON_CUDA`, off by default) and the same SAE without Feature
-         Scaling, what a fold could at most save.
+fusions: an A/B of this round's choices on CUDA in the trainer's step (bf16, recorded as a
+         CUDA graph on a GPU), each undone alone and all together, for a routed SAE: Feature
+         Scaling's three forms (`moe.CUDA_SCALING`: Ŵ formed with autograd, folded into the
+         grouped GEMM's epilogue, or written once in bf16 with its backward in the encoder's
+         segmented sum), the router's top experts by the Triton `top_experts` (against
+         `torch.topk`), the row TopK's keys of 16-bit values as 32-bit integers (against
+         64-bit); and the same SAE without Feature Scaling, what its forms could at most save.
+         Dense TopK's step, which runs none of them, timed beside for the ratio. (The previous
+         round's A/B — the loss, the decode's bias, the decoder's gradients, the encoder's bf16
+         rows, the loss kernel's tiles — is in `benchmarks/results/profile-gpu-h100-f1862c3.json`
+         and `-dbf0323.json`.)
 compile: the model's own forward pass, eager against torch.compile (how much fusing would save).
 topk:    TopK alone over the dense and the Scale e=2 candidates, one `torch.topk` against the
          two-stage form with several chunk counts; then the dense TopK step with the fastest.
@@ -278,33 +280,24 @@ def profile_tail(size: dict, device: torch.device, archs: list[str], out: dict,
 
 
 def _fusion_variants(scale: bool) -> dict:
-    """The fused passes of the CUDA step each undone alone, then all together (module
-    docstring, `fusions`), the squared error's kernel at other tiles, and with `scale` Feature
-    Scaling folded into the encode (off by default), each a `_patched_all` variant."""
-    import engine.sae.base as sae_base
+    """This round's choices on CUDA each undone alone, then all together (module docstring,
+    `fusions`), each a `_patched_all` variant; a dense TopK SAE runs none of them (its default
+    alone, timed beside the routed ones for their ratio)."""
     from engine.sae import kernels, moe
 
-    real_sum = kernels.segment_sum
-
-    def bias_apart(X, ix, w, offsets, out_dtype=torch.float32, bias=None):
-        out = real_sum(X, ix, w, offsets, out_dtype=out_dtype)
-        return out if bias is None else out + bias
-
-    undone = {
-        "loss: mse_loss + centred_sq_sum": [(sae_base, "_one_read", lambda *a: False)],
-        "decode: + b_dec apart": [(kernels, "segment_sum", bias_apart)],
-        "decoder grads: picked_dots + segment_sum": [(moe, "FUSED_DECODER_GRADS", False)],
-        "encoder grad: float32 rows": [(moe, "ENCODER_ROWS_IN_COMPUTE_DTYPE", False)],
-    }
     variants = {"the default": _patched_all([])}
+    if not scale:
+        return variants
+    undone = {
+        "Feature Scaling: Ŵ formed with autograd": [(moe, "CUDA_SCALING", "formed")],
+        "routing: torch.topk": [(kernels, "top_experts_takes", lambda *a: False)],
+        "row TopK: 64-bit keys": [(kernels, "BLOCKS", {**kernels.BLOCKS, "topk_narrow": 0})],
+    }
     variants.update({label: _patched_all(changes) for label, changes in undone.items()})
-    variants["none fused (as at 889fc27)"] = _patched_all([c for cs in undone.values() for c in cs])
-    for rows, block, cols in ((64, 16, 64), (32, 8, 64)):
-        variants[f"loss tiles: {rows} rows, {block} at a time, {cols} columns"] = _patched(
-            kernels, "BLOCKS", {**kernels.BLOCKS, "loss_rows": rows, "loss_block": block,
-                                "loss_d": cols})
-    if scale:
-        variants["Feature Scaling folded on CUDA"] = _patched(moe, "FOLD_SCALING_ON_CUDA", True)
+    variants["Feature Scaling: in the GEMM's epilogue"] = _patched(moe, "CUDA_SCALING", "epilogue")
+    variants["Feature Scaling: in the segmented sums"] = _patched(moe, "CUDA_SCALING", "sums")
+    variants["none of them (as at 7e070ee)"] = _patched_all(
+        [c for cs in undone.values() for c in cs])
     return variants
 
 

@@ -55,7 +55,8 @@ BLOCKS: dict[str, int] = {"segment_d": 128, "segment_p": 8, "segment_warps": 1,
                           "dots_k": 32, "dots_d": 32, "dots_warps": 1, "row_elems": 4096,
                           "row_warps": 4, "adam_elems": 1024, "adam_warps": 2,
                           "sums_rows": 32, "sums_d": 128, "sums_warps": 4,
-                          "topk_elems": 4096, "topk_warps": 4, "topk_early": 0,
+                          "topk_elems": 4096, "topk_warps": 4, "topk_early": 0, "topk_narrow": 1,
+                          "route_elems": 1024, "route_warps": 4,
                           "loss_rows": 256, "loss_block": 16, "loss_d": 64,
                           "loss_total": 1024, "loss_warps": 4,
                           "diff_elems": 2048, "diff_warps": 4}
@@ -69,7 +70,9 @@ gradient, against 0.38, 0.40 and 0.32 ms for `embedding_bag`); the elements and 
 program of `adam_rows_` (whole rows; --parts tail times a few); the rows and columns of a
 `group_sums` program and its warps; the elements of a `row_topk` program (whole rows), its
 warps, and whether its bisection stops early once a row has exactly k keys at or above the
-midpoint (no faster on an H100: 1.830 against 1.825 ms for the recorded Scale e=2 step); the
+midpoint (no faster on an H100: 1.830 against 1.825 ms for the recorded Scale e=2 step), and
+whether 16-bit values' keys are 32-bit integers rather than 64-bit (`topk_narrow`); the
+elements of a `top_experts` program (whole rows of router probabilities) and its warps; the
 rows of a `squared_error` program, how many it reads at once, its columns and warps, and the
 partial sums the one program adding them up reads at once (on an H100, the recorded Scale e=2
 step took 1.764 ms with 256 rows 16 at a time, 1.772 with 64 rows, 1.859 with 32 rows 8 at a
@@ -78,12 +81,16 @@ its warps."""
 
 
 def _segment_sum_kernel(X, ix, w, offsets, bias, out, d, stride_x, stride_out, W, order, dots,
-                        n_cb, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-                        BIAS: tl.constexpr, DOTS: tl.constexpr):
+                        n_cb, scale, group_rows, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                        ACC: tl.constexpr, BIAS: tl.constexpr, DOTS: tl.constexpr,
+                        SCALED: tl.constexpr):
     """out[r, cols] = Σ_(p in [offsets[r], offsets[r + 1])) w[p] · X[ix[p], cols] (+ bias[cols]
     with BIAS, the sum started from it). With DOTS (segment r a feature's picks, X the decode's
     gradient), also each pick's partial dot product with W[r] over these columns from the same
-    tiles: dots[order[p], column block] = Σ_cols X[ix[p], cols] · W[r, cols]."""
+    tiles: dots[order[p], column block] = Σ_cols X[ix[p], cols] · W[r, cols]. With SCALED (rows
+    in groups of `group_rows`, row r in group i = r // group_rows): out[r, cols] = scale[i] · S +
+    bias[i, cols] for the sum S above, and the row's partial dot product dots[r, column block] =
+    Σ_cols S[cols] · W[r, cols]."""
     r = tl.program_id(0)
     cb = tl.program_id(1)
     cols = cb * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -96,6 +103,8 @@ def _segment_sum_kernel(X, ix, w, offsets, bias, out, d, stride_x, stride_out, W
         acc = tl.zeros([BLOCK_D], dtype=ACC)
     if DOTS:
         w_row = tl.load(W + r.to(tl.int64) * d + cols, mask=cmask, other=0.0).to(ACC)
+    if SCALED:
+        w_row = tl.load(W + r.to(tl.int64) * d + cols, mask=cmask, other=0.0).to(ACC)
     for p0 in range(start, end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         pmask = p < end
@@ -107,6 +116,11 @@ def _segment_sum_kernel(X, ix, w, offsets, bias, out, d, stride_x, stride_out, W
         if DOTS:
             at = tl.load(order + p, mask=pmask, other=0).to(tl.int64)
             tl.store(dots + at * n_cb + cb, tl.sum(tile * w_row[None, :], axis=1), mask=pmask)
+    if SCALED:
+        i = (r // group_rows).to(tl.int64)
+        tl.store(dots + r.to(tl.int64) * n_cb + cb, tl.sum(acc * w_row, axis=0))
+        acc = acc * tl.load(scale + i).to(ACC) + tl.load(bias + i * d + cols, mask=cmask,
+                                                          other=0.0).to(ACC)
     tl.store(out + r.to(tl.int64) * stride_out + cols, acc.to(out.dtype.element_ty), mask=cmask)
 
 
@@ -267,13 +281,15 @@ def _group_sums_kernel(G, W, colsum, dots, m, d, BLOCK_R: tl.constexpr, BLOCK_D:
 
 def _row_topk_kernel(F, vals, pos, R, n, k, stride_f, BLOCK_R: tl.constexpr,
                      BLOCK_N: tl.constexpr, BITS: tl.constexpr, INF: tl.constexpr,
-                     EARLY: tl.constexpr):
+                     EARLY: tl.constexpr, KEY64: tl.constexpr):
     """The k largest of each row of F [R, n] (unsorted) and their positions, with whole rows
     held by the program: each value becomes an integer key in the same order (its bits, the
     negative ones' magnitude bits flipped; NaN above every number, as torch.topk has it), a
     bisection finds the k-th largest key t (with EARLY, it stops once every row of the program
     has exactly k keys at or above its midpoint), and the keys above t and the first ties at t
-    are written out in column order (their output slots from a running count)."""
+    are written out in column order (their output slots from a running count). The keys are
+    64-bit integers with KEY64 (a 32-bit value's key needs 33 bits), else 32-bit (16-bit
+    values: half the registers, and comparisons of one instruction)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     rmask = rows < R
@@ -286,8 +302,10 @@ def _row_topk_kernel(F, vals, pos, R, n, k, stride_f, BLOCK_R: tl.constexpr,
     else:
         b = x.to(tl.int32, bitcast=True)
         mag = b & 0x7FFFFFFF
-    key = tl.where(b >= 0, b, b ^ ((1 << (BITS - 1)) - 1)).to(tl.int64)
-    top = key * 0 + (1 << (BITS - 1))  # one above the largest key of a number (int64)
+    key = tl.where(b >= 0, b, b ^ ((1 << (BITS - 1)) - 1))
+    if KEY64:
+        key = key.to(tl.int64)
+    top = key * 0 + (1 << (BITS - 1))  # one above the largest key of a number
     key = tl.where(mag > INF, top, key)  # NaN: magnitude bits above infinity's
     key = tl.where(mask, key, -top - 1)  # padding: below every key, never counted
     lo = tl.min(tl.where(mask, key, top), axis=1)
@@ -310,6 +328,24 @@ def _row_topk_kernel(F, vals, pos, R, n, k, stride_f, BLOCK_R: tl.constexpr,
     at = rows64[:, None] * k + (tl.cumsum(take.to(tl.int32), axis=1) - 1)
     tl.store(vals + at, x, mask=take)
     tl.store(pos + at, (cols[None, :] + rows64[:, None] * 0), mask=take)
+
+
+def _top_experts_kernel(P, out, R, n, e, stride_p, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[r, j] = the column of row r of P [R, n] (probabilities: ≥ 0, or NaN) with the j-th
+    largest value, j < e, largest first (NaN above every number, as torch.topk; equal values
+    lowest column first): e passes of an argmax over the row the program holds, each taken
+    column set below every probability for the next (and the padding below those)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = rows < R
+    mask = rmask[:, None] & (cols < n)[None, :]
+    rows64 = rows.to(tl.int64)
+    v = tl.load(P + rows64[:, None] * stride_p + cols[None, :], mask=mask, other=-2.0).to(tl.float32)
+    v = tl.where(v != v, float("inf"), v)
+    for j in range(e):
+        top = tl.argmax(v, axis=1)
+        tl.store(out + rows64 * e + j, top.to(tl.int64), mask=rmask)
+        v = tl.where(cols[None, :] == top[:, None], -1.0, v)
 
 
 def _squared_error_kernel(A, Bt, sse, sq, colsum, R, d, ROWS: tl.constexpr,
@@ -388,7 +424,7 @@ def _compiled():
                        _unit_rows_kernel, _group_affine_kernel, _projected_sq_kernel,
                        _adam_rows_kernel, _expert_rows_kernel, _group_sums_kernel,
                        _row_topk_kernel, _squared_error_kernel, _squared_error_total_kernel,
-                       _scaled_diff_kernel)}
+                       _scaled_diff_kernel, _top_experts_kernel)}
 
 
 def available(device: torch.device) -> bool:
@@ -493,7 +529,12 @@ def _check_kernels(device: torch.device) -> bool:
     grad_acts, grad_W = decoder_grads(X[:2], X, acts, order // 2, order,
                                       torch.tensor([0, 2, 2, 3, 3, 4], device=device))
     sse, spread = squared_error(X, X.flip(0))
+    scaled, row_dots = scaled_segment_sum(X, ix, w, offsets, torch.full((1,), 2.0, device=device),
+                                          X[:1], X[:3])
     return (torch.allclose(segment_sum(X, ix, w, offsets), want, atol=1e-5)
+            and torch.equal(top_experts(X.T.softmax(1).contiguous(), 2), X.T.topk(2).indices)
+            and torch.allclose(scaled, 2 * want + X[:1], atol=1e-5)
+            and torch.allclose(row_dots, (want * X[:3]).sum(1), atol=1e-5)
             and torch.allclose(grad_acts, (X[:2, None, :] * X[picks]).sum(-1), atol=1e-5)
             and torch.allclose(grad_W, torch.zeros_like(X).index_add_(
                 0, picks.reshape(-1), (acts[:, :, None] * X[:2, None, :]).reshape(-1, 3)),
@@ -567,9 +608,38 @@ def segment_sum(X: Tensor, ix: Tensor, w: Tensor, offsets: Tensor,
     has_bias = bias is not None
     bias = bias.contiguous() if has_bias else w  # not read without BIAS
     seg[grid](X, ix.contiguous(), w.contiguous(), offsets.contiguous(), bias, out, d, X.stride(0),
-              out.stride(0), w, ix, w, 1, BLOCK_P=BLOCKS["segment_p"], BLOCK_D=bd,
-              ACC=_acc(X, w), BIAS=has_bias, DOTS=False, **_warps("segment_warps"))
+              out.stride(0), w, ix, w, 1, w, 1, BLOCK_P=BLOCKS["segment_p"], BLOCK_D=bd,
+              ACC=_acc(X, w), BIAS=has_bias, DOTS=False, SCALED=False, **_warps("segment_warps"))
     return out
+
+
+def scaled_segment_sum(X: Tensor, ix: Tensor, w: Tensor, offsets: Tensor, scale: Tensor,
+                       init: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """`segment_sum`'s sums S[r] with each row's group i (the R rows in G = len(scale) groups of
+    R / G) scaled and shifted, and each row's dot product with W's: (out [R, d] float32 with
+    out[r] = scale[i] · S[r] + init[i], dots [R] float32 with dots[r] = ⟨S[r], W[r]⟩), from one
+    pass. Feature Scaling's encoder gradient with its scale folded in: S the gradient of Ŵ's
+    rows, out W's (the means' share as `init`), and the dots summed per expert the scale's."""
+    seg = _kernels(X)["segment_sum"]
+    X, W = X.contiguous(), W.contiguous()
+    R, d = offsets.numel() - 1, X.shape[1]
+    groups = scale.numel()
+    if W.shape != (R, d) or init.shape != (groups, d) or groups == 0 or R % groups:
+        raise ValueError("scaled_segment_sum takes W [R, d], scale [G] and init [G, d] with G "
+                         "dividing R")
+    bd = min(BLOCKS["segment_d"], triton.next_power_of_2(max(d, 1)))
+    n_cb = triton.cdiv(d, bd)
+    out = torch.empty(R, d, dtype=torch.float32, device=X.device)
+    dots = torch.zeros(R, n_cb, dtype=torch.float32, device=X.device)
+    if R and d:
+        seg[(R, n_cb)](X, ix.contiguous(), w.contiguous(), offsets.contiguous(),
+                       init.contiguous(), out, d, X.stride(0), d, W, ix, dots, n_cb,
+                       scale.contiguous(), R // groups, BLOCK_P=BLOCKS["segment_p"], BLOCK_D=bd,
+                       ACC=_acc(X, w, W), BIAS=False, DOTS=False, SCALED=True,
+                       **_warps("segment_warps"))
+    elif R:  # no columns, or no picks to walk
+        out.copy_(init.float().repeat_interleave(R // groups, 0))
+    return out, dots.sum(1)
 
 
 def decoder_grads(G: Tensor, W: Tensor, acts: Tensor, tokens: Tensor, order: Tensor,
@@ -591,8 +661,8 @@ def decoder_grads(G: Tensor, W: Tensor, acts: Tensor, tokens: Tensor, order: Ten
     if M and d:
         w = acts.reshape(-1)[order].contiguous()
         fn[(M, n_cb)](G, tokens.contiguous(), w, offsets.contiguous(), w, out, d, G.stride(0), d,
-                      W, order.contiguous(), dots, n_cb, BLOCK_P=BLOCKS["segment_p"],
-                      BLOCK_D=bd, ACC=_acc(G, W), BIAS=False, DOTS=True,
+                      W, order.contiguous(), dots, n_cb, w, 1, BLOCK_P=BLOCKS["segment_p"],
+                      BLOCK_D=bd, ACC=_acc(G, W), BIAS=False, DOTS=True, SCALED=False,
                       **_warps("segment_warps"))
     else:
         out.zero_()
@@ -830,5 +900,29 @@ def row_topk(f: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if R:
         fn[(triton.cdiv(R, br),)](f, vals, pos, R, n, k, f.stride(0), BLOCK_R=br, BLOCK_N=bn,
                                   BITS=8 * f.element_size(), INF=_INF_BITS[f.dtype],
-                                  EARLY=bool(BLOCKS["topk_early"]), **extra)
+                                  EARLY=bool(BLOCKS["topk_early"]),
+                                  KEY64=f.element_size() > 2 or not BLOCKS["topk_narrow"], **extra)
     return vals, pos
+
+
+def top_experts_takes(probs: Tensor, e: int) -> bool:
+    """Whether `top_experts` takes probs and e: [R, n] float32 rows, n at most TOPK_MAX_N,
+    0 < e ≤ n."""
+    return probs.dim() == 2 and probs.dtype == torch.float32 and 0 < e <= probs.shape[1] <= TOPK_MAX_N
+
+
+def top_experts(probs: Tensor, e: int) -> Tensor:
+    """[R, e] int64: the columns of `probs.topk(e, dim=-1)` — each row's e largest router
+    probabilities' experts, largest first (a token's top-1 expert in column 0, as the load
+    balance reads it) — for probabilities (≥ 0, or NaN) in float32 rows of at most TOPK_MAX_N:
+    one kernel where `torch.topk` runs a radix select and a sort."""
+    if not top_experts_takes(probs, e):
+        raise ValueError(f"top_experts takes float32 rows of at most {TOPK_MAX_N} and 0 < e ≤ n")
+    fn = _kernels(probs)["top_experts"]
+    R, n = probs.shape
+    out = torch.empty(R, e, dtype=torch.long, device=probs.device)
+    br, bn, extra = _row_tiles(n, "route_elems", "route_warps")
+    if R:
+        fn[(triton.cdiv(R, br),)](probs, out, R, n, e, probs.stride(0), BLOCK_R=br, BLOCK_N=bn,
+                                  **extra)
+    return out

@@ -51,13 +51,21 @@ class TopKCodes(NamedTuple):
 
 
 # -- routing ----------------------------------------------------------------------------------
-def route_topk(probs: Tensor, e: int, weighting: str) -> tuple[Tensor, Tensor]:
+def route_topk(probs: Tensor, e: int, weighting: str,
+               fast: bool = False) -> tuple[Tensor, Tensor]:
     """Pick the e most probable experts and their weights (METHOD §3, Multiple Expert Activation).
 
     `softmax`: w_i = softmax over the *selected probabilities* (not the logits), which gives
-    weights near 1/e. `binary`: w_i = 1 for every selected expert (the 0/1 ablation).
+    weights near 1/e. `binary`: w_i = 1 for every selected expert (the 0/1 ablation). The
+    experts come largest first (the top-1 in column 0). With `fast`, where `kernels.use` says so
+    they are found by the Triton `top_experts` (one kernel) and their probabilities gathered,
+    else by `torch.topk`.
     """
-    top_p, top_i = probs.topk(e, dim=-1)
+    if fast and kernels.use(probs) and kernels.top_experts_takes(probs, e):
+        top_i = kernels.top_experts(probs.detach(), e)
+        top_p = probs.gather(1, top_i)
+    else:
+        top_p, top_i = probs.topk(e, dim=-1)
     if weighting == "softmax":
         w = torch.softmax(top_p, dim=-1)
     else:
@@ -387,16 +395,23 @@ def topk_encode(
     return TopKCodes(top_acts, top_indices, aux_acts, aux_indices)
 
 
-FOLD_SCALING_ON_CUDA = False
-"""Whether a Scale SAE's Feature Scaling is folded into the encode on CUDA too
-(`scaled_expert_encode`: s_i · (W_i x) + ⟨c_i, x⟩ in the grouped GEMM's Triton epilogue, the
-backward's per-pick and per-expert sums in PyTorch) instead of Ŵ formed first (`_FeatureScaling`,
-two Triton passes over [N, m, d] and `group_sums`). Off: on an H100 at the paper's size
-(2026-11-27, bf16, recorded step, `benchmarks/profile_gpu.py --parts fusions`) the fold took
-1.871 ms a step against 1.801 with Ŵ formed — its mean over W, the float32 [N, B] × [B, d]
-product for the shifts' gradient, the scatter-adds and the broadcast add of the means' gradient
-into W's cost more than the two passes they replace (without Feature Scaling the step took
-1.589 ms). Tested on the CPU (Triton's interpreter) and on the H100."""
+CUDA_SCALING = "sums"
+"""How a Scale SAE's Feature Scaling (Ŵ_i = s_i · W_i + c_i, METHOD §3) runs on CUDA:
+
+- "formed": Ŵ formed first with autograd (`scale._FeatureScaling`: two Triton passes over
+  [N, m, d] forward — Ŵ in float32, then autocast's copy in bf16 — and `group_sums` and a pass
+  over W's gradient backward).
+- "epilogue": folded into the encode (`scaled_expert_encode`: s_i · (W_i x) + ⟨c_i, x⟩ in the
+  grouped GEMM's Triton epilogue, the backward's per-pick and per-expert sums in PyTorch). On an
+  H100 at the paper's size (2026-11-27, bf16, recorded step, `benchmarks/profile_gpu.py --parts
+  fusions`) 1.871 ms a step against 1.801 for "formed" — its float32 [N, B] × [B, d] product
+  for the shifts' gradient, the scatter-adds and the broadcast add of the means' gradient into
+  W's cost more than the passes they replace (without Feature Scaling: 1.589 ms).
+- "sums": Ŵ written once, straight in the products' dtype, by the encode (`scaled_weights`),
+  and the backward folded into the encoder's segmented sum (`scaled_scatter_rows`: W's
+  gradient as s_i · Σ + the means' share, s_i's from each row's dot product with W in the same
+  pass), the shifts' gradient one [N, B] × [B, d] product in the products' dtype accumulated in
+  float32 (`expert_sums`); no pass over [N, m, d] but the one forming Ŵ."""
 
 ENCODER_ROWS_IN_COMPUTE_DTYPE = True
 """Where the Triton kernels run, the encoder's weight gradient sums the rows of x − centre in
@@ -439,7 +454,11 @@ class _SparseTopK(torch.autograd.Function):
                 scaling = cpu_kernels.Scaling(scale.float(), offset)
             else:
                 x_c = x if centre is None else x - centre
-            xc, Wc, bc = x_c.to(compute_dtype), W.to(compute_dtype), b.to(compute_dtype)
+            # Feature Scaling folded in with Ŵ written once in the products' dtype ("sums")
+            in_sums = scale is not None and not cpu_picks and CUDA_SCALING == "sums"
+            xc, bc = x_c.to(compute_dtype), b.to(compute_dtype)
+            Wc = (scaled_weights(W, scale, shift, compute_dtype) if in_sums
+                  else W.to(compute_dtype))
             wc = weights.to(compute_dtype) if weights is not None else None
             # ReLU commutes with the TopK (it is monotone, and w_i > 0 gives w_i · ReLU(p) =
             # ReLU(w_i · p)), so it runs on the k picks, not on all the candidates: the same
@@ -448,7 +467,7 @@ class _SparseTopK(torch.autograd.Function):
                 outs, idx_all, slot, z_all, u_all = _expert_picks_cpu(xc, Wc, bc, experts, wc, k,
                                                                       dead, k_aux, scaling)
             else:
-                if scale is not None:  # folded Feature Scaling elsewhere (CUDA)
+                if scale is not None and not in_sums:  # folded into the GEMM's epilogue (CUDA)
                     B, e = experts.shape
                     # each pair's ⟨shift_i, x − centre⟩: [B, d] × [d, N], then the token's experts
                     offset = torch.mm(xc, shift.to(compute_dtype).T).gather(1, experts)
@@ -475,7 +494,7 @@ class _SparseTopK(torch.autograd.Function):
                 pos_all = torch.cat(picks, 1)
                 idx_all = _feature_index(pos_all, experts, m)
                 slot = pos_all // m if experts is not None else None
-                if scale is not None:  # the products W_i x at the picks, where the encode left them
+                if scale is not None and not in_sums:  # the picks' W_i x, where the encode left them
                     pair = torch.arange(B, device=x.device)[:, None] * e + slot
                     u_all = scaled.products[scaled.rows[pair], pos_all % m].float()
             # 0 where an AuxK pick is not dead (masked out)
@@ -488,6 +507,7 @@ class _SparseTopK(torch.autograd.Function):
                               shift, u_all if scale is not None else None, x_rows)
         ctx.k = k
         ctx.mean_grad = mean_grad
+        ctx.in_sums = in_sums
         ctx.mark_non_differentiable(idx_all)
         top_idx = idx_all[:, :k]
         ctx.shared = top_idx._feature_groups = FeatureGroups()  # for the decoder's backward
@@ -507,8 +527,11 @@ class _SparseTopK(torch.autograd.Function):
         # pre = W[f] · x_c + b[f], or with Feature Scaling folded in scale_i · (W[f] · x_c) +
         # ⟨shift_i, x_c⟩ + b[f] for f in expert i: ∂loss/∂(W[f] · x_c) of each pick
         fold = scale is not None
+        in_sums = fold and ctx.in_sums  # the scale applied in W's segmented sum (`scaled_scatter_rows`)
         g_rows = g_pre
-        if fold:  # g_pre · scale_i, and Σ of g_pre and of g_pre · u over each slot's picks
+        if in_sums:  # Σ of g_pre over each slot's picks
+            r = g_pre.new_zeros(experts.shape).scatter_add_(1, slot, g_pre)
+        elif fold:  # g_pre · scale_i, and Σ of g_pre and of g_pre · u over each slot's picks
             g_rows, r, r_u = _pick_scale_sums(g_pre, slot, experts, u, scale)
         W_rows = W.reshape(N * m, d).float()
         grad_x = grad_centre = grad_W = grad_b = grad_w = grad_scale = grad_shift = None
@@ -516,21 +539,29 @@ class _SparseTopK(torch.autograd.Function):
         want_scale, want_shift = ctx.needs_input_grad[11:13]
         if want_x:
             # Σ_picks g_pre · W[pick]: a weighted sum of k (+ k_aux) rows per token
+            if in_sums:
+                g_rows = g_pre * scale.float()[experts.gather(1, slot)]
             grad_x = F.embedding_bag(idx, W_rows, per_sample_weights=g_rows, mode="sum")
             if fold:  # and through ⟨shift_i, x_c⟩ of each slot
                 grad_x = grad_x + (r[:, :, None] * shift.float()[experts]).sum(1)
             grad_x = grad_x.to(x_c.dtype)
         if fold and (want_shift or (want_W and ctx.mean_grad is not None)):
-            # Σ over expert i's picks of g_pre · x_c
-            grad_shift = _expert_sums(x_c, experts, r, N)
-        if want_W:
+            # Σ over expert i's picks of g_pre · x_c (in sums: of the rows the products read)
+            grad_shift = _expert_sums(x_c, experts, r, N, x_rows if in_sums else None)
+        row_dots = None
+        if want_W or (in_sums and want_scale):
             # with `mean_grad`, each row of expert i also gets 1/m of ∂loss/∂mean_i, the share
             # of its gradient through the shift's dependence on the expert's mean row
             init = ctx.mean_grad(grad_shift) / m if fold and ctx.mean_grad is not None else None
             # resized, not viewed, to [N, m, d]: a tensor of its own, into which autograd adds
             # W's other gradients in place (where there are any)
             x_rows = x_rows if x_rows is not None else x_c.float()
-            grad_W = _scatter_rows(idx, g_rows, x_rows, N * m, ctx.shared, init).resize_(N, m, d).to(W.dtype)
+            if in_sums:  # s_i · Σ + init, and each row's ⟨Σ, W[f]⟩ for s_i's gradient
+                grad_W, row_dots = scaled_scatter_rows(idx, g_pre, x_rows, ctx.shared, scale,
+                                                       init, W)
+            else:
+                grad_W = _scatter_rows(idx, g_rows, x_rows, N * m, ctx.shared, init)
+            grad_W = grad_W.resize_(N, m, d).to(W.dtype) if want_W else None
         if want_b or want_centre:
             g_b = torch.zeros(N * m, dtype=torch.float32, device=W.device).index_add_(
                 0, idx.reshape(-1), g_pre.reshape(-1))  # ∂b: Σ of g_pre over each feature's picks
@@ -549,7 +580,10 @@ class _SparseTopK(torch.autograd.Function):
             grad_w = torch.zeros(weights.shape, dtype=torch.float32, device=W.device).scatter_add_(
                 1, slot, g * z).to(weights.dtype)
         if fold and want_scale:  # Σ over expert i's picks of g_pre · (W[f] · x_c)
-            grad_scale = g_pre.new_zeros(N).index_add_(0, experts.reshape(-1), r_u.reshape(-1))
+            if in_sums:  # = Σ over expert i's rows f of ⟨∂Ŵ[f] / s_i, W[f]⟩
+                grad_scale = row_dots.view(N, m).sum(1)
+            else:
+                grad_scale = g_pre.new_zeros(N).index_add_(0, experts.reshape(-1), r_u.reshape(-1))
             grad_scale = grad_scale.to(scale.dtype)
         if grad_shift is not None:
             grad_shift = grad_shift.to(shift.dtype) if want_shift else None
@@ -571,14 +605,63 @@ def _pick_scale_sums(g: Tensor, slot: Tensor, experts: Tensor, u: Tensor,
     return g * scale.float()[experts.gather(1, slot)], r, r_u
 
 
-def _expert_sums(x: Tensor, experts: Tensor, r: Tensor, n_experts: int) -> Tensor:
+def _expert_sums(x: Tensor, experts: Tensor, r: Tensor, n_experts: int,
+                 rows: Tensor | None = None) -> Tensor:
     """[N, d] float32: Σ_b Σ_s r[b, s] · x[b] into row experts[b, s] — with Feature Scaling
     folded in, each expert's shift's gradient. numba's blocked sums where `cpu_kernels.use`
-    says so (`cpu_kernels.expert_sums`), else r scattered into [B, N] and one product with x."""
+    says so (`cpu_kernels.expert_sums`), else r scattered into [B, N] and one product with x;
+    with `rows` (x in the products' dtype, bf16 under autocast) that product in their dtype,
+    accumulated and returned in float32 (a tensor-core GEMM on CUDA where a float32 one ran as
+    a SIMT kernel)."""
     if cpu_kernels.use(x):
         return cpu_kernels.expert_sums(x, experts, r, n_experts)
     per_expert = r.new_zeros(x.shape[0], n_experts).scatter_add_(1, experts, r.float())
+    if rows is not None and rows.dtype != torch.float32:
+        return mm_float32(per_expert.T.to(rows.dtype), rows)
     return per_expert.T @ x.float()
+
+
+def mm_float32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for half-precision a and b, accumulated and returned in float32: one CUDA GEMM
+    writing float32 (`torch.mm`'s out_dtype) where this PyTorch has it, else the product of
+    their float32 copies (the same sums of exact products, in another order)."""
+    if a.device.type == "cuda" and _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+"""Whether `torch.mm` takes out_dtype (aten::mm.dtype, CUDA's half precision → float32)."""
+
+
+def scaled_weights(W: Tensor, scale: Tensor, shift: Tensor, dtype: torch.dtype) -> Tensor:
+    """Ŵ_i = scale_i · W_i + shift_i [N, m, d] for W [N, m, d], scale [N], shift [N, d],
+    computed in float32 and rounded once to `dtype` (the products' dtype): the Triton
+    `group_affine` where `kernels.use` says so, else `torch.addcmul`."""
+    N, _, d = W.shape
+    if kernels.use(W):
+        return kernels.group_affine(W, scale.float(), shift.float().reshape(N, d), out_dtype=dtype)
+    return torch.addcmul(shift.float().reshape(N, 1, d), W.float(),
+                         scale.float()[:, None, None]).to(dtype)
+
+
+def scaled_scatter_rows(idx: Tensor, g: Tensor, x: Tensor, shared: FeatureGroups | None,
+                        scale: Tensor, init: Tensor | None, W: Tensor) -> tuple[Tensor, Tensor]:
+    """`_scatter_rows`' sums S [M, d] for W [N, m, d] (M = N·m) with Feature Scaling's scale
+    folded in: (scale_i · S[f] + init_i [M, d] float32 for each row f of expert i — init [N, d]
+    or zeros — and ⟨S[f], W[f]⟩ [M] float32). One pass on CUDA (`kernels.scaled_segment_sum`),
+    else `embedding_bag` and PyTorch's ops."""
+    N, m, d = W.shape
+    tokens, order, offsets = _feature_groups(idx, N * m, shared)
+    w = g.reshape(-1)[order]
+    init = init.float() if init is not None else W.new_zeros(N, d, dtype=torch.float32)
+    if kernels.use(x):
+        return kernels.scaled_segment_sum(x, tokens, w, offsets, scale.float(), init,
+                                          W.reshape(N * m, d))
+    S = F.embedding_bag(tokens, x.float(), offsets[:-1], mode="sum", per_sample_weights=w.float())
+    dots = (S * W.reshape(N * m, d).float()).sum(1)
+    out = torch.addcmul(init[:, None, :], S.view(N, m, d), scale.float()[:, None, None])
+    return out.view(N * m, d), dots
 
 
 def _picks_on_cpu(x_c: Tensor, experts: Tensor | None, encode: ExpertEncode) -> bool:
@@ -590,9 +673,9 @@ def _picks_on_cpu(x_c: Tensor, experts: Tensor | None, encode: ExpertEncode) -> 
 def folds_scaling(x: Tensor, compute_dtype: torch.dtype) -> bool:
     """Whether `topk_encode_sparse` takes Feature Scaling folded into a routed SAE's encode for
     x computed in `compute_dtype` (`scaling`): where it runs as `_expert_picks_cpu`, and on
-    CUDA where `FOLD_SCALING_ON_CUDA` says so (`scaled_expert_encode`)."""
+    CUDA where `CUDA_SCALING` says so ("epilogue" or "sums")."""
     if x.device.type == "cuda":
-        return FOLD_SCALING_ON_CUDA
+        return CUDA_SCALING != "formed"
     return (x.dtype == compute_dtype and cpu_kernels.use(x)
             and expert_encoder(x.device, compute_dtype) is grouped_expert_encode)
 

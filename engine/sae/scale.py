@@ -59,7 +59,8 @@ class ScaleSAE(SparseAutoencoder):
         # g = softmax( W_g (x − b_gate) + b_g )
         g = torch.softmax(self.centred_logits(x, self.b_gate, self.W_g) + self.b_g, dim=-1)
         # S = the e experts with the largest g; w_i = softmax over {g_j : j ∈ S}
-        S, w = route_topk(g, e, self.cfg.expert_weighting)  # [B, e], [B, e]
+        S, w = route_topk(g, e, self.cfg.expert_weighting,
+                          fast=self.kernels != "reference")  # [B, e], [B, e]
         # z_i = ReLU( Ŵ_i (x − b_dec) + b_enc,i ) for i ∈ S only (tokens grouped by expert);
         # f = concat_i ( w_i · z_i ), zero outside S;  z = TopK_k( f ), one TopK across the e
         b = self.b_enc.view(N, m)

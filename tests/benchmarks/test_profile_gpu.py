@@ -94,21 +94,21 @@ def test_the_tail_ab_part_runs_and_restores_the_defaults():
 
 
 def test_the_fusions_ab_part_runs_and_restores_the_defaults():
-    """This round's fused passes each undone and all together (on the CPU the switches exist
-    but the Triton paths they choose between do not run: the script's own bugs are what this
+    """This round's choices each undone and all together (on the CPU the switches exist but
+    the Triton paths they choose between do not run: the script's own bugs are what this
     finds), and the Scale SAE without Feature Scaling beside them."""
     from benchmarks import profile_gpu
-    from engine.sae import base, kernels, moe
+    from engine.sae import kernels, moe
 
-    before = (base._one_read, kernels.segment_sum, moe.FUSED_DECODER_GRADS,
-              moe.ENCODER_ROWS_IN_COMPUTE_DTYPE, moe.FOLD_SCALING_ON_CUDA, dict(kernels.BLOCKS))
+    before = (moe.CUDA_SCALING, kernels.top_experts_takes, dict(kernels.BLOCKS))
     out = {"fusions_ab": []}
     profile_gpu.profile_fusions(SMALL, torch.device("cpu"), ["topk", "scale e=2"], out, rounds=1)
     topk, scale_row = out["fusions_ab"]
     assert "error" not in topk and "error" not in scale_row
-    assert len(topk["ms"]) == 8 and "the default" in topk["ms"]
-    assert "Feature Scaling folded on CUDA" in scale_row["ms"]
-    assert "without Feature Scaling" in scale_row["ms"] and len(scale_row["ms"]) == 10
-    assert (base._one_read, kernels.segment_sum, moe.FUSED_DECODER_GRADS,
-            moe.ENCODER_ROWS_IN_COMPUTE_DTYPE, moe.FOLD_SCALING_ON_CUDA,
-            kernels.BLOCKS) == before
+    assert list(topk["ms"]) == ["the default"]
+    assert {"Feature Scaling: Ŵ formed with autograd", "Feature Scaling: in the segmented sums",
+            "Feature Scaling: in the GEMM's epilogue", "routing: torch.topk",
+            "row TopK: 64-bit keys", "none of them (as at 7e070ee)",
+            "without Feature Scaling", "the default"} == set(scale_row["ms"])
+    assert (moe.CUDA_SCALING, kernels.top_experts_takes, kernels.BLOCKS) == before
+

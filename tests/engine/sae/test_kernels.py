@@ -54,6 +54,78 @@ def test_segment_sum_is_the_bag(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_segment_sum_scales_shifts_and_dots_each_group(device, dtype):
+    """`scaled_segment_sum` against the float64 bag: rows in groups, each group's sums scaled
+    and shifted (empty segments give the shift alone), each row's dot product with W of the
+    unscaled sum — a segment longer than a block of picks, d over several column blocks and not
+    a multiple of one, rows of X in bf16 as the encoder's gradient reads them; bad shapes
+    refused in one sentence."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = [3, 0, 2 * kernels.BLOCKS["segment_p"] + 5, 1, 0, 4]  # 3 groups of 2 rows
+    d = 2 * kernels.BLOCKS["segment_d"] + 7
+    X = torch.randn(30, d, generator=gen)
+    ix, w, offsets = _csr(lengths, 30, gen)
+    w = w.float()
+    scale, init = torch.tensor([0.5, -2.0, 1.25]), torch.randn(3, d, generator=gen)
+    W = torch.randn(len(lengths), d, generator=gen)
+    Xd = X.to(dtype)
+    got, dots = kernels.scaled_segment_sum(Xd.to(device), ix.to(device), w.to(device),
+                                           offsets.to(device), scale.to(device),
+                                           init.to(device), W.to(device))
+    S = F.embedding_bag(ix, Xd.double(), offsets[:-1], mode="sum", per_sample_weights=w.double())
+    want = S * scale.double().repeat_interleave(2)[:, None] + init.double().repeat_interleave(2, 0)
+    assert got.dtype == dots.dtype == torch.float32 and dots.shape == (len(lengths),)
+    assert torch.allclose(got.cpu().double(), want, atol=1e-4, rtol=1e-5)
+    assert torch.allclose(dots.cpu().double(), (S * W.double()).sum(1), atol=1e-3, rtol=1e-5)
+    assert torch.equal(got[1].cpu(), init[0]) and bool((dots[[1, 4]] == 0).all())
+    with pytest.raises(ValueError, match="scaled_segment_sum takes"):
+        kernels.scaled_segment_sum(Xd.to(device), ix.to(device), w.to(device), offsets.to(device),
+                                   torch.ones(4, device=device),  # 4 groups of 6 rows
+                                   torch.zeros(4, d, device=device), W.to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,e", [(64, 2), (64, 1), (16, 8), (5, 5), (130, 3)])
+def test_top_experts_are_torch_topk_in_order(device, n, e):
+    """`top_experts` against `torch.topk` on router probabilities: the same experts, largest
+    first; equal probabilities (a row of ties, a tie at the e-th) lowest column first; NaN above
+    every number; every column of a row when e = n; then `route_topk` with and without it."""
+    from engine.sae.moe import route_topk
+
+    gen = torch.Generator().manual_seed(n * 10 + e)
+    probs = torch.softmax(3 * torch.randn(40, n, generator=gen), dim=-1)
+    probs[1] = 1.0 / n  # all tied
+    probs[2, : min(n, e + 1)] = probs[2].max() + 0.1  # a tie across the e-th
+    probs[3, n // 2] = float("nan")
+    got = kernels.top_experts(probs.to(device), e).cpu()
+    want = probs.topk(e, dim=-1).indices
+    assert got.dtype == torch.long and got.shape == (40, e)
+    rest = [r for r in range(40) if r not in (1, 2)]
+    assert torch.equal(got[rest], want[rest])
+    assert torch.equal(got[1], torch.arange(e)) and torch.equal(got[2], torch.arange(e))
+    assert bool((got.sort(1).values[:, 1:] != got.sort(1).values[:, :-1]).all())  # distinct
+    if device == "cpu":
+        kernels.ENABLED["cpu"] = True
+    try:
+        for weighting in ("softmax", "binary"):
+            p = probs.to(device).requires_grad_()
+            S, w = route_topk(p, e, weighting, fast=True)
+            p_ref = probs.to(device).requires_grad_()
+            S_ref, w_ref = route_topk(p_ref, e, weighting)
+            assert torch.equal(S[rest].cpu(), S_ref[rest].cpu())
+            assert torch.allclose(w[rest], w_ref[rest], equal_nan=True)
+            if weighting == "softmax":
+                (w[rest] * torch.arange(e, device=device)).sum().backward()
+                (w_ref[rest] * torch.arange(e, device=device)).sum().backward()
+                assert torch.allclose(p.grad, p_ref.grad, atol=1e-6, equal_nan=True)
+    finally:
+        kernels.ENABLED.pop("cpu", None)
+    with pytest.raises(ValueError, match="top_experts takes"):
+        kernels.top_experts(probs.to(device), n + 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("R", [1, 3, 300])
 def test_squared_error_and_spread_from_one_read(device, R):
     """`kernels.squared_error` against `F.mse_loss` (sum) and the spread about the mean
@@ -379,10 +451,15 @@ def test_group_sums_are_the_column_sums_and_dots(device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", [(40, 7), (768, 32), (100, 100), (5, 1), (300, 288)])
 @pytest.mark.parametrize("early", [1, 0], ids=["early exit", "full bisection"])
-def test_row_topk_is_torch_topk(device, dtype, n, k, early, monkeypatch):
+@pytest.mark.parametrize("narrow", [1, 0], ids=["32-bit keys", "64-bit keys"])
+def test_row_topk_is_torch_topk(device, dtype, n, k, early, narrow, monkeypatch):
     """The same values as torch.topk (NaN of either sign above +inf, ±inf, ±0, ties, a row
-    all −inf as AuxK's masked candidates), each at its position, k distinct positions."""
+    all −inf as AuxK's masked candidates), each at its position, k distinct positions — with
+    16-bit values' keys as 32-bit or 64-bit integers."""
+    if narrow == 0 and dtype == torch.float32:
+        pytest.skip("float32 values' keys are 64-bit either way")
     monkeypatch.setitem(kernels.BLOCKS, "topk_early", early)
+    monkeypatch.setitem(kernels.BLOCKS, "topk_narrow", narrow)
     gen = torch.Generator().manual_seed(n + k)
     f = torch.randn(9, n, generator=gen)
     f[1] = f[1].round()  # ties at the k-th value

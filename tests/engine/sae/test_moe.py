@@ -209,15 +209,20 @@ def test_feature_scaling_folded_into_the_encode(form, with_dead, monkeypatch, nu
 @pytest.mark.parametrize("with_dead", [False, True])
 @pytest.mark.parametrize("triton", [False, True], ids=["pytorch", "triton"])
 @pytest.mark.parametrize("encode", ["loop", "grouped gemm"])
-def test_feature_scaling_folded_as_on_cuda(encode, triton, with_dead, monkeypatch, request):
-    """Feature Scaling folded into the encode as CUDA runs it (`moe.scaled_expert_encode`):
-    each pair's ⟨c_i, x⟩ from one [B, d] × [d, N] product, s_i · (W_i x) + ⟨c_i, x⟩ + b_i after
-    the loop's products or in the grouped GEMM's epilogue (the Triton `expert_rows`, here
-    through the interpreter, or PyTorch's ops), the picks' W_i x read where the encode wrote
-    them, the backward's per-pick and per-expert sums in PyTorch. On the CPU with numba off:
-    the reference's codes and the gradient of every parameter, Ŵ never formed."""
+@pytest.mark.parametrize("mode", ["epilogue", "sums"])
+def test_feature_scaling_folded_as_on_cuda(mode, encode, triton, with_dead, monkeypatch, request):
+    """Feature Scaling folded into the encode as CUDA runs it. "epilogue"
+    (`moe.scaled_expert_encode`): each pair's ⟨c_i, x⟩ from one [B, d] × [d, N] product,
+    s_i · (W_i x) + ⟨c_i, x⟩ + b_i after the loop's products or in the grouped GEMM's epilogue
+    (the Triton `expert_rows`, here through the interpreter, or PyTorch's ops), the picks' W_i x
+    read where the encode wrote them, the backward's per-pick and per-expert sums in PyTorch.
+    "sums": Ŵ written once by the encode (`moe.scaled_weights`), W's gradient and s_i's from one
+    segmented sum (`moe.scaled_scatter_rows`: the Triton `scaled_segment_sum`, or PyTorch's
+    ops). On the CPU with numba off: the reference's codes and the gradient of every parameter,
+    `_FeatureScaling` never run."""
     from engine.sae import base, cpu_kernels, moe, scale
 
+    monkeypatch.setattr(moe, "CUDA_SCALING", mode)
     if triton:
         kernels = request.getfixturevalue("triton_interpreter")
         monkeypatch.setattr(kernels, "ENABLED", {"cpu": True})
@@ -229,28 +234,33 @@ def test_feature_scaling_folded_as_on_cuda(encode, triton, with_dead, monkeypatc
     sae = make("scale")
     x, dead = _batch(with_dead)
     ref, g_ref = _params_and_grads(sae, "reference", x, dead)
-    formed, epilogues = [], []
+    formed, epilogues, sums = [], [], []
     real = scale._FeatureScaling.apply
     monkeypatch.setattr(scale._FeatureScaling, "apply", lambda *a: formed.append(1) or real(*a))
     real_encode = moe.scaled_expert_encode
     monkeypatch.setattr(moe, "scaled_expert_encode",
                         lambda *a: epilogues.append(a[-1].__name__) or real_encode(*a))
+    real_sums = moe.scaled_scatter_rows
+    monkeypatch.setattr(moe, "scaled_scatter_rows", lambda *a: sums.append(1) or real_sums(*a))
     fold, g_fold = _params_and_grads(sae, "fast", x, dead)
-    assert formed == []  # Ŵ never formed
+    assert formed == []  # no autograd through Ŵ
     want = "grouped_expert_encode_gmm" if encode == "grouped gemm" else "grouped_expert_encode"
-    assert epilogues == [want]
+    assert (epilogues, sums) == (([want], []) if mode == "epilogue" else ([], [1]))
     _assert_same_codes_and_grads(sae, ref, g_ref, fold, g_fold)
 
 
+@pytest.mark.parametrize("mode", ["epilogue", "sums"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_the_fold_in_bf16_is_as_exact_as_forming_the_weights(device, monkeypatch, request):
+def test_the_fold_in_bf16_is_as_exact_as_forming_the_weights(device, mode, monkeypatch, request):
     """Under bf16 autocast as a GPU trains (the grouped GEMM; Feature Scaling folded into its
-    Triton epilogue): the loss and every gradient as close to float32's as with Ŵ formed
+    Triton epilogue, or Ŵ written once in bf16 with the backward folded into the segmented sum,
+    `moe.CUDA_SCALING`): the loss and every gradient as close to float32's as with Ŵ formed
     first — on the CPU through Triton's interpreter with CUDA's choices made by hand. On CUDA
     in float32 also the reference's codes and gradients."""
     from engine.sae import base, cpu_kernels, moe, scale
 
+    monkeypatch.setattr(moe, "CUDA_SCALING", mode)
     dev = torch.device(device)
     if device == "cpu":
         kernels = request.getfixturevalue("triton_interpreter")
@@ -267,8 +277,9 @@ def test_the_fold_in_bf16_is_as_exact_as_forming_the_weights(device, monkeypatch
     sae.kernels = "fast"
     x = 2 * torch.randn(256, 64, generator=torch.Generator().manual_seed(1)).to(dev)
 
-    calls, real = [], moe.scaled_expert_encode
-    monkeypatch.setattr(moe, "scaled_expert_encode", lambda *a: calls.append(1) or real(*a))
+    counted = "scaled_expert_encode" if mode == "epilogue" else "scaled_scatter_rows"
+    calls, real = [], getattr(moe, counted)
+    monkeypatch.setattr(moe, counted, lambda *a: calls.append(1) or real(*a))
 
     def run(fold: bool, bf16: bool):
         for module in (moe, scale):
