@@ -31,7 +31,8 @@ fusions: an A/B of this round's choices on CUDA in the trainer's step (bf16, rec
          grouped GEMM's epilogue, or written once in bf16 with its backward in the encoder's
          segmented sum), the router's top experts by the Triton `top_experts` (against
          `torch.topk`), the row TopK's keys of 16-bit values as 32-bit integers (against
-         64-bit); and the same SAE without Feature Scaling, what its forms could at most save.
+         64-bit), the grouped GEMM's layout and buffer from `expert_plan` and `pack_rows`
+         (against a radix sort, small passes and a gather and `index_copy_`); and the same SAE without Feature Scaling, what its forms could at most save.
          Dense TopK's step, which runs none of them, timed beside for the ratio. (The previous
          round's A/B — the loss, the decode's bias, the decoder's gradients, the encoder's bf16
          rows, the loss kernel's tiles — is in `benchmarks/results/profile-gpu-h100-f1862c3.json`
@@ -292,6 +293,7 @@ def _fusion_variants(scale: bool) -> dict:
         "Feature Scaling: Ŵ formed with autograd": [(moe, "CUDA_SCALING", "formed")],
         "routing: torch.topk": [(kernels, "top_experts_takes", lambda *a: False)],
         "row TopK: 64-bit keys": [(kernels, "BLOCKS", {**kernels.BLOCKS, "topk_narrow": 0})],
+        "GEMM layout: sort + passes": [(moe, "FUSED_EXPERT_PLAN", False)],
     }
     variants.update({label: _patched_all(changes) for label, changes in undone.items()})
     variants["Feature Scaling: in the GEMM's epilogue"] = _patched(moe, "CUDA_SCALING", "epilogue")

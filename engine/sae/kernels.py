@@ -57,6 +57,8 @@ BLOCKS: dict[str, int] = {"segment_d": 128, "segment_p": 8, "segment_warps": 1,
                           "sums_rows": 32, "sums_d": 128, "sums_warps": 4,
                           "topk_elems": 4096, "topk_warps": 4, "topk_early": 0, "topk_narrow": 1,
                           "route_elems": 1024, "route_warps": 4,
+                          "plan_elems": 16384, "plan_parts": 32768, "plan_warps": 4,
+                          "pack_rows": 32, "pack_d": 64, "pack_warps": 4,
                           "loss_rows": 256, "loss_block": 16, "loss_d": 64,
                           "loss_total": 1024, "loss_warps": 4,
                           "diff_elems": 2048, "diff_warps": 4}
@@ -73,6 +75,8 @@ warps, and whether its bisection stops early once a row has exactly k keys at or
 midpoint (no faster on an H100: 1.830 against 1.825 ms for the recorded Scale e=2 step), and
 whether 16-bit values' keys are 32-bit integers rather than 64-bit (`topk_narrow`); the
 elements of a `top_experts` program (whole rows of router probabilities) and its warps; the
+most (pair, expert) elements an `expert_plan` program holds for its block of pairs, and for all
+blocks' counts, and its warps; the pairs, columns and warps of a `pack_rows` program; the
 rows of a `squared_error` program, how many it reads at once, its columns and warps, and the
 partial sums the one program adding them up reads at once (on an H100, the recorded Scale e=2
 step took 1.764 ms with 256 rows 16 at a time, 1.772 with 64 rows, 1.859 with 32 rows 8 at a
@@ -348,6 +352,54 @@ def _top_experts_kernel(P, out, R, n, e, stride_p, BLOCK_R: tl.constexpr, BLOCK_
         v = tl.where(cols[None, :] == top[:, None], -1.0, v)
 
 
+def _expert_counts_kernel(E, counts, P, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """counts[b, i] = how many of the pairs in block b (BLOCK of them) name expert i."""
+    b = tl.program_id(0)
+    q = b * BLOCK + tl.arange(0, BLOCK)
+    ex = tl.load(E + q, mask=q < P, other=-1)
+    hit = ex[:, None] == tl.arange(0, BLOCK_N)[None, :]
+    tl.store(counts + b * BLOCK_N + tl.arange(0, BLOCK_N), tl.sum(hit.to(tl.int32), axis=0))
+
+
+def _expert_dest_kernel(E, counts, dest, ends, P, NB, align, BLOCK: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """For the pairs of block b: dest[q] = the row of pair q in the grouped GEMM's buffer,
+    whose expert groups start at multiples of `align` rows, each group's pairs in pair order
+    (a stable counting sort): its expert's group start + that expert's pairs in earlier blocks
+    (from all blocks' `counts`) + those before q in this block. Program 0 also writes
+    ends[i] = one past expert i's padded group (int32, the grouped GEMM's offsets)."""
+    b = tl.program_id(0)
+    blocks = tl.arange(0, BLOCK_B)
+    experts = tl.arange(0, BLOCK_N)
+    part = tl.load(counts + blocks[:, None] * BLOCK_N + experts[None, :],
+                   mask=(blocks < NB)[:, None], other=0)
+    padded = (tl.sum(part, axis=0) + align - 1) // align * align
+    end = tl.cumsum(padded, axis=0)
+    base = end - padded + tl.sum(tl.where((blocks < b)[:, None], part, 0), axis=0)
+    if b == 0:
+        tl.store(ends + experts, end.to(tl.int32))
+    q = b * BLOCK + tl.arange(0, BLOCK)
+    qmask = q < P
+    ex = tl.load(E + q, mask=qmask, other=-1)
+    hit = (ex[:, None] == experts[None, :]).to(tl.int32)
+    seen = tl.cumsum(hit, axis=0)  # this block's pairs of each expert up to q, q included
+    at = tl.sum(hit * (base[None, :] + seen - 1), axis=1)
+    tl.store(dest + q, at.to(tl.int64), mask=qmask)
+
+
+def _pack_rows_kernel(X, tokens, dest, out, P, d, stride_x, BLOCK_R: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """out[dest[q], cols] = X[tokens[q], cols] for the pairs q of this program's block."""
+    q = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    qmask = q < P
+    mask = qmask[:, None] & (cols < d)[None, :]
+    src = tl.load(tokens + q, mask=qmask, other=0).to(tl.int64)
+    to = tl.load(dest + q, mask=qmask, other=0).to(tl.int64)
+    v = tl.load(X + src[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    tl.store(out + to[:, None] * d + cols[None, :], v, mask=mask)
+
+
 def _squared_error_kernel(A, Bt, sse, sq, colsum, R, d, ROWS: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial sums over ROWS rows from block program 0 (BLOCK_R at a time) and the columns in
@@ -424,7 +476,8 @@ def _compiled():
                        _unit_rows_kernel, _group_affine_kernel, _projected_sq_kernel,
                        _adam_rows_kernel, _expert_rows_kernel, _group_sums_kernel,
                        _row_topk_kernel, _squared_error_kernel, _squared_error_total_kernel,
-                       _scaled_diff_kernel, _top_experts_kernel)}
+                       _scaled_diff_kernel, _top_experts_kernel, _expert_counts_kernel,
+                       _expert_dest_kernel, _pack_rows_kernel)}
 
 
 def available(device: torch.device) -> bool:
@@ -531,7 +584,11 @@ def _check_kernels(device: torch.device) -> bool:
     sse, spread = squared_error(X, X.flip(0))
     scaled, row_dots = scaled_segment_sum(X, ix, w, offsets, torch.full((1,), 2.0, device=device),
                                           X[:1], X[:3])
+    dest, ends = expert_plan(ix, 5, 2)  # pairs naming experts 0, 4, 2, 2, 1
+    packed = pack_rows(X, ix, dest, torch.zeros(9, 3, device=device))
     return (torch.allclose(segment_sum(X, ix, w, offsets), want, atol=1e-5)
+            and dest.tolist() == [0, 6, 4, 5, 2] and ends.tolist() == [2, 4, 6, 6, 8]
+            and torch.equal(packed[dest], X[ix])
             and torch.equal(top_experts(X.T.softmax(1).contiguous(), 2), X.T.topk(2).indices)
             and torch.allclose(scaled, 2 * want + X[:1], atol=1e-5)
             and torch.allclose(row_dots, (want * X[:3]).sum(1), atol=1e-5)
@@ -925,4 +982,60 @@ def top_experts(probs: Tensor, e: int) -> Tensor:
     if R:
         fn[(triton.cdiv(R, br),)](probs, out, R, n, e, probs.stride(0), BLOCK_R=br, BLOCK_N=bn,
                                   **extra)
+    return out
+
+
+def _plan_blocks(P: int, N: int) -> tuple[int, int, int] | None:
+    """(pairs a program, blocks, padded experts) for `expert_plan`, or None where its tiles
+    would exceed `BLOCKS`' plan_elems / plan_parts."""
+    bn = triton.next_power_of_2(max(N, 1))
+    block = max(16, BLOCKS["plan_elems"] // bn)
+    nb = triton.cdiv(max(P, 1), block)
+    if block * bn > BLOCKS["plan_elems"] or triton.next_power_of_2(nb) * bn > BLOCKS["plan_parts"]:
+        return None
+    return block, nb, bn
+
+
+def expert_plan_takes(P: int, N: int) -> bool:
+    """Whether `expert_plan` takes P pairs over N experts (its tiles fit `BLOCKS`)."""
+    return _plan_blocks(P, N) is not None
+
+
+def expert_plan(experts: Tensor, N: int, align: int) -> tuple[Tensor, Tensor]:
+    """The grouped GEMM's layout for pairs naming `experts` [P] (values in [0, N)): (dest [P]
+    int64, the buffer row of each pair — expert groups in order, each starting at a multiple
+    of `align` rows, each group's pairs in pair order, as a stable sort by expert leaves them;
+    ends [N] int32, one past each group's padded end). Two kernels (each block's counts, then
+    every pair's row), where PyTorch takes a radix sort and a dozen small passes."""
+    plan = _plan_blocks(experts.numel(), N)
+    if plan is None:
+        raise ValueError("expert_plan's tiles do not hold this many pairs and experts")
+    block, nb, bn = plan
+    P = experts.numel()
+    experts = experts.reshape(-1).contiguous()
+    counts = torch.empty(nb, bn, dtype=torch.int32, device=experts.device)
+    dest = torch.empty(P, dtype=torch.long, device=experts.device)
+    ends = torch.empty(bn, dtype=torch.int32, device=experts.device)
+    fns = _kernels(experts)
+    extra = _warps("plan_warps")
+    fns["expert_counts"][(nb,)](experts, counts, P, BLOCK=block, BLOCK_N=bn, **extra)
+    fns["expert_dest"][(nb,)](experts, counts, dest, ends, P, nb, align, BLOCK=block, BLOCK_N=bn,
+                              BLOCK_B=triton.next_power_of_2(nb), **extra)
+    return dest, ends[:N]
+
+
+def pack_rows(X: Tensor, tokens: Tensor, dest: Tensor, out: Tensor) -> Tensor:
+    """out[dest[q]] = X[tokens[q]] for each q, in place (rows of X [T, d] into out [R, d] of
+    X's dtype): the grouped GEMM's buffer filled in one pass, where indexing gathers the rows
+    and `index_copy_` scatters them."""
+    if out.dtype != X.dtype or out.shape[1:] != X.shape[1:] or not out.is_contiguous():
+        raise ValueError("pack_rows writes contiguous rows of X's width and dtype")
+    P, d = dest.numel(), X.shape[1]
+    if X.stride(1) != 1:
+        X = X.contiguous()
+    if P and d:
+        br, bd = BLOCKS["pack_rows"], min(BLOCKS["pack_d"], triton.next_power_of_2(d))
+        _kernels(X)["pack_rows"][(triton.cdiv(P, br), triton.cdiv(d, bd))](
+            X, tokens.contiguous(), dest.contiguous(), out, P, d, X.stride(0), BLOCK_R=br,
+            BLOCK_D=bd, **_warps("pack_warps"))
     return out

@@ -214,24 +214,40 @@ def grouped_expert_encode_gmm(
     return pre_sorted.new_empty(P, m).index_copy(0, order, pre_sorted)
 
 
+FUSED_EXPERT_PLAN = True
+"""Where the Triton kernels run, the grouped GEMM's layout from `kernels.expert_plan` (a
+counting sort in two kernels) and its buffer filled by `kernels.pack_rows`, instead of a radix
+sort by expert, a dozen small passes for the rows and a gather and `index_copy_`. A switch for
+`benchmarks/profile_gpu.py --parts fusions`' A/B."""
+
+
 def _gmm_products(x_c: Tensor, token_idx: Tensor, expert_idx: Tensor, W: Tensor, align: int,
                   zero_padding: bool):
     """The grouped GEMM of `grouped_expert_encode_gmm` before its epilogue: (out, the products
-    W_i x of sorted pair q at row dest[q]; dest; order, the pairs sorted stably by expert;
-    e_sorted, their experts). The padding rows are zeros with `zero_padding`, else anything."""
+    W_i x of pair order[q] at row dest[q]; dest; order, the pairs sorted stably by expert — or
+    any order, the identity with `FUSED_EXPERT_PLAN`: each q names a pair, its row and, in
+    e_sorted, its expert). The padding rows are zeros with `zero_padding`, else anything."""
     N = W.shape[0]
     P = expert_idx.numel()
-    order = torch.argsort(_narrow_keys(expert_idx, N), stable=True)
-    e_sorted = expert_idx[order]
-    counts = expert_counts(expert_idx, N)
-    padded = (counts + align - 1) // align * align
-    ends = torch.cumsum(padded, 0)
-    rank = torch.arange(P, device=x_c.device) - (torch.cumsum(counts, 0) - counts)[e_sorted]
-    dest = (ends - padded)[e_sorted] + rank  # row of each sorted pair in the buffer
     buf = (x_c.new_zeros if zero_padding else x_c.new_empty)(P + N * (align - 1), x_c.shape[1])
-    buf.index_copy_(0, dest, x_c[token_idx[order]])
+    if (FUSED_EXPERT_PLAN and kernels.use(x_c) and kernels.expert_plan_takes(P, N)
+            and not (torch.is_grad_enabled() and x_c.requires_grad)):  # the copy has no autograd
+        # each pair's buffer row from a counting sort in two kernels, its row copied there in
+        # one: the same layout as below, the pairs left in pair order (order = identity)
+        dest, ends = kernels.expert_plan(expert_idx, N, align)
+        kernels.pack_rows(x_c, token_idx, dest, buf)
+        order, e_sorted = torch.arange(P, device=x_c.device), expert_idx.reshape(-1)
+    else:
+        order = torch.argsort(_narrow_keys(expert_idx, N), stable=True)
+        e_sorted = expert_idx[order]
+        counts = expert_counts(expert_idx, N)
+        padded = (counts + align - 1) // align * align
+        ends = torch.cumsum(padded, 0).to(torch.int32)
+        rank = torch.arange(P, device=x_c.device) - (torch.cumsum(counts, 0) - counts)[e_sorted]
+        dest = (ends - padded)[e_sorted] + rank  # row of each sorted pair in the buffer
+        buf.index_copy_(0, dest, x_c[token_idx[order]])
     # W.transpose(1, 2) is [N, d, m] in column-major layout, as the grouped GEMM wants it
-    out = torch._grouped_mm(buf, W.transpose(1, 2), offs=ends.to(torch.int32))
+    out = torch._grouped_mm(buf, W.transpose(1, 2), offs=ends)
     return out, dest, order, e_sorted
 
 

@@ -126,6 +126,39 @@ def test_top_experts_are_torch_topk_in_order(device, n, e):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("P,N,align", [(16384, 64, 16), (37, 5, 16), (1000, 64, 8), (300, 3, 1),
+                                       (0, 4, 16)])
+def test_expert_plan_and_pack_rows_lay_out_the_grouped_gemms_buffer(device, P, N, align):
+    """`expert_plan` against the stable sort by expert it replaces (`moe._gmm_products`'s
+    PyTorch form): every pair's buffer row and each group's padded end, experts with no pair
+    included, several blocks of pairs; `pack_rows` copies each pair's token row there and
+    nothing else."""
+    gen = torch.Generator().manual_seed(P + N)
+    experts = torch.randint(0, N, (P,), generator=gen)
+    if P:
+        experts[experts == N - 1] = 0  # an expert with no pair
+    counts = torch.bincount(experts, minlength=N)
+    padded = (counts + align - 1) // align * align
+    ends = torch.cumsum(padded, 0)
+    order = torch.argsort(experts, stable=True)
+    rank = torch.arange(P) - (torch.cumsum(counts, 0) - counts)[experts[order]]
+    want = torch.empty(P, dtype=torch.long)
+    want[order] = (ends - padded)[experts[order]] + rank
+    dest, got_ends = kernels.expert_plan(experts.to(device), N, align)
+    assert dest.dtype == torch.long and got_ends.dtype == torch.int32
+    assert torch.equal(dest.cpu(), want) and torch.equal(got_ends.cpu(), ends.int())
+    X = torch.randn(max(P // 2, 1), 70, generator=gen).to(torch.bfloat16)
+    tokens = torch.randint(0, X.shape[0], (P,), generator=gen)
+    buf = torch.full((P + N * (align - 1), 70), 7.0, dtype=torch.bfloat16)
+    kernels.pack_rows(X.to(device), tokens.to(device), dest, buf_d := buf.to(device))
+    written = torch.zeros(buf.shape[0], dtype=torch.bool)
+    written[want] = True
+    assert torch.equal(buf_d.cpu()[want], X[tokens]) and bool((buf_d.cpu()[~written] == 7).all())
+    with pytest.raises(ValueError, match="pack_rows writes"):
+        kernels.pack_rows(X.to(device), tokens.to(device), dest, buf_d.float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("R", [1, 3, 300])
 def test_squared_error_and_spread_from_one_read(device, R):
     """`kernels.squared_error` against `F.mse_loss` (sum) and the spread about the mean
