@@ -400,6 +400,18 @@ def _pack_rows_kernel(X, tokens, dest, out, P, d, stride_x, BLOCK_R: tl.constexp
     tl.store(out + to[:, None] * d + cols[None, :], v, mask=mask)
 
 
+def _centred_rows_kernel(X, c, out, R, d, stride_x, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r] = X[r] − c for whole rows r, computed in float32 and rounded once to out's dtype."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < R)[:, None] & (cols < d)[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    cv = tl.load(c + cols, mask=cols < d, other=0.0).to(tl.float32)
+    tl.store(out + rows64[:, None] * d + cols[None, :], (x - cv[None, :]).to(out.dtype.element_ty),
+             mask=mask)
+
+
 def _squared_error_kernel(A, Bt, sse, sq, colsum, R, d, ROWS: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial sums over ROWS rows from block program 0 (BLOCK_R at a time) and the columns in
@@ -477,7 +489,7 @@ def _compiled():
                        _adam_rows_kernel, _expert_rows_kernel, _group_sums_kernel,
                        _row_topk_kernel, _squared_error_kernel, _squared_error_total_kernel,
                        _scaled_diff_kernel, _top_experts_kernel, _expert_counts_kernel,
-                       _expert_dest_kernel, _pack_rows_kernel)}
+                       _expert_dest_kernel, _pack_rows_kernel, _centred_rows_kernel)}
 
 
 def available(device: torch.device) -> bool:
@@ -591,6 +603,8 @@ def _check_kernels(device: torch.device) -> bool:
             and torch.equal(packed[dest], X[ix])
             and torch.equal(top_experts(X.T.softmax(1).contiguous(), 2), X.T.topk(2).indices)
             and torch.allclose(scaled, 2 * want + X[:1], atol=1e-5)
+            and torch.allclose(centred_rows(X, X[0], torch.bfloat16).float(), X - X[0],
+                               rtol=2**-7, atol=1e-6)
             and torch.allclose(row_dots, (want * X[:3]).sum(1), atol=1e-5)
             and torch.allclose(grad_acts, (X[:2, None, :] * X[picks]).sum(-1), atol=1e-5)
             and torch.allclose(grad_W, torch.zeros_like(X).index_add_(
@@ -1038,4 +1052,21 @@ def pack_rows(X: Tensor, tokens: Tensor, dest: Tensor, out: Tensor) -> Tensor:
         _kernels(X)["pack_rows"][(triton.cdiv(P, br), triton.cdiv(d, bd))](
             X, tokens.contiguous(), dest.contiguous(), out, P, d, X.stride(0), BLOCK_R=br,
             BLOCK_D=bd, **_warps("pack_warps"))
+    return out
+
+
+def centred_rows(X: Tensor, c: Tensor, dtype: torch.dtype) -> Tensor:
+    """(X − c) for float32 rows X [R, d] and c [d], rounded once to `dtype` [R, d]: the rows a
+    bf16 product reads, from one read of X, where PyTorch writes X − c in float32 and then
+    copies it to bf16 (what autocast's cast computes: the same bits)."""
+    if X.dim() != 2 or c.shape != X.shape[1:] or X.dtype != torch.float32 or c.dtype != torch.float32:
+        raise ValueError("centred_rows takes float32 rows [R, d] and a float32 centre [d]")
+    R, d = X.shape
+    if X.stride(1) != 1:
+        X = X.contiguous()
+    out = torch.empty(R, d, dtype=dtype, device=X.device)
+    br, bd, extra = _row_tiles(d)
+    if R:
+        _kernels(X)["centred_rows"][(triton.cdiv(R, br),)](X, c.contiguous(), out, R, d, X.stride(0),
+                                                           BLOCK_R=br, BLOCK_D=bd, **extra)
     return out

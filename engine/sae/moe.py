@@ -91,6 +91,9 @@ class _CentredLinear(torch.autograd.Function):
         if (x.dim() == 2 and cpu_kernels.use(x) and c.dtype == W.dtype == torch.float32
                 and products_dtype(x) == torch.float32):  # x − c and the logits from one read
             out, x_c = cpu_kernels.centred_products(x, c, W)
+        elif _rounds_centred(x, c, products_dtype(x)):  # x − c written once, in bf16
+            x_c = kernels.centred_rows(x, c, products_dtype(x))
+            out = x_c @ W.to(x_c.dtype).T
         else:
             x_c = x - c
             out = x_c @ W.T  # bf16 under autocast, as the reference
@@ -116,6 +119,23 @@ class _CentredLinear(torch.autograd.Function):
             else:
                 grad_W = (g_rows.T.to(ctx.compute) @ x_rows).to(W.dtype)
         return grad_x, grad_c, grad_W
+
+
+ROUND_CENTRED_ROWS = True
+"""Where the Triton kernels run and the products are half precision, x − centre (the router's
+and the encoder's) is written once in the products' dtype by `kernels.centred_rows` (what
+autocast's cast of the float32 difference gives, bit for bit) where PyTorch wrote the float32
+difference and then cast it (the router's cast twice: forward and backward). A switch for
+`benchmarks/profile_gpu.py --parts fusions`' A/B."""
+
+
+def _rounds_centred(x: Tensor, centre: Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether x − centre is formed by `kernels.centred_rows` in `dtype` (`ROUND_CENTRED_ROWS`):
+    float32 rows and centre, a half-precision dtype and the Triton kernels running. (x's own
+    gradient never reads x − centre, so only its rows in `dtype` need keeping.)"""
+    return (ROUND_CENTRED_ROWS and centre is not None and x.dim() == 2
+            and x.dtype == centre.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)
+            and kernels.use(x))
 
 
 def router_logits_fused(x: Tensor, centre: Tensor, W: Tensor) -> Tensor:
@@ -468,6 +488,11 @@ class _SparseTopK(torch.autograd.Function):
                 x_c, offset = cpu_kernels.centre_rows(
                     x, centre if centre is not None else x.new_zeros(d), experts, shift)
                 scaling = cpu_kernels.Scaling(scale.float(), offset)
+            elif (_rounds_centred(x, centre, compute_dtype) and ENCODER_ROWS_IN_COMPUTE_DTYPE
+                  and (scale is None or CUDA_SCALING == "sums")):
+                # x − centre written once, in the products' dtype (the backward reads its rows
+                # in that dtype, `x_rows`, and nothing reads it in float32)
+                x_c = kernels.centred_rows(x, centre, compute_dtype)
             else:
                 x_c = x if centre is None else x - centre
             # Feature Scaling folded in with Ŵ written once in the products' dtype ("sums")
@@ -524,12 +549,14 @@ class _SparseTopK(torch.autograd.Function):
         ctx.k = k
         ctx.mean_grad = mean_grad
         ctx.in_sums = in_sums
+        # x − centre's promoted dtype: the codes' and the gradients'
+        ctx.x_dtype = x_dtype = x.dtype if centre is None else torch.promote_types(x.dtype, centre.dtype)
         ctx.mark_non_differentiable(idx_all)
         top_idx = idx_all[:, :k]
         ctx.shared = top_idx._feature_groups = FeatureGroups()  # for the decoder's backward
         aux_idx = idx_all[:, k:] if len(outs) > 1 else None
-        aux = outs[1].to(x_c.dtype) if len(outs) > 1 else None  # x − centre's promoted dtype
-        return outs[0].to(x_c.dtype), top_idx, aux, aux_idx
+        aux = outs[1].to(x_dtype) if len(outs) > 1 else None
+        return outs[0].to(x_dtype), top_idx, aux, aux_idx
 
     @staticmethod
     def backward(ctx, g_top, _g_idx, g_aux, _g_aux_idx):
@@ -560,7 +587,7 @@ class _SparseTopK(torch.autograd.Function):
             grad_x = F.embedding_bag(idx, W_rows, per_sample_weights=g_rows, mode="sum")
             if fold:  # and through ⟨shift_i, x_c⟩ of each slot
                 grad_x = grad_x + (r[:, :, None] * shift.float()[experts]).sum(1)
-            grad_x = grad_x.to(x_c.dtype)
+            grad_x = grad_x.to(ctx.x_dtype)
         if fold and (want_shift or (want_W and ctx.mean_grad is not None)):
             # Σ over expert i's picks of g_pre · x_c (in sums: of the rows the products read)
             grad_shift = _expert_sums(x_c, experts, r, N, x_rows if in_sums else None)
@@ -590,7 +617,7 @@ class _SparseTopK(torch.autograd.Function):
                                     + per_expert.sum(1) @ shift.float())
                 else:
                     grad_centre = -(g_b @ W_rows)
-                grad_centre = grad_centre.to(x_c.dtype)
+                grad_centre = grad_centre.to(ctx.x_dtype)
         if weights is not None and want_w:
             # ∂f/∂w_i = z_i for each pick from expert slot i
             grad_w = torch.zeros(weights.shape, dtype=torch.float32, device=W.device).scatter_add_(

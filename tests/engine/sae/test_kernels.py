@@ -159,6 +159,26 @@ def test_expert_plan_and_pack_rows_lay_out_the_grouped_gemms_buffer(device, P, N
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_centred_rows_are_the_difference_rounded_once(device, dtype):
+    """`centred_rows` against (X − c).to(dtype): compiled, bit for bit; through Triton's
+    interpreter, which rounds to half precision by truncation, within one step of it. Rows of
+    a strided X, d not a power of two; float32 inputs only."""
+    gen = torch.Generator().manual_seed(9)
+    X = torch.randn(37, 150, generator=gen)[:, :131].to(device)  # rows strided
+    c = torch.randn(131, generator=gen).to(device)
+    got, want = kernels.centred_rows(X, c, dtype), (X - c).to(dtype)
+    assert got.dtype == dtype and got.shape == (37, 131)
+    if device == "cpu":
+        assert torch.allclose(got.float(), want.float(), rtol=2**-7 if dtype == torch.bfloat16
+                              else 2**-10, atol=1e-6)
+    else:
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="centred_rows takes"):
+        kernels.centred_rows(X.double(), c.double(), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("R", [1, 3, 300])
 def test_squared_error_and_spread_from_one_read(device, R):
     """`kernels.squared_error` against `F.mse_loss` (sum) and the spread about the mean

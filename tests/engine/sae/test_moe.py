@@ -333,6 +333,47 @@ def test_the_encoder_gradient_sums_the_rows_the_products_read(triton_interpreter
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("arch", ["scale", "topk"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_centred_rows_written_once_in_bf16_change_no_bit(arch, device, monkeypatch, request):
+    """Under bf16 autocast with the Triton kernels, x − b_gate and x − b_dec are written once
+    in bf16 (`kernels.centred_rows`, `moe.ROUND_CENTRED_ROWS`) where PyTorch wrote them in
+    float32 and cast them: compiled, the same codes, loss and gradients, bit for bit; on the CPU
+    through Triton's interpreter (CUDA's choices made by hand), which rounds to bf16 by
+    truncation, the same loss within that rounding."""
+    from engine.sae import base, cpu_kernels, kernels, moe, scale
+
+    if device == "cpu":
+        kernels = request.getfixturevalue("triton_interpreter")
+        monkeypatch.setattr(kernels, "ENABLED", {"cpu": True})
+        monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+        monkeypatch.setattr(base, "expert_encoder", lambda *a: moe.grouped_expert_encode_gmm)
+        for module in (moe, scale):
+            monkeypatch.setattr(module, "folds_scaling", lambda *a: moe.CUDA_SCALING != "formed")
+    calls, real = [], kernels.centred_rows
+    monkeypatch.setattr(kernels, "centred_rows", lambda *a: calls.append(1) or real(*a))
+    sae = make(arch, d_in=64, width=512, experts=8).to(device)  # rows of 16-byte multiples
+    sae.kernels = "fast"
+    x = 2 * torch.randn(64, sae.cfg.d_in, generator=torch.Generator().manual_seed(8)).to(device)
+    got = []
+    for rounded in (True, False):
+        monkeypatch.setattr(moe, "ROUND_CENTRED_ROWS", rounded)
+        sae.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = sae(x)
+        (out.mse + 0.3 * out.lb_loss).backward()
+        got.append({"loss": out.mse.detach(), "codes": out.codes.top_indices.sort(1).values,
+                    **{n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}})
+    assert len(calls) == (2 if arch == "scale" else 1)  # the router's and the encoder's
+    assert got[0].keys() == got[1].keys()
+    if device == "cpu":
+        assert torch.allclose(got[0]["loss"], got[1]["loss"], rtol=2**-7)
+        return
+    for name, value in got[0].items():
+        assert torch.equal(value, got[1][name]), name
+
+
 def test_b_decs_gradient_takes_the_column_sums_the_loss_made(monkeypatch, numba_kernels):
     """On the CPU the squared error's backward sums its gradient's rows as it writes them, and
     the decode hands those to b_dec (`moe.column_sums`) instead of a pass of its own: the
