@@ -33,8 +33,9 @@ fusions: an A/B of this round's choices on CUDA in the trainer's step (bf16, rec
          `torch.topk`), the row TopK's keys of 16-bit values as 32-bit integers (against
          64-bit), the grouped GEMM's layout and buffer from `expert_plan` and `pack_rows`
          (against a radix sort, small passes and a gather and `index_copy_`), x − b_gate and
-         x − b_dec written once in bf16 (against float32 and a cast: this one for dense TopK
-         too); and the same SAE without Feature Scaling, what its forms could at most save.
+         x − b_dec written once in bf16 (against float32 and a cast), b_dec's gradient through
+         the encoder from the bf16 weights the products read (against the float32 master
+         weights) — these two for dense TopK too; and the same SAE without Feature Scaling, what its forms could at most save.
          Dense TopK's step, which runs none of them, timed beside for the ratio. (The previous
          round's A/B — the loss, the decode's bias, the decoder's gradients, the encoder's bf16
          rows, the loss kernel's tiles — is in `benchmarks/results/profile-gpu-h100-f1862c3.json`
@@ -288,7 +289,9 @@ def _fusion_variants(scale: bool) -> dict:
     from engine.sae import kernels, moe
 
     variants = {"the default": _patched_all([]),
-                "x − centre in float32, then cast": _patched(moe, "ROUND_CENTRED_ROWS", False)}
+                "x − centre in float32, then cast": _patched(moe, "ROUND_CENTRED_ROWS", False),
+                "centre's gradient from float32 W": _patched(moe, "CENTRE_GRAD_FROM_PRODUCTS",
+                                                              False)}
     if not scale:
         return variants
     undone = {
@@ -297,6 +300,7 @@ def _fusion_variants(scale: bool) -> dict:
         "row TopK: 64-bit keys": [(kernels, "BLOCKS", {**kernels.BLOCKS, "topk_narrow": 0})],
         "GEMM layout: sort + passes": [(moe, "FUSED_EXPERT_PLAN", False)],
         "x − centre in float32, then cast": [(moe, "ROUND_CENTRED_ROWS", False)],
+        "centre's gradient from float32 W": [(moe, "CENTRE_GRAD_FROM_PRODUCTS", False)],
     }
     variants.update({label: _patched_all(changes) for label, changes in undone.items()})
     variants["Feature Scaling: in the GEMM's epilogue"] = _patched(moe, "CUDA_SCALING", "epilogue")

@@ -449,6 +449,14 @@ CUDA_SCALING = "sums"
   pass), the shifts' gradient one [N, B] × [B, d] product in the products' dtype accumulated in
   float32 (`expert_sums`); no pass over [N, m, d] but the one forming Ŵ."""
 
+CENTRE_GRAD_FROM_PRODUCTS = True
+"""Where the encoder's gradient reads the rows in the products' dtype (`ENCODER_ROWS_IN_COMPUTE_DTYPE`
+and the Triton kernels), the centre's gradient −∂b · W is one product with the half-precision
+weights the forward's products read (Ŵ itself where Feature Scaling runs as "sums"),
+accumulated in float32, instead of a float32 product with the master weights (and, with
+Feature Scaling folded in, two more terms). A switch for `benchmarks/profile_gpu.py --parts
+fusions`' A/B."""
+
 ENCODER_ROWS_IN_COMPUTE_DTYPE = True
 """Where the Triton kernels run, the encoder's weight gradient sums the rows of x − centre in
 the products' dtype (bf16 under autocast: half the bytes gathered, and the rows autocast's own
@@ -544,8 +552,12 @@ class _SparseTopK(torch.autograd.Function):
         # the rows W's gradient sums: where the Triton kernels run, x − centre as the products
         # read it (bf16 under autocast, as autocast's own backward of the products reads it)
         x_rows = xc if ENCODER_ROWS_IN_COMPUTE_DTYPE and kernels.use(xc) else None
+        # and the centre's gradient, −∂b · W, from the weights the products read (Ŵ in bf16
+        # where "sums" wrote it), as autocast's own backward of the products reads them
+        W_products = (Wc if CENTRE_GRAD_FROM_PRODUCTS and x_rows is not None
+                      and Wc.dtype != W.dtype and (scale is None or in_sums) else None)
         ctx.save_for_backward(x_c, W, idx_all, z_all.float(), slot, weights, experts, scale,
-                              shift, u_all if scale is not None else None, x_rows)
+                              shift, u_all if scale is not None else None, x_rows, W_products)
         ctx.k = k
         ctx.mean_grad = mean_grad
         ctx.in_sums = in_sums
@@ -560,7 +572,7 @@ class _SparseTopK(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_top, _g_idx, g_aux, _g_aux_idx):
-        x_c, W, idx, z, slot, weights, experts, scale, shift, u, x_rows = ctx.saved_tensors
+        x_c, W, idx, z, slot, weights, experts, scale, shift, u, x_rows, W_products = ctx.saved_tensors
         N, m, d = W.shape
         g = g_top if g_aux is None else torch.cat([g_top, g_aux], 1)
         g = g.float()
@@ -611,7 +623,10 @@ class _SparseTopK(torch.autograd.Function):
             if want_b:
                 grad_b = g_b.view(N, m).to(W.dtype)
             if want_centre:  # x_c = x − centre: −Σ_tokens ∂x_c = −∂b · W (see the docstring)
-                if fold:  # Ŵ[f] = scale_i · W[f] + shift_i
+                if W_products is not None:  # the weights the products read (Ŵ in "sums")
+                    grad_centre = -mm_float32(g_b.to(W_products.dtype)[None],
+                                              W_products.reshape(N * m, d))[0]
+                elif fold:  # Ŵ[f] = scale_i · W[f] + shift_i
                     per_expert = g_b.view(N, m)
                     grad_centre = -((per_expert * scale.float()[:, None]).reshape(-1) @ W_rows
                                     + per_expert.sum(1) @ shift.float())
