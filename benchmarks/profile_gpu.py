@@ -35,7 +35,8 @@ fusions: an A/B of this round's choices on CUDA in the trainer's step (bf16, rec
          (against a radix sort, small passes and a gather and `index_copy_`), x − b_gate and
          x − b_dec written once in bf16 (against float32 and a cast), b_dec's gradient through
          the encoder from the bf16 weights the products read (against the float32 master
-         weights) — these two for dense TopK too; and the same SAE without Feature Scaling, what its forms could at most save.
+         weights), what the TopK keeps of its picks from one pass (`kernels.picks`, against
+         gathers and index passes) — these three for dense TopK too; and the same SAE without Feature Scaling, what its forms could at most save.
          Dense TopK's step, which runs none of them, timed beside for the ratio. (The previous
          round's A/B — the loss, the decode's bias, the decoder's gradients, the encoder's bf16
          rows, the loss kernel's tiles — is in `benchmarks/results/profile-gpu-h100-f1862c3.json`
@@ -291,7 +292,8 @@ def _fusion_variants(scale: bool) -> dict:
     variants = {"the default": _patched_all([]),
                 "x − centre in float32, then cast": _patched(moe, "ROUND_CENTRED_ROWS", False),
                 "centre's gradient from float32 W": _patched(moe, "CENTRE_GRAD_FROM_PRODUCTS",
-                                                              False)}
+                                                              False),
+                "picks: gathers and index passes": _patched(moe, "FUSED_PICKS", False)}
     if not scale:
         return variants
     undone = {
@@ -301,6 +303,7 @@ def _fusion_variants(scale: bool) -> dict:
         "GEMM layout: sort + passes": [(moe, "FUSED_EXPERT_PLAN", False)],
         "x − centre in float32, then cast": [(moe, "ROUND_CENTRED_ROWS", False)],
         "centre's gradient from float32 W": [(moe, "CENTRE_GRAD_FROM_PRODUCTS", False)],
+        "picks: gathers and index passes": [(moe, "FUSED_PICKS", False)],
     }
     variants.update({label: _patched_all(changes) for label, changes in undone.items()})
     variants["Feature Scaling: in the GEMM's epilogue"] = _patched(moe, "CUDA_SCALING", "epilogue")

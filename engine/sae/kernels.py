@@ -59,6 +59,7 @@ BLOCKS: dict[str, int] = {"segment_d": 128, "segment_p": 8, "segment_warps": 1,
                           "route_elems": 1024, "route_warps": 4,
                           "plan_elems": 16384, "plan_parts": 32768, "plan_warps": 4,
                           "pack_rows": 32, "pack_d": 64, "pack_warps": 4,
+                          "picks_elems": 1024, "picks_warps": 4,
                           "loss_rows": 256, "loss_block": 16, "loss_d": 64,
                           "loss_total": 1024, "loss_warps": 4,
                           "diff_elems": 2048, "diff_warps": 4}
@@ -77,6 +78,7 @@ whether 16-bit values' keys are 32-bit integers rather than 64-bit (`topk_narrow
 elements of a `top_experts` program (whole rows of router probabilities) and its warps; the
 most (pair, expert) elements an `expert_plan` program holds for its block of pairs, and for all
 blocks' counts, and its warps; the pairs, columns and warps of a `pack_rows` program; the
+picks (whole rows of k) and warps of a `picks` program; the
 rows of a `squared_error` program, how many it reads at once, its columns and warps, and the
 partial sums the one program adding them up reads at once (on an H100, the recorded Scale e=2
 step took 1.764 ms with 256 rows 16 at a time, 1.772 with 64 rows, 1.859 with 32 rows 8 at a
@@ -412,6 +414,32 @@ def _centred_rows_kernel(X, c, out, R, d, stride_x, BLOCK_R: tl.constexpr, BLOCK
              mask=mask)
 
 
+def _picks_kernel(pos, top, pre, experts, idx, slot, z, vals, R, k, e, m, stride_pre,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROUTED: tl.constexpr):
+    """For each token r's TopK picks j (candidate positions pos[r, j], weighted values
+    top[r, j]): vals = ReLU(top) and z = ReLU(pre[r, pos]) in vals' and z's dtypes, and the
+    pick's feature idx — with ROUTED, candidate p is row p % m of the token's expert
+    experts[r, p // m] (its slot p // m written too), else feature p."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    j = tl.arange(0, BLOCK_K)
+    mask = (rows < R)[:, None] & (j < k)[None, :]
+    rows64 = rows.to(tl.int64)
+    at = rows64[:, None] * k + j[None, :]
+    p = tl.load(pos + at, mask=mask, other=0).to(tl.int64)
+    t = tl.load(top + at, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(pre + rows64[:, None] * stride_pre + p, mask=mask, other=0.0).to(tl.float32)
+    if ROUTED:
+        s = p // m
+        ex = tl.load(experts + rows64[:, None] * e + s, mask=mask, other=0).to(tl.int64)
+        tl.store(slot + at, s, mask=mask)
+        f = ex * m + (p - s * m)
+    else:
+        f = p
+    tl.store(idx + at, f, mask=mask)
+    tl.store(z + at, tl.maximum(u, 0.0).to(z.dtype.element_ty), mask=mask)
+    tl.store(vals + at, tl.maximum(t, 0.0).to(vals.dtype.element_ty), mask=mask)
+
+
 def _squared_error_kernel(A, Bt, sse, sq, colsum, R, d, ROWS: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial sums over ROWS rows from block program 0 (BLOCK_R at a time) and the columns in
@@ -489,7 +517,8 @@ def _compiled():
                        _adam_rows_kernel, _expert_rows_kernel, _group_sums_kernel,
                        _row_topk_kernel, _squared_error_kernel, _squared_error_total_kernel,
                        _scaled_diff_kernel, _top_experts_kernel, _expert_counts_kernel,
-                       _expert_dest_kernel, _pack_rows_kernel, _centred_rows_kernel)}
+                       _expert_dest_kernel, _pack_rows_kernel, _centred_rows_kernel,
+                       _picks_kernel)}
 
 
 def available(device: torch.device) -> bool:
@@ -588,7 +617,7 @@ def _check_kernels(device: torch.device) -> bool:
     top, at = row_topk(X.T.contiguous(), 2)
     sums = group_sums(X.view(1, 5, 3), X.view(1, 5, 3))
     # both decoder gradients of a decode of 2 tokens × 2 picks, picks sorted by feature (row)
-    picks = torch.tensor([[0, 4], [2, 0]], device=device)
+    chosen = torch.tensor([[0, 4], [2, 0]], device=device)
     acts = torch.tensor([[1.0, -2.0], [0.5, 3.0]], device=device)
     order = torch.tensor([0, 3, 2, 1], device=device)  # features 0, 0, 2, 4
     grad_acts, grad_W = decoder_grads(X[:2], X, acts, order // 2, order,
@@ -603,12 +632,14 @@ def _check_kernels(device: torch.device) -> bool:
             and torch.equal(packed[dest], X[ix])
             and torch.equal(top_experts(X.T.softmax(1).contiguous(), 2), X.T.topk(2).indices)
             and torch.allclose(scaled, 2 * want + X[:1], atol=1e-5)
+            and picks(ix.view(1, 5), w.view(1, 5), X.T.reshape(1, 15), ix.view(1, 5), 3,
+                      torch.float32)[0].tolist() == [[0, 13, 2, 2, 1]]
             and torch.allclose(centred_rows(X, X[0], torch.bfloat16).float(), X - X[0],
                                rtol=2**-7, atol=1e-6)
             and torch.allclose(row_dots, (want * X[:3]).sum(1), atol=1e-5)
-            and torch.allclose(grad_acts, (X[:2, None, :] * X[picks]).sum(-1), atol=1e-5)
+            and torch.allclose(grad_acts, (X[:2, None, :] * X[chosen]).sum(-1), atol=1e-5)
             and torch.allclose(grad_W, torch.zeros_like(X).index_add_(
-                0, picks.reshape(-1), (acts[:, :, None] * X[:2, None, :]).reshape(-1, 3)),
+                0, chosen.reshape(-1), (acts[:, :, None] * X[:2, None, :]).reshape(-1, 3)),
                 atol=1e-5)
             and torch.allclose(sse, (X - X.flip(0)).square().sum(), atol=1e-4)
             and torch.allclose(spread, (X.flip(0) - X.mean(0)).square().sum(), atol=1e-4)
@@ -1070,3 +1101,30 @@ def centred_rows(X: Tensor, c: Tensor, dtype: torch.dtype) -> Tensor:
         _kernels(X)["centred_rows"][(triton.cdiv(R, br),)](X, c.contiguous(), out, R, d, X.stride(0),
                                                            BLOCK_R=br, BLOCK_D=bd, **extra)
     return out
+
+
+def picks(pos: Tensor, top: Tensor, pre: Tensor, experts: Tensor | None, m: int,
+          out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """What the sparse TopK keeps of its k picks a token, in one pass: (features [B, k] int64,
+    slots [B, k] int64 or None, z = ReLU(pre[b, pos]) [B, k] float32, the codes ReLU(top)
+    [B, k] in `out_dtype`), for candidate positions `pos` [B, k], their weighted values `top`
+    [B, k] and the candidates' pre-activations before weighting `pre` [B, n]; with `experts`
+    [B, e] candidate p is row p % m of expert experts[b, p // m] (its slot p // m), else
+    feature p. PyTorch takes a gather, two ReLUs, two casts and five index passes."""
+    B, k = pos.shape
+    if top.shape != (B, k) or pre.shape[0] != B or pre.stride(1) != 1:
+        raise ValueError("picks takes positions and values [B, k] and row-major candidates [B, n]")
+    dev = pos.device
+    idx = torch.empty(B, k, dtype=torch.long, device=dev)
+    slot = torch.empty(B, k, dtype=torch.long, device=dev) if experts is not None else None
+    z = torch.empty(B, k, dtype=torch.float32, device=dev)
+    vals = torch.empty(B, k, dtype=out_dtype, device=dev)
+    br, bk, extra = _row_tiles(k, "picks_elems", "picks_warps")
+    if B and k:
+        e = experts.shape[1] if experts is not None else 1
+        _kernels(pos)["picks"][(triton.cdiv(B, br),)](
+            pos.contiguous(), top.contiguous(), pre,
+            experts.contiguous() if experts is not None else pos, idx,
+            slot if slot is not None else idx, z, vals, B, k, e, m, pre.stride(0), BLOCK_R=br,
+            BLOCK_K=bk, ROUTED=experts is not None, **extra)
+    return idx, slot, z, vals

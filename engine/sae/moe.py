@@ -449,6 +449,12 @@ CUDA_SCALING = "sums"
   pass), the shifts' gradient one [N, B] × [B, d] product in the products' dtype accumulated in
   float32 (`expert_sums`); no pass over [N, m, d] but the one forming Ŵ."""
 
+FUSED_PICKS = True
+"""Where the Triton kernels run and AuxK adds no picks, what the sparse TopK keeps of its picks
+(features, slots, z and the codes) from one pass (`kernels.picks`) instead of a gather, two
+ReLUs, two casts and five index passes. A switch for `benchmarks/profile_gpu.py --parts
+fusions`' A/B."""
+
 CENTRE_GRAD_FROM_PRODUCTS = True
 """Where the encoder's gradient reads the rows in the products' dtype (`ENCODER_ROWS_IN_COMPUTE_DTYPE`
 and the Triton kernels), the centre's gradient −∂b · W is one product with the half-precision
@@ -489,6 +495,8 @@ class _SparseTopK(torch.autograd.Function):
                 scale, shift, mean_grad):
         N, m, d = W.shape
         u_all = scaling = None
+        # x − centre's promoted dtype: the codes' and the gradients'
+        x_dtype = x.dtype if centre is None else torch.promote_types(x.dtype, centre.dtype)
         with torch.no_grad():
             cpu_picks = compute_dtype == x.dtype and _picks_on_cpu(x, experts, encode)
             if scale is not None and cpu_picks:  # folded Feature Scaling on the CPU's path:
@@ -529,7 +537,9 @@ class _SparseTopK(torch.autograd.Function):
                 f_pre = _weighted(pre, wc)
                 top_f, pos = topk_candidates(f_pre, k)
                 picks = [pos]
-                outs = [top_f.relu_()]
+                one_pass = (FUSED_PICKS and (dead is None or k_aux == 0) and kernels.use(pre)
+                            and (scale is None or in_sums))
+                outs = [top_f if one_pass else top_f.relu_()]
                 if dead is not None and k_aux > 0:
                     is_dead = _dead_candidates(dead, experts, m, f_pre)
                     masked = f_pre.masked_fill(~is_dead, float("-inf"))
@@ -538,11 +548,15 @@ class _SparseTopK(torch.autograd.Function):
                     aux_f, apos = topk_candidates(masked, k_aux)
                     picks.append(apos)
                     outs.append(aux_f.relu_())
-                # z of each pick before weighting
-                z_all = pre.gather(1, torch.cat(picks, 1)).relu_()
-                pos_all = torch.cat(picks, 1)
-                idx_all = _feature_index(pos_all, experts, m)
-                slot = pos_all // m if experts is not None else None
+                if one_pass:  # features, slots, z and the codes from one pass over the picks
+                    idx_all, slot, z_all, codes = kernels.picks(pos, top_f, pre, experts, m,
+                                                                x_dtype)
+                    outs = [codes]
+                else:  # z of each pick before weighting
+                    z_all = pre.gather(1, torch.cat(picks, 1)).relu_()
+                    pos_all = torch.cat(picks, 1)
+                    idx_all = _feature_index(pos_all, experts, m)
+                    slot = pos_all // m if experts is not None else None
                 if scale is not None and not in_sums:  # the picks' W_i x, where the encode left them
                     pair = torch.arange(B, device=x.device)[:, None] * e + slot
                     u_all = scaled.products[scaled.rows[pair], pos_all % m].float()
@@ -561,8 +575,7 @@ class _SparseTopK(torch.autograd.Function):
         ctx.k = k
         ctx.mean_grad = mean_grad
         ctx.in_sums = in_sums
-        # x − centre's promoted dtype: the codes' and the gradients'
-        ctx.x_dtype = x_dtype = x.dtype if centre is None else torch.promote_types(x.dtype, centre.dtype)
+        ctx.x_dtype = x_dtype
         ctx.mark_non_differentiable(idx_all)
         top_idx = idx_all[:, :k]
         ctx.shared = top_idx._feature_groups = FeatureGroups()  # for the decoder's backward

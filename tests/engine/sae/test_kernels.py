@@ -179,6 +179,33 @@ def test_centred_rows_are_the_difference_rounded_once(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("routed", [True, False], ids=["routed", "dense"])
+def test_picks_are_the_gathers_and_index_passes(device, routed):
+    """`picks` against the PyTorch passes it replaces (`moe._SparseTopK`): each pick's feature
+    (row p % m of the token's expert in slot p // m, or p itself), slot, z = ReLU(pre at the
+    pick) in float32 and the codes ReLU(top) in the asked dtype — negative values among them,
+    k not a power of two."""
+    from engine.sae.moe import _feature_index
+
+    gen = torch.Generator().manual_seed(13)
+    B, k, e, m = 21, 7, 3, 10
+    n = e * m if routed else 40
+    pre = torch.randn(B, n, generator=gen).to(torch.bfloat16)
+    experts = torch.stack([torch.randperm(8, generator=gen)[:e] for _ in range(B)]) if routed else None
+    pos = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(B)])
+    top = torch.randn(B, k, generator=gen).to(torch.bfloat16)
+    idx, slot, z, codes = kernels.picks(pos.to(device), top.to(device), pre.to(device),
+                                        experts.to(device) if routed else None, m, torch.float32)
+    assert torch.equal(idx.cpu(), _feature_index(pos, experts, m))
+    assert (slot is None) != routed and (not routed or torch.equal(slot.cpu(), pos // m))
+    assert z.dtype == codes.dtype == torch.float32
+    assert torch.equal(z.cpu(), pre.gather(1, pos).relu().float())
+    assert torch.equal(codes.cpu(), top.relu().float())
+    with pytest.raises(ValueError, match="picks takes"):
+        kernels.picks(pos.to(device), top[:, :3].to(device), pre.to(device), None, m, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("R", [1, 3, 300])
 def test_squared_error_and_spread_from_one_read(device, R):
     """`kernels.squared_error` against `F.mse_loss` (sum) and the spread about the mean
