@@ -36,7 +36,9 @@ fusions: an A/B of this round's choices on CUDA in the trainer's step (bf16, rec
          x − b_dec written once in bf16 (against float32 and a cast), b_dec's gradient through
          the encoder from the bf16 weights the products read (against the float32 master
          weights), what the TopK keeps of its picks from one pass (`kernels.picks`, against
-         gathers and index passes) — these three for dense TopK too; and the same SAE without Feature Scaling, what its forms could at most save.
+         gathers and index passes) — these three for dense TopK too —, the backward over a
+         routed SAE's picks from one pass (`kernels.pick_grads`, against a gather, a where
+         and scatter-adds); and the same SAE without Feature Scaling, what its forms could at most save.
          Dense TopK's step, which runs none of them, timed beside for the ratio. (The previous
          round's A/B — the loss, the decode's bias, the decoder's gradients, the encoder's bf16
          rows, the loss kernel's tiles — is in `benchmarks/results/profile-gpu-h100-f1862c3.json`
@@ -304,6 +306,7 @@ def _fusion_variants(scale: bool) -> dict:
         "x − centre in float32, then cast": [(moe, "ROUND_CENTRED_ROWS", False)],
         "centre's gradient from float32 W": [(moe, "CENTRE_GRAD_FROM_PRODUCTS", False)],
         "picks: gathers and index passes": [(moe, "FUSED_PICKS", False)],
+        "picks' backward: gather, where, scatters": [(moe, "FUSED_PICK_GRADS", False)],
     }
     variants.update({label: _patched_all(changes) for label, changes in undone.items()})
     variants["Feature Scaling: in the GEMM's epilogue"] = _patched(moe, "CUDA_SCALING", "epilogue")

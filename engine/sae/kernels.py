@@ -60,6 +60,7 @@ BLOCKS: dict[str, int] = {"segment_d": 128, "segment_p": 8, "segment_warps": 1,
                           "plan_elems": 16384, "plan_parts": 32768, "plan_warps": 4,
                           "pack_rows": 32, "pack_d": 64, "pack_warps": 4,
                           "picks_elems": 1024, "picks_warps": 4,
+                          "pick_grads_elems": 2048, "pick_grads_warps": 4,
                           "loss_rows": 256, "loss_block": 16, "loss_d": 64,
                           "loss_total": 1024, "loss_warps": 4,
                           "diff_elems": 2048, "diff_warps": 4}
@@ -78,7 +79,8 @@ whether 16-bit values' keys are 32-bit integers rather than 64-bit (`topk_narrow
 elements of a `top_experts` program (whole rows of router probabilities) and its warps; the
 most (pair, expert) elements an `expert_plan` program holds for its block of pairs, and for all
 blocks' counts, and its warps; the pairs, columns and warps of a `pack_rows` program; the
-picks (whole rows of k) and warps of a `picks` program; the
+picks (whole rows of k) and warps of a `picks` program; the elements (rows of k picks, or of N
+experts where wider) and warps of a `pick_grads` program; the
 rows of a `squared_error` program, how many it reads at once, its columns and warps, and the
 partial sums the one program adding them up reads at once (on an H100, the recorded Scale e=2
 step took 1.764 ms with 256 rows 16 at a time, 1.772 with 64 rows, 1.859 with 32 rows 8 at a
@@ -440,6 +442,40 @@ def _picks_kernel(pos, top, pre, experts, idx, slot, z, vals, R, k, e, m, stride
     tl.store(vals + at, tl.maximum(t, 0.0).to(vals.dtype.element_ty), mask=mask)
 
 
+def _pick_grads_kernel(g, z, slot, wts, experts, g_pre, grad_w, per_expert, R, k, e, N,
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PER_EXPERT: tl.constexpr):
+    """For each token r's picks j from expert slot slot[r, j] (weight wts[r, slot], value
+    before weighting z[r, j] ≥ 0, gradient g[r, j]): g_pre = g · w where z > 0, else 0;
+    grad_w[r, s] = Σ over the slot's picks of g · z; with PER_EXPERT, per_expert[r, i] = Σ of
+    g_pre over the picks of the slot whose expert is i (0 for the experts the token skips)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    j = tl.arange(0, BLOCK_K)
+    rmask = rows < R
+    mask = rmask[:, None] & (j < k)[None, :]
+    rows64 = rows.to(tl.int64)
+    at = rows64[:, None] * k + j[None, :]
+    gv = tl.load(g + at, mask=mask, other=0.0).to(tl.float32)
+    zv = tl.load(z + at, mask=mask, other=0.0).to(tl.float32)
+    sl = tl.load(slot + at, mask=mask, other=0)
+    w = tl.load(wts + rows64[:, None] * e + sl, mask=mask, other=0.0).to(tl.float32)
+    gp = tl.where(zv > 0, gv * w, 0.0)
+    tl.store(g_pre + at, gp, mask=mask)
+    cols = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for s in range(e):
+        mine = sl == s
+        tl.store(grad_w + rows64 * e + s,
+                 tl.sum(tl.where(mine, gv * zv, 0.0), axis=1).to(grad_w.dtype.element_ty), mask=rmask)
+        if PER_EXPERT:
+            ex = tl.load(experts + rows64 * e + s, mask=rmask, other=-1)
+            acc += tl.where(cols[None, :] == ex[:, None],
+                            tl.sum(tl.where(mine, gp, 0.0), axis=1)[:, None], 0.0)
+    if PER_EXPERT:
+        tl.store(per_expert + rows64[:, None] * N + cols[None, :], acc,
+                 mask=rmask[:, None] & (cols < N)[None, :])
+
+
 def _squared_error_kernel(A, Bt, sse, sq, colsum, R, d, ROWS: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial sums over ROWS rows from block program 0 (BLOCK_R at a time) and the columns in
@@ -518,7 +554,7 @@ def _compiled():
                        _row_topk_kernel, _squared_error_kernel, _squared_error_total_kernel,
                        _scaled_diff_kernel, _top_experts_kernel, _expert_counts_kernel,
                        _expert_dest_kernel, _pack_rows_kernel, _centred_rows_kernel,
-                       _picks_kernel)}
+                       _picks_kernel, _pick_grads_kernel)}
 
 
 def available(device: torch.device) -> bool:
@@ -625,6 +661,11 @@ def _check_kernels(device: torch.device) -> bool:
     sse, spread = squared_error(X, X.flip(0))
     scaled, row_dots = scaled_segment_sum(X, ix, w, offsets, torch.full((1,), 2.0, device=device),
                                           X[:1], X[:3])
+    # one token's 5 picks (gradients w) in slots 0, 0, 0, 0, 1 of its experts 0 and 4
+    slots, weights = (ix % 2).view(1, 5), torch.tensor([[0.25, 0.75]], device=device)
+    per_expert = pick_grads(w.view(1, 5), w.abs().view(1, 5), slots, weights, ix[None, :2], 5)[2]
+    want_per = torch.tensor([[0.25 * float(w[:4].sum()), 0, 0, 0, 0.75 * float(w[4])]],
+                            device=device)
     dest, ends = expert_plan(ix, 5, 2)  # pairs naming experts 0, 4, 2, 2, 1
     packed = pack_rows(X, ix, dest, torch.zeros(9, 3, device=device))
     return (torch.allclose(segment_sum(X, ix, w, offsets), want, atol=1e-5)
@@ -632,6 +673,7 @@ def _check_kernels(device: torch.device) -> bool:
             and torch.equal(packed[dest], X[ix])
             and torch.equal(top_experts(X.T.softmax(1).contiguous(), 2), X.T.topk(2).indices)
             and torch.allclose(scaled, 2 * want + X[:1], atol=1e-5)
+            and torch.allclose(per_expert, want_per, atol=1e-5)
             and picks(ix.view(1, 5), w.view(1, 5), X.T.reshape(1, 15), ix.view(1, 5), 3,
                       torch.float32)[0].tolist() == [[0, 13, 2, 2, 1]]
             and torch.allclose(centred_rows(X, X[0], torch.bfloat16).float(), X - X[0],
@@ -1128,3 +1170,32 @@ def picks(pos: Tensor, top: Tensor, pre: Tensor, experts: Tensor | None, m: int,
             slot if slot is not None else idx, z, vals, B, k, e, m, pre.stride(0), BLOCK_R=br,
             BLOCK_K=bk, ROUTED=experts is not None, **extra)
     return idx, slot, z, vals
+
+
+def pick_grads(g: Tensor, z: Tensor, slot: Tensor, weights: Tensor, experts: Tensor,
+               n_experts: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The routed sparse TopK's backward over its picks in one pass, for picks [B, k] with
+    gradients g, values before weighting z (≥ 0) and expert slots `slot`, the tokens' expert
+    weights [B, e] and experts [B, e]: (g_pre = g · w_slot where z > 0, else 0 [B, k] float32;
+    ∂w [B, e] in weights' dtype, Σ over each slot's picks of g · z; with n_experts > 0,
+    [B, n_experts] float32 of Σ g_pre over each slot's picks at the slot's expert, else None).
+    PyTorch takes a gather, a where and three scatter-adds into zeroed tensors."""
+    B, k = g.shape
+    e = weights.shape[1]
+    if (z.shape != (B, k) or slot.shape != (B, k) or weights.shape != (B, e)
+            or experts.shape != (B, e)):
+        raise ValueError("pick_grads takes g, z, slot [B, k] and weights, experts [B, e]")
+    dev = g.device
+    g_pre = torch.empty(B, k, dtype=torch.float32, device=dev)
+    grad_w = torch.empty(B, e, dtype=weights.dtype, device=dev)
+    per = torch.empty(B, n_experts, dtype=torch.float32, device=dev) if n_experts else None
+    width = max(k, n_experts)
+    br, _, extra = _row_tiles(width, "pick_grads_elems", "pick_grads_warps")
+    if B:
+        _kernels(g)["pick_grads"][(triton.cdiv(B, br),)](
+            g.contiguous(), z.contiguous(), slot.contiguous(), weights.contiguous(),
+            experts.contiguous(), g_pre, grad_w, per if per is not None else g_pre, B, k, e,
+            max(n_experts, 1), BLOCK_R=br, BLOCK_K=triton.next_power_of_2(max(k, 1)),
+            BLOCK_N=triton.next_power_of_2(max(n_experts, 1)), PER_EXPERT=per is not None,
+            **extra)
+    return g_pre, grad_w, per

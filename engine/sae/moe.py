@@ -449,6 +449,13 @@ CUDA_SCALING = "sums"
   pass), the shifts' gradient one [N, B] × [B, d] product in the products' dtype accumulated in
   float32 (`expert_sums`); no pass over [N, m, d] but the one forming Ŵ."""
 
+FUSED_PICK_GRADS = True
+"""Where the Triton kernels run, a routed SAE's backward over its picks (each pick's
+∂loss/∂pre, the expert weights' gradient and, with Feature Scaling as "sums", each token's
+sums per expert) from one pass (`kernels.pick_grads`) instead of a gather, a where and three
+scatter-adds into zeroed tensors. A switch for `benchmarks/profile_gpu.py --parts fusions`'
+A/B."""
+
 FUSED_PICKS = True
 """Where the Triton kernels run and AuxK adds no picks, what the sparse TopK keeps of its picks
 (features, slots, z and the codes) from one pass (`kernels.picks`) instead of a gather, two
@@ -589,21 +596,30 @@ class _SparseTopK(torch.autograd.Function):
         N, m, d = W.shape
         g = g_top if g_aux is None else torch.cat([g_top, g_aux], 1)
         g = g.float()
-        live = z > 0  # ReLU'(pre) = 1[pre > 0]
-        w_pick = weights.float().gather(1, slot) if weights is not None else torch.ones_like(g)
-        g_pre = torch.where(live, g * w_pick, torch.zeros_like(g))  # ∂loss/∂pre of each pick
-        # pre = W[f] · x_c + b[f], or with Feature Scaling folded in scale_i · (W[f] · x_c) +
-        # ⟨shift_i, x_c⟩ + b[f] for f in expert i: ∂loss/∂(W[f] · x_c) of each pick
         fold = scale is not None
         in_sums = fold and ctx.in_sums  # the scale applied in W's segmented sum (`scaled_scatter_rows`)
+        want_w = ctx.needs_input_grad[4]
+        grad_w = per_expert = None
+        if (FUSED_PICK_GRADS and weights is not None and (not fold or in_sums)
+                and kernels.use(g)):  # g_pre, ∂w and each token's sums per expert, one pass
+            g_pre, grad_w, per_expert = kernels.pick_grads(g, z, slot, weights, experts,
+                                                           N if in_sums else 0)
+        else:
+            live = z > 0  # ReLU'(pre) = 1[pre > 0]
+            w_pick = weights.float().gather(1, slot) if weights is not None else torch.ones_like(g)
+            g_pre = torch.where(live, g * w_pick, torch.zeros_like(g))  # ∂loss/∂pre of each pick
+        # pre = W[f] · x_c + b[f], or with Feature Scaling folded in scale_i · (W[f] · x_c) +
+        # ⟨shift_i, x_c⟩ + b[f] for f in expert i: ∂loss/∂(W[f] · x_c) of each pick
         g_rows = g_pre
-        if in_sums:  # Σ of g_pre over each slot's picks
+        if in_sums and per_expert is None:  # Σ of g_pre over each slot's picks
             r = g_pre.new_zeros(experts.shape).scatter_add_(1, slot, g_pre)
+        elif in_sums:
+            r = None  # summed per expert by the pass above
         elif fold:  # g_pre · scale_i, and Σ of g_pre and of g_pre · u over each slot's picks
             g_rows, r, r_u = _pick_scale_sums(g_pre, slot, experts, u, scale)
         W_rows = W.reshape(N * m, d).float()
-        grad_x = grad_centre = grad_W = grad_b = grad_w = grad_scale = grad_shift = None
-        want_x, want_centre, want_W, want_b, want_w = ctx.needs_input_grad[:5]
+        grad_x = grad_centre = grad_W = grad_b = grad_scale = grad_shift = None
+        want_x, want_centre, want_W, want_b = ctx.needs_input_grad[:4]
         want_scale, want_shift = ctx.needs_input_grad[11:13]
         if want_x:
             # Σ_picks g_pre · W[pick]: a weighted sum of k (+ k_aux) rows per token
@@ -615,7 +631,7 @@ class _SparseTopK(torch.autograd.Function):
             grad_x = grad_x.to(ctx.x_dtype)
         if fold and (want_shift or (want_W and ctx.mean_grad is not None)):
             # Σ over expert i's picks of g_pre · x_c (in sums: of the rows the products read)
-            grad_shift = _expert_sums(x_c, experts, r, N, x_rows if in_sums else None)
+            grad_shift = _expert_sums(x_c, experts, r, N, x_rows if in_sums else None, per_expert)
         row_dots = None
         if want_W or (in_sums and want_scale):
             # with `mean_grad`, each row of expert i also gets 1/m of ∂loss/∂mean_i, the share
@@ -646,10 +662,12 @@ class _SparseTopK(torch.autograd.Function):
                 else:
                     grad_centre = -(g_b @ W_rows)
                 grad_centre = grad_centre.to(ctx.x_dtype)
-        if weights is not None and want_w:
+        if weights is not None and want_w and grad_w is None:
             # ∂f/∂w_i = z_i for each pick from expert slot i
             grad_w = torch.zeros(weights.shape, dtype=torch.float32, device=W.device).scatter_add_(
                 1, slot, g * z).to(weights.dtype)
+        elif not want_w:
+            grad_w = None
         if fold and want_scale:  # Σ over expert i's picks of g_pre · (W[f] · x_c)
             if in_sums:  # = Σ over expert i's rows f of ⟨∂Ŵ[f] / s_i, W[f]⟩
                 grad_scale = row_dots.view(N, m).sum(1)
@@ -676,17 +694,18 @@ def _pick_scale_sums(g: Tensor, slot: Tensor, experts: Tensor, u: Tensor,
     return g * scale.float()[experts.gather(1, slot)], r, r_u
 
 
-def _expert_sums(x: Tensor, experts: Tensor, r: Tensor, n_experts: int,
-                 rows: Tensor | None = None) -> Tensor:
+def _expert_sums(x: Tensor, experts: Tensor, r: Tensor | None, n_experts: int,
+                 rows: Tensor | None = None, per_expert: Tensor | None = None) -> Tensor:
     """[N, d] float32: Σ_b Σ_s r[b, s] · x[b] into row experts[b, s] — with Feature Scaling
     folded in, each expert's shift's gradient. numba's blocked sums where `cpu_kernels.use`
     says so (`cpu_kernels.expert_sums`), else r scattered into [B, N] and one product with x;
     with `rows` (x in the products' dtype, bf16 under autocast) that product in their dtype,
     accumulated and returned in float32 (a tensor-core GEMM on CUDA where a float32 one ran as
-    a SIMT kernel)."""
-    if cpu_kernels.use(x):
+    a SIMT kernel). `per_expert` [B, N]: r already scattered (`kernels.pick_grads`)."""
+    if per_expert is None and cpu_kernels.use(x):
         return cpu_kernels.expert_sums(x, experts, r, n_experts)
-    per_expert = r.new_zeros(x.shape[0], n_experts).scatter_add_(1, experts, r.float())
+    if per_expert is None:
+        per_expert = r.new_zeros(x.shape[0], n_experts).scatter_add_(1, experts, r.float())
     if rows is not None and rows.dtype != torch.float32:
         return mm_float32(per_expert.T.to(rows.dtype), rows)
     return per_expert.T @ x.float()

@@ -101,7 +101,7 @@ def test_the_fusions_ab_part_runs_and_restores_the_defaults():
     from engine.sae import kernels, moe
 
     before = (moe.CUDA_SCALING, moe.FUSED_EXPERT_PLAN, moe.ROUND_CENTRED_ROWS,
-              moe.CENTRE_GRAD_FROM_PRODUCTS, moe.FUSED_PICKS,
+              moe.CENTRE_GRAD_FROM_PRODUCTS, moe.FUSED_PICKS, moe.FUSED_PICK_GRADS,
               kernels.top_experts_takes, dict(kernels.BLOCKS))
     out = {"fusions_ab": []}
     profile_gpu.profile_fusions(SMALL, torch.device("cpu"), ["topk", "scale e=2"], out, rounds=1)
@@ -114,9 +114,9 @@ def test_the_fusions_ab_part_runs_and_restores_the_defaults():
             "Feature Scaling: in the GEMM's epilogue", "routing: torch.topk",
             "row TopK: 64-bit keys", "GEMM layout: sort + passes", "none of them (as at 7e070ee)",
             "x − centre in float32, then cast", "centre's gradient from float32 W",
-            "picks: gathers and index passes",
+            "picks: gathers and index passes", "picks' backward: gather, where, scatters",
             "without Feature Scaling", "the default"} == set(scale_row["ms"])
     assert (moe.CUDA_SCALING, moe.FUSED_EXPERT_PLAN, moe.ROUND_CENTRED_ROWS,
-            moe.CENTRE_GRAD_FROM_PRODUCTS, moe.FUSED_PICKS,
+            moe.CENTRE_GRAD_FROM_PRODUCTS, moe.FUSED_PICKS, moe.FUSED_PICK_GRADS,
             kernels.top_experts_takes, kernels.BLOCKS) == before
 

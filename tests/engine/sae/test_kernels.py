@@ -206,6 +206,36 @@ def test_picks_are_the_gathers_and_index_passes(device, routed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_experts", [0, 11])
+def test_pick_grads_are_the_gather_where_and_scatters(device, n_experts):
+    """`pick_grads` against the PyTorch passes it replaces (`moe._SparseTopK.backward`): g_pre
+    zero where z is (ReLU's gradient), ∂w summed per slot, each token's sums per expert at its
+    experts' columns and zero elsewhere — k not a power of two, a slot with no pick."""
+    gen = torch.Generator().manual_seed(14)
+    B, k, e, N = 19, 9, 3, max(n_experts, 11)
+    g = torch.randn(B, k, generator=gen)
+    z = torch.randn(B, k, generator=gen).clamp_min(0)
+    slot = torch.randint(0, e - 1, (B, k), generator=gen)  # slot e − 1 never picked
+    weights = torch.softmax(torch.randn(B, e, generator=gen), -1)
+    experts = torch.stack([torch.randperm(N, generator=gen)[:e] for _ in range(B)])
+    g_pre, grad_w, per = kernels.pick_grads(*(t.to(device) for t in (g, z, slot, weights, experts)),
+                                            n_experts)
+    want_pre = torch.where(z > 0, g * weights.gather(1, slot), torch.zeros_like(g))
+    want_w = torch.zeros(B, e).scatter_add_(1, slot, g * z)
+    assert torch.allclose(g_pre.cpu(), want_pre, atol=1e-6) and bool((g_pre.cpu()[z == 0] == 0).all())
+    assert torch.allclose(grad_w.cpu(), want_w, atol=1e-5)
+    if n_experts:
+        r = torch.zeros(B, e).scatter_add_(1, slot, want_pre)
+        want_per = torch.zeros(B, N).scatter_add_(1, experts, r)
+        assert per.shape == (B, N) and torch.allclose(per.cpu(), want_per, atol=1e-5)
+    else:
+        assert per is None
+    with pytest.raises(ValueError, match="pick_grads takes"):
+        kernels.pick_grads(g.to(device), z[:, :3].to(device), slot.to(device),
+                           weights.to(device), experts.to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("R", [1, 3, 300])
 def test_squared_error_and_spread_from_one_read(device, R):
     """`kernels.squared_error` against `F.mse_loss` (sum) and the spread about the mean
