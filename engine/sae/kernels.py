@@ -602,6 +602,16 @@ def adam_works(device: torch.device) -> bool:
     return _tried(_ADAM_WORKS, device, _try_adam)
 
 
+def use_fused(t: Tensor) -> bool:
+    """`use`, and this round's fused passes (`scaled_segment_sum`, `top_experts`, `expert_plan`,
+    `pack_rows`, `centred_rows`, `picks`, `pick_grads`) passed their own first try on t's device
+    (`_check_fused`): where one of them does not compile, the kernels before them still run."""
+    if not use(t):
+        return False
+    return interpreted() or _tried(_FUSED_WORKS, t.device, _try_fused)
+
+
+_FUSED_WORKS: dict[torch.device, bool] = {}
 _WORKS: dict[torch.device, bool] = {}
 _ADAM_WORKS: dict[torch.device, bool] = {}
 
@@ -637,6 +647,11 @@ def _try(device: torch.device) -> bool:
                     "training uses PyTorch's kernels there, which are slower.")
 
 
+def _try_fused(device: torch.device) -> bool:
+    return _verdict(device, _check_fused, "This round's fused Triton passes do not run on {device} "
+                    "({why}); training keeps the other Triton kernels and PyTorch's forms of these.")
+
+
 def _try_adam(device: torch.device) -> bool:
     return _verdict(device, _check_adam, "The fused optimiser passes do not run on {device} "
                     "({why}); the optimiser keeps PyTorch's passes there, which are slower.")
@@ -659,26 +674,7 @@ def _check_kernels(device: torch.device) -> bool:
     grad_acts, grad_W = decoder_grads(X[:2], X, acts, order // 2, order,
                                       torch.tensor([0, 2, 2, 3, 3, 4], device=device))
     sse, spread = squared_error(X, X.flip(0))
-    scaled, row_dots = scaled_segment_sum(X, ix, w, offsets, torch.full((1,), 2.0, device=device),
-                                          X[:1], X[:3])
-    # one token's 5 picks (gradients w) in slots 0, 0, 0, 0, 1 of its experts 0 and 4
-    slots, weights = (ix % 2).view(1, 5), torch.tensor([[0.25, 0.75]], device=device)
-    per_expert = pick_grads(w.view(1, 5), w.abs().view(1, 5), slots, weights, ix[None, :2], 5)[2]
-    want_per = torch.tensor([[0.25 * float(w[:4].sum()), 0, 0, 0, 0.75 * float(w[4])]],
-                            device=device)
-    dest, ends = expert_plan(ix, 5, 2)  # pairs naming experts 0, 4, 2, 2, 1
-    packed = pack_rows(X, ix, dest, torch.zeros(9, 3, device=device))
     return (torch.allclose(segment_sum(X, ix, w, offsets), want, atol=1e-5)
-            and dest.tolist() == [0, 6, 4, 5, 2] and ends.tolist() == [2, 4, 6, 6, 8]
-            and torch.equal(packed[dest], X[ix])
-            and torch.equal(top_experts(X.T.softmax(1).contiguous(), 2), X.T.topk(2).indices)
-            and torch.allclose(scaled, 2 * want + X[:1], atol=1e-5)
-            and torch.allclose(per_expert, want_per, atol=1e-5)
-            and picks(ix.view(1, 5), w.view(1, 5), X.T.reshape(1, 15), ix.view(1, 5), 3,
-                      torch.float32)[0].tolist() == [[0, 13, 2, 2, 1]]
-            and torch.allclose(centred_rows(X, X[0], torch.bfloat16).float(), X - X[0],
-                               rtol=2**-7, atol=1e-6)
-            and torch.allclose(row_dots, (want * X[:3]).sum(1), atol=1e-5)
             and torch.allclose(grad_acts, (X[:2, None, :] * X[chosen]).sum(-1), atol=1e-5)
             and torch.allclose(grad_W, torch.zeros_like(X).index_add_(
                 0, chosen.reshape(-1), (acts[:, :, None] * X[:2, None, :]).reshape(-1, 3)),
@@ -693,6 +689,36 @@ def _check_kernels(device: torch.device) -> bool:
             and torch.equal(X.T.gather(1, at), top)
             and torch.allclose(sums[0].view(3), X.sum(0), atol=1e-5)
             and torch.allclose(sums[1], X.pow(2).sum().view(1), atol=1e-5))
+
+
+def _check_fused(device: torch.device) -> bool:
+    """The fused passes of 2026-11-27's second round (`fused_works`) against their PyTorch forms
+    on tiny cases."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(5, 3, generator=gen).to(device)
+    ix = torch.tensor([0, 4, 2, 2, 1], device=device)
+    w = torch.tensor([1.0, -2.0, 0.5, 0.25, 3.0], device=device)
+    offsets = torch.tensor([0, 2, 2, 5], device=device)
+    want = torch.nn.functional.embedding_bag(ix, X, offsets[:-1], mode="sum", per_sample_weights=w)
+    scaled, row_dots = scaled_segment_sum(X, ix, w, offsets, torch.full((1,), 2.0, device=device),
+                                          X[:1], X[:3])
+    # one token's 5 picks (gradients w) in slots 0, 0, 0, 0, 1 of its experts 0 and 4
+    slots, weights = (ix % 2).view(1, 5), torch.tensor([[0.25, 0.75]], device=device)
+    per_expert = pick_grads(w.view(1, 5), w.abs().view(1, 5), slots, weights, ix[None, :2], 5)[2]
+    want_per = torch.tensor([[0.25 * float(w[:4].sum()), 0, 0, 0, 0.75 * float(w[4])]],
+                            device=device)
+    dest, ends = expert_plan(ix, 5, 2)  # pairs naming experts 0, 4, 2, 2, 1
+    packed = pack_rows(X, ix, dest, torch.zeros(9, 3, device=device))
+    return (dest.tolist() == [0, 6, 4, 5, 2] and ends.tolist() == [2, 4, 6, 6, 8]
+            and torch.equal(packed[dest], X[ix])
+            and torch.equal(top_experts(X.T.softmax(1).contiguous(), 2), X.T.topk(2).indices)
+            and torch.allclose(scaled, 2 * want + X[:1], atol=1e-5)
+            and torch.allclose(row_dots, (want * X[:3]).sum(1), atol=1e-5)
+            and torch.allclose(per_expert, want_per, atol=1e-5)
+            and picks(ix.view(1, 5), w.view(1, 5), X.T.reshape(1, 15), ix.view(1, 5), 3,
+                      torch.float32)[0].tolist() == [[0, 13, 2, 2, 1]]
+            and torch.allclose(centred_rows(X, X[0], torch.bfloat16).float(), X - X[0],
+                               rtol=2**-7, atol=1e-6))
 
 
 def _check_adam(device: torch.device) -> bool:

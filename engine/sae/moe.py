@@ -61,7 +61,7 @@ def route_topk(probs: Tensor, e: int, weighting: str,
     they are found by the Triton `top_experts` (one kernel) and their probabilities gathered,
     else by `torch.topk`.
     """
-    if fast and kernels.use(probs) and kernels.top_experts_takes(probs, e):
+    if fast and kernels.use_fused(probs) and kernels.top_experts_takes(probs, e):
         top_i = kernels.top_experts(probs.detach(), e)
         top_p = probs.gather(1, top_i)
     else:
@@ -135,7 +135,7 @@ def _rounds_centred(x: Tensor, centre: Tensor | None, dtype: torch.dtype) -> boo
     gradient never reads x − centre, so only its rows in `dtype` need keeping.)"""
     return (ROUND_CENTRED_ROWS and centre is not None and x.dim() == 2
             and x.dtype == centre.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)
-            and kernels.use(x))
+            and kernels.use_fused(x))
 
 
 def router_logits_fused(x: Tensor, centre: Tensor, W: Tensor) -> Tensor:
@@ -250,7 +250,7 @@ def _gmm_products(x_c: Tensor, token_idx: Tensor, expert_idx: Tensor, W: Tensor,
     N = W.shape[0]
     P = expert_idx.numel()
     buf = (x_c.new_zeros if zero_padding else x_c.new_empty)(P + N * (align - 1), x_c.shape[1])
-    if (FUSED_EXPERT_PLAN and kernels.use(x_c) and kernels.expert_plan_takes(P, N)
+    if (FUSED_EXPERT_PLAN and kernels.use_fused(x_c) and kernels.expert_plan_takes(P, N)
             and not (torch.is_grad_enabled() and x_c.requires_grad)):  # the copy has no autograd
         # each pair's buffer row from a counting sort in two kernels, its row copied there in
         # one: the same layout as below, the pairs left in pair order (order = identity)
@@ -544,7 +544,7 @@ class _SparseTopK(torch.autograd.Function):
                 f_pre = _weighted(pre, wc)
                 top_f, pos = topk_candidates(f_pre, k)
                 picks = [pos]
-                one_pass = (FUSED_PICKS and (dead is None or k_aux == 0) and kernels.use(pre)
+                one_pass = (FUSED_PICKS and (dead is None or k_aux == 0) and kernels.use_fused(pre)
                             and (scale is None or in_sums))
                 outs = [top_f if one_pass else top_f.relu_()]
                 if dead is not None and k_aux > 0:
@@ -601,7 +601,7 @@ class _SparseTopK(torch.autograd.Function):
         want_w = ctx.needs_input_grad[4]
         grad_w = per_expert = None
         if (FUSED_PICK_GRADS and weights is not None and (not fold or in_sums)
-                and kernels.use(g)):  # g_pre, ∂w and each token's sums per expert, one pass
+                and kernels.use_fused(g)):  # g_pre, ∂w and each token's sums per expert, one pass
             g_pre, grad_w, per_expert = kernels.pick_grads(g, z, slot, weights, experts,
                                                            N if in_sums else 0)
         else:
@@ -745,7 +745,7 @@ def scaled_scatter_rows(idx: Tensor, g: Tensor, x: Tensor, shared: FeatureGroups
     tokens, order, offsets = _feature_groups(idx, N * m, shared)
     w = g.reshape(-1)[order]
     init = init.float() if init is not None else W.new_zeros(N, d, dtype=torch.float32)
-    if kernels.use(x):
+    if kernels.use_fused(x):
         return kernels.scaled_segment_sum(x, tokens, w, offsets, scale.float(), init,
                                           W.reshape(N * m, d))
     S = F.embedding_bag(tokens, x.float(), offsets[:-1], mode="sum", per_sample_weights=w.float())
@@ -764,8 +764,8 @@ def folds_scaling(x: Tensor, compute_dtype: torch.dtype) -> bool:
     """Whether `topk_encode_sparse` takes Feature Scaling folded into a routed SAE's encode for
     x computed in `compute_dtype` (`scaling`): where it runs as `_expert_picks_cpu`, and on
     CUDA where `CUDA_SCALING` says so ("epilogue" or "sums")."""
-    if x.device.type == "cuda":
-        return CUDA_SCALING != "formed"
+    if x.device.type == "cuda":  # "sums" where its segmented sum runs as the Triton pass
+        return CUDA_SCALING == "epilogue" or (CUDA_SCALING == "sums" and kernels.use_fused(x))
     return (x.dtype == compute_dtype and cpu_kernels.use(x)
             and expert_encoder(x.device, compute_dtype) is grouped_expert_encode)
 

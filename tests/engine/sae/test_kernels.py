@@ -436,6 +436,31 @@ def test_a_device_the_kernels_fail_on_keeps_pytorch_with_one_warning(device, mon
         assert kernels._try(dev) is False
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_this_rounds_fused_passes_failing_leave_the_other_kernels(device, monkeypatch):
+    """This round's fused passes are tried apart (`_try_fused`): where one of them fails, one
+    warning, `use_fused` says no and `use` still says yes — and a Scale SAE's Feature Scaling
+    on CUDA goes back to Ŵ formed with autograd rather than the sums' PyTorch forms."""
+    from engine.sae import moe
+
+    dev = torch.device(device)
+    assert kernels._try_fused(dev) is True and kernels._try(dev) is True
+
+    def broken(*a, **kw):
+        raise RuntimeError("no compiler for this pass")
+
+    monkeypatch.setattr(kernels, "pick_grads", broken)
+    with pytest.warns(RuntimeWarning, match=r"fused Triton passes do not run on .* \(no compiler"):
+        assert kernels._try_fused(dev) is False
+    assert kernels._try(dev) is True
+    if device == "cuda":  # the verdict kept for the device: the step's own choices follow it
+        monkeypatch.setitem(kernels._FUSED_WORKS, dev, False)
+        x = torch.zeros(2, 4, device=dev)
+        assert kernels.use(x) and not kernels.use_fused(x)
+        monkeypatch.setattr(moe, "CUDA_SCALING", "sums")
+        assert not moe.folds_scaling(x, torch.bfloat16)
+
+
 def test_moesae_triton_0_turns_them_off():
     import subprocess
     import sys
