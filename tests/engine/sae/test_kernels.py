@@ -449,13 +449,14 @@ def test_this_rounds_fused_passes_failing_leave_the_other_kernels(device, monkey
     def broken(*a, **kw):
         raise RuntimeError("no compiler for this pass")
 
-    monkeypatch.setattr(kernels, "pick_grads", broken)
-    with pytest.warns(RuntimeWarning, match=r"fused Triton passes do not run on .* \(no compiler"):
-        assert kernels._try_fused(dev) is False
-    assert kernels._try(dev) is True
-    if device == "cuda":  # the verdict kept for the device: the step's own choices follow it
-        monkeypatch.setitem(kernels._FUSED_WORKS, dev, False)
+    with monkeypatch.context() as patched:
+        patched.setattr(kernels, "pick_grads", broken)
+        with pytest.warns(RuntimeWarning, match=r"fused Triton passes do not run on .* \(no compiler"):
+            assert kernels._try_fused(dev) is False
+        assert kernels._try(dev) is True
+    if device == "cuda":  # the verdict kept for the tensor's device: the step's choices follow it
         x = torch.zeros(2, 4, device=dev)
+        monkeypatch.setitem(kernels._FUSED_WORKS, x.device, False)  # cuda:0, not "cuda"
         assert kernels.use(x) and not kernels.use_fused(x)
         monkeypatch.setattr(moe, "CUDA_SCALING", "sums")
         assert not moe.folds_scaling(x, torch.bfloat16)

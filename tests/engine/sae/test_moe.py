@@ -359,6 +359,7 @@ def test_centred_rows_written_once_in_bf16_change_no_bit(arch, device, monkeypat
     sae = make(arch, d_in=64, width=512, experts=8).to(device)  # rows of 16-byte multiples
     sae.kernels = "fast"
     x = 2 * torch.randn(64, sae.cfg.d_in, generator=torch.Generator().manual_seed(8)).to(device)
+    assert kernels.use_fused(x), kernels._FUSED_WORKS  # the passes under test run here
     got = []
     for rounded in (True, False):
         monkeypatch.setattr(moe, "ROUND_CENTRED_ROWS", rounded)
