@@ -342,9 +342,11 @@ def test_the_encoder_gradient_sums_the_rows_the_products_read(triton_interpreter
 def test_centred_rows_written_once_in_bf16_change_no_bit(arch, device, monkeypatch, request):
     """Under bf16 autocast with the Triton kernels, x − b_gate and x − b_dec are written once
     in bf16 (`kernels.centred_rows`, `moe.ROUND_CENTRED_ROWS`) where PyTorch wrote them in
-    float32 and cast them: compiled, the same codes, loss and gradients, bit for bit; on the CPU
-    through Triton's interpreter (CUDA's choices made by hand), which rounds to bf16 by
-    truncation, the same loss within that rounding."""
+    float32 and cast them: compiled, the same codes and loss bit for bit and the same gradients
+    up to float32's order of summation (CUDA's `index_add_` sums b_enc's with atomics, in any
+    order: on an H100 those two differed in the last bits run to run); on the CPU through
+    Triton's interpreter (CUDA's choices made by hand), which rounds to bf16 by truncation, the
+    same loss within that rounding."""
     from engine.sae import base, cpu_kernels, kernels, moe, scale
 
     if device == "cpu":
@@ -374,8 +376,10 @@ def test_centred_rows_written_once_in_bf16_change_no_bit(arch, device, monkeypat
     if device == "cpu":
         assert torch.allclose(got[0]["loss"], got[1]["loss"], rtol=2**-7)
         return
+    assert torch.equal(got[0].pop("loss"), got[1].pop("loss"))
+    assert torch.equal(got[0].pop("codes"), got[1].pop("codes"))
     for name, value in got[0].items():
-        assert torch.equal(value, got[1][name]), name
+        assert torch.allclose(value, got[1][name], rtol=1e-5, atol=1e-7), name
 
 
 def test_b_decs_gradient_takes_the_column_sums_the_loss_made(monkeypatch, numba_kernels):
