@@ -625,6 +625,8 @@ class _SparseTopK(torch.autograd.Function):
             # Σ_picks g_pre · W[pick]: a weighted sum of k (+ k_aux) rows per token
             if in_sums:
                 g_rows = g_pre * scale.float()[experts.gather(1, slot)]
+                if r is None:
+                    r = g_pre.new_zeros(experts.shape).scatter_add_(1, slot, g_pre)
             grad_x = F.embedding_bag(idx, W_rows, per_sample_weights=g_rows, mode="sum")
             if fold:  # and through ⟨shift_i, x_c⟩ of each slot
                 grad_x = grad_x + (r[:, :, None] * shift.float()[experts]).sum(1)
@@ -656,9 +658,9 @@ class _SparseTopK(torch.autograd.Function):
                     grad_centre = -mm_float32(g_b.to(W_products.dtype)[None],
                                               W_products.reshape(N * m, d))[0]
                 elif fold:  # Ŵ[f] = scale_i · W[f] + shift_i
-                    per_expert = g_b.view(N, m)
-                    grad_centre = -((per_expert * scale.float()[:, None]).reshape(-1) @ W_rows
-                                    + per_expert.sum(1) @ shift.float())
+                    g_b_experts = g_b.view(N, m)
+                    grad_centre = -((g_b_experts * scale.float()[:, None]).reshape(-1) @ W_rows
+                                    + g_b_experts.sum(1) @ shift.float())
                 else:
                     grad_centre = -(g_b @ W_rows)
                 grad_centre = grad_centre.to(ctx.x_dtype)

@@ -247,6 +247,15 @@ def test_feature_scaling_folded_as_on_cuda(mode, encode, triton, with_dead, monk
     want = "grouped_expert_encode_gmm" if encode == "grouped gemm" else "grouped_expert_encode"
     assert (epilogues, sums) == (([want], []) if mode == "epilogue" else ([], [1]))
     _assert_same_codes_and_grads(sae, ref, g_ref, fold, g_fold)
+    grads_x = []  # and the input's gradient, folded and with Ŵ formed
+    for folds in (True, False):
+        for module in (moe, scale):
+            monkeypatch.setattr(module, "folds_scaling", lambda *a, folds=folds: folds)
+        x_in = x.clone().requires_grad_()
+        codes = sae.encode(x_in, dead, 5)
+        loss = codes.top_acts.square().sum() + (codes.aux_acts.sum() if with_dead else 0)
+        grads_x.append(torch.autograd.grad(loss, x_in)[0])
+    assert torch.allclose(*grads_x, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["epilogue", "sums"])
