@@ -657,13 +657,20 @@ def _try_adam(device: torch.device) -> bool:
                     "({why}); the optimiser keeps PyTorch's passes there, which are slower.")
 
 
-def _check_kernels(device: torch.device) -> bool:
+def _tiny_case(device: torch.device):
+    """The first tries' case: (X [5, 3], rows ix, weights w, offsets of three segments — one
+    empty — and their weighted sums by `embedding_bag`)."""
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(5, 3, generator=gen).to(device)
     ix = torch.tensor([0, 4, 2, 2, 1], device=device)
     w = torch.tensor([1.0, -2.0, 0.5, 0.25, 3.0], device=device)
     offsets = torch.tensor([0, 2, 2, 5], device=device)
     want = torch.nn.functional.embedding_bag(ix, X, offsets[:-1], mode="sum", per_sample_weights=w)
+    return X, ix, w, offsets, want
+
+
+def _check_kernels(device: torch.device) -> bool:
+    X, ix, w, offsets, want = _tiny_case(device)
     dots = (X[:2, None, :] * X[ix.view(1, 5)]).sum(-1)
     top, at = row_topk(X.T.contiguous(), 2)
     sums = group_sums(X.view(1, 5, 3), X.view(1, 5, 3))
@@ -692,14 +699,9 @@ def _check_kernels(device: torch.device) -> bool:
 
 
 def _check_fused(device: torch.device) -> bool:
-    """The fused passes of 2026-11-27's second round (`fused_works`) against their PyTorch forms
+    """The fused passes of 2026-11-27's second round (`use_fused`) against their PyTorch forms
     on tiny cases."""
-    gen = torch.Generator().manual_seed(0)
-    X = torch.randn(5, 3, generator=gen).to(device)
-    ix = torch.tensor([0, 4, 2, 2, 1], device=device)
-    w = torch.tensor([1.0, -2.0, 0.5, 0.25, 3.0], device=device)
-    offsets = torch.tensor([0, 2, 2, 5], device=device)
-    want = torch.nn.functional.embedding_bag(ix, X, offsets[:-1], mode="sum", per_sample_weights=w)
+    X, ix, w, offsets, want = _tiny_case(device)
     scaled, row_dots = scaled_segment_sum(X, ix, w, offsets, torch.full((1,), 2.0, device=device),
                                           X[:1], X[:3])
     # one token's 5 picks (gradients w) in slots 0, 0, 0, 0, 1 of its experts 0 and 4
