@@ -19,7 +19,7 @@ strided (broadcasting) kernel: `project_rows_` (the decoder gradient's component
 unit row removed, METHOD §3), `unit_rows_` (the decoder rows back to unit norm) and
 `group_affine` (Feature Scaling's Ŵ_i = s_i · W_i + c_i and the same form in its backward).
 
-And five fuse what PyTorch runs as several passes (each measured in a recorded step on an
+And these fuse what PyTorch runs as several passes (each measured in a recorded step on an
 H100 at the paper's size, benchmarks/profile_gpu.py; README table 7):
 
 | kernel | replaces |
@@ -28,6 +28,21 @@ H100 at the paper's size, benchmarks/profile_gpu.py; README table 7):
 | `row_topk` | `torch.topk` over a routed SAE's e·m candidates a token (a radix select in four kernels) |
 | `expert_rows` | the grouped GEMM's epilogue: a gather, the bias added in float32 (and with Feature Scaling folded in, each pair's scale and offset), the rounding and the scatter back into pair order |
 | `group_sums` | Feature Scaling's Σ_j G_i[j] and ⟨G_i, W_i⟩ (a sum, and vecdot's products written and read back) |
+| `squared_error`, `scaled_diff` | the loss and the FVU's denominator (`F.mse_loss`, a mean, a subtraction and a norm) and the loss's backward |
+| `decoder_grads` | both decoder gradients (`picked_dots` and a `segment_sum`, each gathering every pick's row of ∂x̂) |
+
+And seven more (2026-11-27, afternoon), tried apart from the kernels above on first use
+(`use_fused`); with the row TopK's 32-bit keys and b_dec's gradient from the bf16 weights, the
+round took 0.34 ms off a 1.79 ms Scale e=2 step on an H100:
+
+| kernel | replaces |
+|---|---|
+| `scaled_segment_sum` | Feature Scaling's backward: `group_sums` and a pass over W's gradient after the encoder's segmented sum (the scale, the means' share and each row's dot product with W now inside it) |
+| `expert_plan`, `pack_rows` | the grouped GEMM's layout by a radix sort by expert and a dozen small passes, and its buffer by a gather and `index_copy_` |
+| `top_experts` | `torch.topk` over the router's probabilities |
+| `centred_rows` | x − centre in float32, then its cast to bf16 |
+| `picks` | the TopK picks' features, slots, z and codes by a gather, two ReLUs, two casts and five index passes |
+| `pick_grads` | the picks' backward by a gather, a where and three scatter-adds into zeroed tensors |
 
 The kernels are plain Python functions, compiled by `triton.jit` at their first use on a CUDA
 device (`use` decides, and tries them once per device: `works`); the tests run the same
