@@ -288,31 +288,31 @@ def profile_tail(size: dict, device: torch.device, archs: list[str], out: dict,
 
 def _fusion_variants(scale: bool) -> dict:
     """This round's choices on CUDA each undone alone, then all together (module docstring,
-    `fusions`), each a `_patched_all` variant; a dense TopK SAE runs only the centred rows'."""
+    `fusions`), each a `_patched_all` variant; a dense TopK SAE runs only the three it shares
+    with the routed ones."""
     from engine.sae import kernels, moe
 
-    variants = {"the default": _patched_all([]),
-                "x − centre in float32, then cast": _patched(moe, "ROUND_CENTRED_ROWS", False),
-                "centre's gradient from float32 W": _patched(moe, "CENTRE_GRAD_FROM_PRODUCTS",
-                                                              False),
-                "picks: gathers and index passes": _patched(moe, "FUSED_PICKS", False)}
-    if not scale:
-        return variants
-    undone = {
+    shared = {
+        "x − centre in float32, then cast": [(moe, "ROUND_CENTRED_ROWS", False)],
+        "centre's gradient from float32 W": [(moe, "CENTRE_GRAD_FROM_PRODUCTS", False)],
+        "picks: gathers and index passes": [(moe, "FUSED_PICKS", False)],
+    }
+    undone = shared if not scale else {
         "Feature Scaling: Ŵ formed with autograd": [(moe, "CUDA_SCALING", "formed")],
         "routing: torch.topk": [(kernels, "top_experts_takes", lambda *a: False)],
         "row TopK: 64-bit keys": [(kernels, "BLOCKS", {**kernels.BLOCKS, "topk_narrow": 0})],
         "GEMM layout: sort + passes": [(moe, "FUSED_EXPERT_PLAN", False)],
-        "x − centre in float32, then cast": [(moe, "ROUND_CENTRED_ROWS", False)],
-        "centre's gradient from float32 W": [(moe, "CENTRE_GRAD_FROM_PRODUCTS", False)],
-        "picks: gathers and index passes": [(moe, "FUSED_PICKS", False)],
+        **shared,
         "picks' backward: gather, where, scatters": [(moe, "FUSED_PICK_GRADS", False)],
     }
+    variants = {"the default": _patched_all([])}
     variants.update({label: _patched_all(changes) for label, changes in undone.items()})
-    variants["Feature Scaling: in the GEMM's epilogue"] = _patched(moe, "CUDA_SCALING", "epilogue")
-    variants["Feature Scaling: in the segmented sums"] = _patched(moe, "CUDA_SCALING", "sums")
-    variants["none of them (as at 7e070ee)"] = _patched_all(
-        [c for cs in undone.values() for c in cs])
+    if scale:
+        variants["Feature Scaling: in the GEMM's epilogue"] = _patched(moe, "CUDA_SCALING",
+                                                                       "epilogue")
+        variants["Feature Scaling: in the segmented sums"] = _patched(moe, "CUDA_SCALING", "sums")
+        variants["none of them (as at 7e070ee)"] = _patched_all(
+            [c for cs in undone.values() for c in cs])
     return variants
 
 

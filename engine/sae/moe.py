@@ -664,12 +664,11 @@ class _SparseTopK(torch.autograd.Function):
                 else:
                     grad_centre = -(g_b @ W_rows)
                 grad_centre = grad_centre.to(ctx.x_dtype)
-        if weights is not None and want_w and grad_w is None:
+        if weights is not None and want_w and grad_w is None:  # (else `pick_grads` made it)
             # ∂f/∂w_i = z_i for each pick from expert slot i
             grad_w = torch.zeros(weights.shape, dtype=torch.float32, device=W.device).scatter_add_(
                 1, slot, g * z).to(weights.dtype)
-        elif not want_w:
-            grad_w = None
+        grad_w = grad_w if want_w else None
         if fold and want_scale:  # Σ over expert i's picks of g_pre · (W[f] · x_c)
             if in_sums:  # = Σ over expert i's rows f of ⟨∂Ŵ[f] / s_i, W[f]⟩
                 grad_scale = row_dots.view(N, m).sum(1)

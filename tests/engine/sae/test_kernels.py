@@ -583,17 +583,22 @@ def test_group_sums_are_the_column_sums_and_dots(device, dtype):
     assert torch.allclose(dots.cpu().double(), (G * W).sum((1, 2)), rtol=tol, atol=tol)
 
 
+# (values' dtype, BLOCKS["topk_narrow"]): 16-bit values' keys as 32-bit or 64-bit integers;
+# float32 values' keys are 64-bit whatever the switch says
+ROW_TOPK_KEYS = [pytest.param(torch.float32, 1, id="float32"),
+                 *(pytest.param(dt, narrow, id=f"{name}-{bits}-bit keys")
+                   for dt, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16"))
+                   for narrow, bits in ((1, 32), (0, 64)))]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype,narrow", ROW_TOPK_KEYS)
 @pytest.mark.parametrize("n,k", [(40, 7), (768, 32), (100, 100), (5, 1), (300, 288)])
 @pytest.mark.parametrize("early", [1, 0], ids=["early exit", "full bisection"])
-@pytest.mark.parametrize("narrow", [1, 0], ids=["32-bit keys", "64-bit keys"])
-def test_row_topk_is_torch_topk(device, dtype, n, k, early, narrow, monkeypatch):
+def test_row_topk_is_torch_topk(device, dtype, narrow, n, k, early, monkeypatch):
     """The same values as torch.topk (NaN of either sign above +inf, ±inf, ±0, ties, a row
     all −inf as AuxK's masked candidates), each at its position, k distinct positions — with
     16-bit values' keys as 32-bit or 64-bit integers."""
-    if narrow == 0 and dtype == torch.float32:
-        pytest.skip("float32 values' keys are 64-bit either way")
     monkeypatch.setitem(kernels.BLOCKS, "topk_early", early)
     monkeypatch.setitem(kernels.BLOCKS, "topk_narrow", narrow)
     gen = torch.Generator().manual_seed(n + k)
